@@ -1,0 +1,3 @@
+from kimivl_cli.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The `kimivl` command line: a thin Typer layer over `tasks/`.
+
+Each command lives in its own module and only parses options, calls a task and
+hands the result to `render`. Every `KimivlError` becomes one `error:` line on
+stderr and its exit code; other exceptions too (exit 1) unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from kimivl_cli import __version__
+from kimivl_cli.cli import ask, info, inspect, ocr, video_scenes
+from kimivl_cli.errors import KimivlError
+
+app = typer.Typer(
+    name="kimivl",
+    help=(
+        "Ask Kimi-VL about images, PDFs and videos; OCR documents to Markdown; split videos into scenes.\n\n"
+        "Examples:\n\n"
+        "  kimivl ask photo.jpg report.pdf \"What changed between these?\"\n\n"
+        "  kimivl ocr scan.pdf -o scan.md\n\n"
+        "  kimivl video-scenes talk.mp4 --format json\n\n"
+        "  cat page.png | kimivl ask - \"Transcribe\" --json | jq .answer"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kimivl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", envvar="KIMIVL_DEBUG", help="Show tracebacks for errors."),
+) -> None:
+    if debug:
+        os.environ["KIMIVL_DEBUG"] = "1"
+
+
+for module in (ask, ocr, video_scenes, inspect, info):
+    module.register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning every error into one line and an exit code."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except KimivlError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): quiet exit, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a line
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            where = exc.ctx.command_path if exc.ctx else "kimivl"
+            print(f"error: {exc.format_message()} (see: {where} --help)", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.ClickException):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

