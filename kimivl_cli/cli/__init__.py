@@ -21,10 +21,10 @@ app = typer.Typer(
     help=(
         "Ask Kimi-VL about images, PDFs and videos; OCR documents to Markdown; split videos into scenes.\n\n"
         "Examples:\n\n"
-        "  kimivl ask photo.jpg report.pdf \"What changed between these?\"\n\n"
+        '  kimivl ask photo.jpg report.pdf "What changed between these?"\n\n'
         "  kimivl ocr scan.pdf -o scan.md\n\n"
         "  kimivl video-scenes talk.mp4 --format json\n\n"
-        "  cat page.png | kimivl ask - \"Transcribe\" --json | jq .answer"
+        '  cat page.png | kimivl ask - "Transcribe" --json | jq .answer'
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -42,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", envvar="KIMIVL_DEBUG", help="Show tracebacks for errors."),
 ) -> None:
     if debug:
@@ -75,16 +77,12 @@ def main() -> None:
         # The reader went away (`| head`): quiet exit, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a line
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            where = exc.ctx.command_path if exc.ctx else "kimivl"
-            print(f"error: {exc.format_message()} (see: {where} --help)", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.ClickException):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # click's usage errors, vendored by Typer
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
         if debug:
             raise
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)

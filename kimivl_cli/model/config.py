@@ -18,16 +18,20 @@ from kimivl_cli.errors import CheckpointError
 _MISSING = object()
 
 
-def _take(section: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str, default: Any = _MISSING) -> Any:
+def _take(
+    section: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str, default: Any = _MISSING
+) -> Any:
     """Read `section[name]` as `kind`, or fail with a message naming `where.name`."""
-    if name not in section or section[name] is None and default is not _MISSING:
+    if name not in section or (section[name] is None and default is not _MISSING):
         if default is _MISSING:
-            raise CheckpointError(f"config.json: missing field {where}.{name}", "the checkpoint folder is incomplete or not Kimi-VL")
+            raise CheckpointError(
+                f"config.json: missing field {where}.{name}", "the checkpoint folder is incomplete or not Kimi-VL"
+            )
         return default
     value = section[name]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
         raise CheckpointError(f"config.json: field {where}.{name} should be {expected}, got {value!r}")
     return value
@@ -153,14 +157,18 @@ class TextConfig:
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
         where = "text_config"
         if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
-            raise CheckpointError(f"config.json: unsupported {where}.model_type {d.get('model_type')!r}", "expected deepseek_v3")
+            raise CheckpointError(
+                f"config.json: unsupported {where}.model_type {d.get('model_type')!r}", "expected deepseek_v3"
+            )
         if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
             raise CheckpointError(
                 f"config.json: routing {d.get('scoring_func')!r}/{d.get('topk_method')!r} is not supported",
                 "Kimi-VL uses scoring_func 'sigmoid' with topk_method 'noaux_tc'",
             )
         if d.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"config.json: {where}.hidden_act {d.get('hidden_act')!r} is not supported", "expected silu")
+            raise CheckpointError(
+                f"config.json: {where}.hidden_act {d.get('hidden_act')!r} is not supported", "expected silu"
+            )
         scaling = d.get("rope_scaling")
         optional_int = (int, type(None))
         cfg = cls(
@@ -248,9 +256,17 @@ class KimiVLConfig:
         vision["model_type"] = "moonvit"
         text = {f.name: getattr(self.text, f.name) for f in fields(self.text)}
         scaling = self.text.rope_scaling
-        text["rope_scaling"] = None if scaling is None else {"type": "yarn", **{f.name: getattr(scaling, f.name) for f in fields(scaling)}}
-        text.update(model_type="deepseek_v3", topk_method="noaux_tc", scoring_func="sigmoid", hidden_act="silu",
-                    num_key_value_heads=self.text.num_attention_heads, attention_bias=False)
+        text["rope_scaling"] = (
+            None if scaling is None else {"type": "yarn", **{f.name: getattr(scaling, f.name) for f in fields(scaling)}}
+        )
+        text.update(
+            model_type="deepseek_v3",
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            hidden_act="silu",
+            num_key_value_heads=self.text.num_attention_heads,
+            attention_bias=False,
+        )
         return {
             "architectures": ["KimiVLForConditionalGeneration"],
             "model_type": "kimi_vl",
