@@ -59,7 +59,7 @@ def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="kimivl")
     except KimivlError as exc:
         if debug:
             raise
