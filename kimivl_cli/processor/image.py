@@ -163,19 +163,26 @@ def size_for_token_budget(
 ) -> tuple[int, int]:
     """Largest aspect-preserving size (never upscaled) whose image costs at most `max_tokens` tokens.
 
-    Starts from the analytic scale sqrt(budget / tokens) and shrinks by 2% while padding still
-    overshoots; a handful of O(1) steps.
+    Also shrinks images too wide for the RoPE table until they fit. Starts from the analytic
+    scale sqrt(budget / tokens) and shrinks by 2% while padding still overshoots: a few O(1) steps.
     """
     cfg = cfg or ImageProcessorConfig.official()
     if max_tokens < 1:
         raise InputError(f"image token budget must be at least 1, got {max_tokens}")
-    if image_token_count(width, height, cfg) <= max_tokens:
+
+    def fits(w: int, h: int) -> bool:
+        try:
+            return image_token_count(w, h, cfg) <= max_tokens
+        except InputError:  # beyond the position table: shrink further
+            return False
+
+    if fits(width, height):
         return width, height
     unit_h, unit_w = cfg.unit_hw
     s = min(1.0, math.sqrt(max_tokens * unit_h * unit_w / (width * height)))
     while True:
         size = max(1, int(width * s)), max(1, int(height * s))
-        if size == (1, 1) or image_token_count(*size, cfg) <= max_tokens:
+        if size == (1, 1) or fits(*size):
             return size
         s *= 0.98
 
