@@ -1,0 +1,65 @@
+"""MoE on CPU with NF4 experts: dequantise only the experts that received tokens, fp32 GEMMs.
+
+Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token.
+Measured on AVX2 (no AVX-512/AMX; see benchmarks/moe.py): fp32 GEMMs are ~5x faster than
+bf16 ones for tens of rows, and bitsandbytes' native NF4 dequantiser (when its CPU library
+is present) decodes ~2-3 G weights/s, ~4x faster than torch ops. So each active expert is
+decoded to fp32 once per call and used for all of its rows. Work O(active experts * I * H)
+decode + O(T * K * I * H) GEMM; extra memory: one expert's three fp32 matrices (~35 MB).
+
+This path loops over active experts on the host: it is the CPU path only (GPUs use the
+sync-free Triton kernels in `moe_triton.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
+
+try:  # bitsandbytes registers its native CPU dequantiser as a torch op on import
+    import bitsandbytes  # noqa: F401
+
+    _BNB_DEQUANT = torch.ops.bitsandbytes.dequantize_4bit
+except (ImportError, AttributeError, RuntimeError):
+    _BNB_DEQUANT = None
+
+
+def dequantize_fp32(packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """One NF4 matrix (packed [N, Kd/2], absmax [N, Kd/64]) -> fp32 [N, Kd], natively if possible."""
+    shape = [packed.shape[0], packed.shape[1] * 2]
+    if _BNB_DEQUANT is not None and packed.device.type == "cpu":
+        return _BNB_DEQUANT(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
+    return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32))
+
+
+def moe_cpu(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor],
+    up: tuple[torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Same contract as `moe_triton.fused_moe_nf4`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate[0].shape[0]).tolist()
+    xf = x.float()
+    route_w = weights.reshape(-1).float()
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        token = pairs // k
+        xe = xf[token]  # [n, H]
+        g = xe @ dequantize_fp32(gate[0][e], gate[1][e]).t()
+        u = xe @ dequantize_fp32(up[0][e], up[1][e]).t()
+        h = torch.nn.functional.silu(g).mul_(u)  # [n, I]
+        y = h @ dequantize_fp32(down[0][e], down[1][e]).t()  # [n, H]
+        out.index_add_(0, token, y.mul_(route_w[pairs].unsqueeze(1)))
+    return out.to(x.dtype)

@@ -1,0 +1,58 @@
+"""DeepSeek-V3 / Kimi-VL router: sigmoid scores, bias-corrected group-limited top-k, weights.
+
+Shapes: T tokens, H hidden, E routed experts, G groups, K experts per token.
+Everything runs in fp32 (the reference computes the gate logits in fp32) with torch ops
+that never read a value back to the host, so decode can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    top_k: int = 6
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.446
+    norm_topk_prob: bool = True
+
+    @classmethod
+    def from_text_config(cls, cfg: Any) -> RoutingConfig:
+        """From anything with DeepSeek-V3 config attribute names (e.g. `model.config.TextConfig`)."""
+        return cls(
+            top_k=cfg.num_experts_per_tok,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            norm_topk_prob=cfg.norm_topk_prob,
+        )
+
+
+def route(
+    x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: RoutingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], gate_weight [E, H], bias [E] -> (expert ids [T, K] int64, weights [T, K] fp32).
+
+    The bias only steers which experts are chosen; the weights are the unbiased sigmoid
+    scores of the chosen experts, normalised to sum 1 (if `norm_topk_prob`) and scaled.
+    """
+    scores = torch.sigmoid(x.float() @ gate_weight.float().t())  # [T, E]
+    choice = scores + bias.float()
+    if cfg.n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, cfg.n_group, e // cfg.n_group)  # [T, G, E/G]
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score).scatter_(1, keep, 1.0)
+        # Experts of dropped groups score 0 (not -inf), as in the reference implementation.
+        choice = (grouped * group_mask.unsqueeze(-1)).view(t, e)
+    idx = choice.topk(cfg.top_k, dim=-1).indices  # [T, K]
+    weights = scores.gather(1, idx)
+    if cfg.top_k > 1 and cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * cfg.routed_scaling_factor
