@@ -1,0 +1,202 @@
+"""Quantized drop-in modules for the language model, filled one tensor at a time while loading.
+
+- `NF4Linear` / `Int8Linear` replace `nn.Linear` (no bias in the LM).
+- `NF4Experts` replaces the stacked routed experts (`RoutedExperts`): same `forward(x, idx, w)`.
+- `quantize_linears_(model, mode)` swaps the modules of a model built on the meta device;
+  `load_quantized_(model, name, tensor)` is the loader hook: it quantizes one checkpoint
+  tensor on the target device and writes it into its slot, so the bf16 model never exists.
+
+Which tensors are quantized (`should_quantize`): every language-model linear (attention
+projections, dense MLP, shared and routed experts). Vision tower, projector, embeddings,
+norms, router (`mlp.gate`) and `lm_head` stay in bf16.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from kimivl_cli.kernels.moe_cpu import dequantize_fp32, moe_cpu
+from kimivl_cli.quant.nf4 import BLOCKSIZE, quantize_int8, quantize_nf4
+
+# A quantized linear, by module path (any prefix): "...layers.<i>.<one of these>".
+_QUANTIZED_MODULE = re.compile(
+    r"(^|\.)layers\.\d+\.("
+    r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
+    r")$"
+)
+_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def should_quantize(name: str) -> bool:
+    """True for checkpoint tensors that are language-model linear weights (see module doc)."""
+    return (
+        name.startswith("language_model.")
+        and name.endswith(".weight")
+        and _QUANTIZED_MODULE.search(name.removesuffix(".weight")) is not None
+    )
+
+
+class NF4Linear(nn.Module):
+    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % BLOCKSIZE:
+            raise ValueError(f"NF4Linear needs in_features divisible by {BLOCKSIZE}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "absmax", torch.empty(out_features, in_features // BLOCKSIZE, dtype=torch.float32, device=device)
+        )
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, device: torch.device | str | None = None) -> NF4Linear:
+        """Quantize `weight [N, K]` on `device` (default: where it is)."""
+        module = cls(weight.shape[1], weight.shape[0], device or weight.device)
+        module.load_weight(weight)
+        return module
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        q = quantize_nf4(weight.to(self.packed.device))
+        self.packed.copy_(q.packed)
+        self.absmax.copy_(q.absmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() // x.shape[-1] <= 16:
+            from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
+
+            return nf4_matmul(x, self.packed, self.absmax)
+        w = dequantize_fp32(self.packed, self.absmax)
+        return nn.functional.linear(x, w.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+class Int8Linear(nn.Module):
+    """y = (x Q^T) * scale with Q int8 [N, K] and a per-row fp32 scale [N] (`--quant int8`)."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        t = quantize_int8(weight.to(self.q.device))
+        self.q.copy_(t.q)
+        self.scale.copy_(t.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+class NF4Experts(nn.Module):
+    """Routed experts as stacked NF4: gate/up [E, I, H/2] + [E, I, H/64], down [E, H, I/2] + [E, H, I/64].
+
+    `forward(x [T, H], idx [T, K], w [T, K]) -> [T, H]`: the Triton fused MoE on GPU
+    (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
+    """
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        for name, n, k in (("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)):
+            if k % BLOCKSIZE:
+                raise ValueError(f"NF4Experts needs {name} inner size divisible by {BLOCKSIZE}, got {k}")
+            self.register_buffer(f"{name}_packed", torch.empty(n_experts, n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                f"{name}_absmax", torch.empty(n_experts, n, k // BLOCKSIZE, dtype=torch.float32, device=device)
+            )
+
+    @classmethod
+    def from_stacked(
+        cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, device: torch.device | str | None = None
+    ) -> NF4Experts:
+        """From stacked weights gate/up [E, I, H], down [E, H, I], one expert matrix at a time."""
+        n_experts, inter, hidden = gate.shape
+        module = cls(n_experts, hidden, inter, device or gate.device)
+        for e in range(n_experts):
+            for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+                module.load_expert(name, e, w[e])
+        return module
+
+    @torch.no_grad()
+    def load_expert(self, proj: str, expert: int, weight: torch.Tensor) -> None:
+        """Quantize one expert's `proj` ("gate_proj" | "up_proj" | "down_proj") weight into slot `expert`."""
+        packed, absmax = getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_absmax")
+        q = quantize_nf4(weight.to(packed.device))
+        packed[expert].copy_(q.packed)
+        absmax[expert].copy_(q.absmax)
+
+    def _weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_absmax")
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        weights = (self._weights("gate_proj"), self._weights("up_proj"), self._weights("down_proj"))
+        if x.is_cuda:
+            from kimivl_cli.kernels.moe_triton import fused_moe_nf4
+
+            return fused_moe_nf4(x, idx, w, *weights)
+        return moe_cpu(x, idx, w, *weights)
+
+
+def quantize_linears_(model: nn.Module, mode: str, device: torch.device | str | None = None) -> nn.Module:
+    """Swap the language model's linears (and stacked experts, for "nf4") for empty quantized modules.
+
+    Call it on the language model (module paths "...layers.<i>.self_attn.q_proj" etc.).
+    Meant for a model built on the meta device: the new buffers live on `device` and are
+    filled by `load_quantized_`. Stacked experts are recognised by 3-D `gate_proj`/`up_proj`/
+    `down_proj` parameters. mode: "nf4" | "int8" | "none".
+    """
+    if mode == "none":
+        return model
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Linear) and _QUANTIZED_MODULE.search(name):
+            cls = NF4Linear if mode == "nf4" else Int8Linear
+            setattr(parent, child, cls(module.in_features, module.out_features, device))
+        elif mode == "nf4" and _is_stacked_experts(module):
+            n_experts, inter, hidden = module.gate_proj.shape
+            setattr(parent, child, NF4Experts(n_experts, hidden, inter, device))
+    return model
+
+
+def _is_stacked_experts(module: nn.Module) -> bool:
+    projs = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in projs)
+
+
+def load_quantized_(target: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Loader hook: if checkpoint tensor `name` belongs to a quantized module of `target`, quantize it
+    into place (on the module's device) and return True; else return False (load it normally).
+
+    `name` is relative to `target` (e.g. "model.layers.3.mlp.experts.7.up_proj.weight").
+    Routed-expert names map onto the stacked `NF4Experts` at "<...>.mlp.experts".
+    """
+    expert = _EXPERT.match(name)
+    if expert is not None:
+        module = _find(target, f"{expert.group(1)}.experts")
+        if isinstance(module, NF4Experts):
+            module.load_expert(expert.group(3), int(expert.group(2)), tensor)
+            return True
+        return False
+    if name.endswith(".weight"):
+        module = _find(target, name[: -len(".weight")])
+        if isinstance(module, NF4Linear | Int8Linear):
+            module.load_weight(tensor)
+            return True
+    return False
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None

@@ -1,0 +1,125 @@
+"""Quantized modules, the quantization policy and the quantize-on-load hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kimivl_cli.kernels.reference import fused_moe_reference
+from kimivl_cli.quant.modules import (
+    Int8Linear,
+    NF4Experts,
+    NF4Linear,
+    load_quantized_,
+    quantize_linears_,
+    should_quantize,
+)
+from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("language_model.model.layers.0.self_attn.q_proj.weight", True),
+        ("language_model.model.layers.3.self_attn.kv_a_proj_with_mqa.weight", True),
+        ("language_model.model.layers.3.self_attn.kv_b_proj.weight", True),
+        ("language_model.model.layers.0.mlp.down_proj.weight", True),
+        ("language_model.model.layers.5.mlp.shared_experts.up_proj.weight", True),
+        ("language_model.model.layers.5.mlp.experts.63.gate_proj.weight", True),
+        ("language_model.model.layers.5.mlp.gate.weight", False),  # router
+        ("language_model.model.layers.5.mlp.gate.e_score_correction_bias", False),
+        ("language_model.model.layers.5.self_attn.kv_a_layernorm.weight", False),
+        ("language_model.model.embed_tokens.weight", False),
+        ("language_model.lm_head.weight", False),
+        ("vision_tower.encoder.blocks.0.mlp.fc0.weight", False),
+        ("multi_modal_projector.linear_1.weight", False),
+    ],
+)
+def test_quantization_policy(name: str, expected: bool) -> None:
+    assert should_quantize(name) is expected
+
+
+def test_nf4_linear_matches_dequantised_weight() -> None:
+    w = torch.randn(96, 128, dtype=torch.bfloat16) * 0.02
+    layer = NF4Linear.from_weight(w)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    dense = dequantize_nf4(NF4Tensor(layer.packed, layer.absmax, torch.bfloat16))
+    assert torch.allclose(layer(x).float(), (x @ dense.t()).float(), rtol=2e-2, atol=2e-2)
+    assert layer(x).dtype == torch.bfloat16 and layer(x).shape == (2, 5, 96)
+
+
+def test_int8_linear_close_to_bf16() -> None:
+    w = torch.randn(64, 100)
+    layer = Int8Linear(100, 64)
+    layer.load_weight(w)
+    x = torch.randn(3, 100)
+    assert (layer(x) - x @ w.t()).norm() / (x @ w.t()).norm() < 0.01
+
+
+def test_nf4_experts_forward_on_cpu() -> None:
+    torch.manual_seed(0)
+    gate, up, down = torch.randn(4, 64, 128) * 0.05, torch.randn(4, 64, 128) * 0.05, torch.randn(4, 128, 64) * 0.05
+    experts = NF4Experts.from_stacked(gate, up, down)
+    x, idx, w = torch.randn(3, 128), torch.tensor([[0, 2], [2, 3], [1, 0]]), torch.rand(3, 2)
+    dense = [
+        dequantize_nf4(NF4Tensor(getattr(experts, f"{p}_packed"), getattr(experts, f"{p}_absmax"), torch.float32))
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    assert torch.allclose(experts(x, idx, w), fused_moe_reference(x, idx, w, *dense), atol=1e-5)
+    bf16 = fused_moe_reference(x, idx, w, gate, up, down)
+    assert (experts(x, idx, w) - bf16).norm() / bf16.norm() < 0.25  # three NF4 matrices, ~0.1 each
+
+
+class _Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(4, 64, 128))
+        self.up_proj = nn.Parameter(torch.empty(4, 64, 128))
+        self.down_proj = nn.Parameter(torch.empty(4, 128, 64))
+
+
+class _TinyLM(nn.Module):
+    """The module paths of the real language model, two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module(), nn.Module()])
+        for layer in self.model.layers:
+            layer.self_attn = nn.Module()
+            layer.self_attn.q_proj = nn.Linear(128, 192, bias=False)
+            layer.mlp = nn.Module()
+        self.model.layers[0].mlp.down_proj = nn.Linear(256, 128, bias=False)
+        self.model.layers[1].mlp.experts = _Experts()
+        self.model.layers[1].mlp.gate = nn.Linear(128, 4, bias=False)
+        self.lm_head = nn.Linear(128, 1000, bias=False)
+
+
+def test_swap_then_quantize_on_load() -> None:
+    with torch.device("meta"):
+        lm = _TinyLM()
+    quantize_linears_(lm, "nf4", device="cpu")
+    layers = lm.model.layers
+    assert isinstance(layers[0].self_attn.q_proj, NF4Linear)
+    assert isinstance(layers[0].mlp.down_proj, NF4Linear)
+    assert isinstance(layers[1].mlp.experts, NF4Experts)
+    assert isinstance(layers[1].mlp.gate, nn.Linear) and isinstance(lm.lm_head, nn.Linear)
+
+    w = torch.randn(64, 128)
+    assert load_quantized_(lm, "model.layers.1.mlp.experts.2.up_proj.weight", w)
+    nf4 = NF4Experts.from_stacked(w.expand(4, 64, 128), w.expand(4, 64, 128), torch.randn(4, 128, 64))
+    assert torch.equal(layers[1].mlp.experts.up_proj_packed[2], nf4.up_proj_packed[2])
+    q = torch.randn(192, 128)
+    assert load_quantized_(lm, "model.layers.1.self_attn.q_proj.weight", q)
+    assert torch.equal(layers[1].self_attn.q_proj.packed, NF4Linear.from_weight(q).packed)
+    assert not load_quantized_(lm, "model.layers.1.mlp.gate.weight", torch.randn(4, 128))
+    assert not load_quantized_(lm, "lm_head.weight", torch.randn(1000, 128))
+
+
+def test_int8_mode_keeps_experts_for_the_caller() -> None:
+    with torch.device("meta"):
+        lm = _TinyLM()
+    quantize_linears_(lm, "int8", device="cpu")
+    assert isinstance(lm.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert isinstance(lm.model.layers[1].mlp.experts, _Experts)
