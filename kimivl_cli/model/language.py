@@ -1,0 +1,421 @@
+"""The DeepSeek-V3 decoder of Kimi-VL: MLA attention, a dense first layer, then sigmoid-routed MoE.
+
+Module and parameter names equal the official checkpoint keys minus `language_model.`, except the
+routed experts, which are stacked per layer (`mlp.experts.gate_proj` [E, I, D]) so one kernel can
+serve all of them; `RoutedExperts` maps the official per-expert keys onto the stacks on load.
+
+Legend: B batch, T tokens, L attended keys, D hidden, H heads, Dn/Dr/Dv nope/rope/value head dims,
+R kv_lora_rank, W = R + Dr cache row, E experts, K experts per token, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimivl_cli.model.cache import LatentCache, attend
+from kimivl_cli.model.config import RopeScaling, TextConfig
+
+Trace = dict[str, Any]
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x²) + eps) in fp32, cast back, then scaled (the reference's order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position x inv_freq for the Dr rope dims, with DeepSeek YaRN when configured.
+
+    No buffers: the 32 frequencies are recomputed on the positions' device each call (cheap, and
+    the model can be built on the meta device and stay valid inside a captured CUDA graph).
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: RopeScaling | None) -> None:
+        super().__init__()
+        self.dim, self.theta, self.scaling = dim, theta, scaling
+        # YaRN scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+        self.mscale = (
+            1.0
+            if scaling is None
+            else _yarn_mscale(scaling.factor, scaling.mscale) / _yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+        )
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
+        extrapolated = 1.0 / (self.theta**exponent)  # [Dr/2]
+        s = self.scaling
+        if s is None:
+            return extrapolated
+
+        # YaRN: keep high frequencies (few rotations over the original context), interpolate low
+        # ones by `factor`, with a linear ramp between the two correction dims.
+        def correction_dim(rotations: float) -> float:
+            return (
+                self.dim
+                * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(self.theta))
+            )
+
+        low = max(math.floor(correction_dim(s.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(s.beta_slow)), self.dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        keep = 1.0 - ramp
+        return extrapolated / s.factor * (1 - keep) + extrapolated * keep
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, Dr/2] in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq(positions.device)
+        return freqs.cos() * self.mscale, freqs.sin() * self.mscale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) by angle j, leaving the result de-interleaved
+    ([rotated evens | rotated odds]) exactly like the reference. q and k share the layout, so q·k
+    is standard interleaved RoPE. x [..., Dr], cos/sin broadcastable to [..., Dr/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention.
+
+    Each token projects to a latent c (R) plus one rope key k_pe (Dr) shared by all heads;
+    kv_b_proj expands c to per-head k_nope (Dn) and v (Dv). Two ways to attend:
+    - expanded (prefill): expand k/v of all L visible keys, SDPA in query blocks. O(L·H·(Dn+Dv)) transient.
+    - absorbed (decode, short chunks over a cache): fold kv_b's key half into the query and its value
+      half into the output, and attend straight over the cached rows [c | k_pe] as one shared head.
+      The cache is never re-expanded: per step O(H·L·W) work and no k/v tensors at all.
+    """
+
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.rank = cfg.num_attention_heads, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # the reference ignores rms_norm_eps here
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, eps=1e-6)  # likewise 1e-6, as in the reference
+        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.scale = cfg.qk_head_dim**-0.5
+        if cfg.rope_scaling is not None and cfg.rope_scaling.mscale_all_dim:
+            self.scale *= _yarn_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
+        # Absorption costs T·H·L·(2R + Dr - Dn - Dr - Dv) extra attention flops; expansion costs
+        # L·H·R·(Dn + Dv) to rebuild k/v. Absorb while that is cheaper (T < 170 for the real model).
+        absorbed_extra = 2 * self.rank + self.rope_dim - (self.nope_dim + self.rope_dim) - self.v_dim
+        self.absorb_max_tokens = max(1, self.rank * (self.nope_dim + self.v_dim) // max(absorbed_extra, 1) - 1)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        start: int | None,
+        cache: LatentCache | None,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """x [B, T, D], rope cos/sin [B, T, Dr/2], positions [B, T]; `start` is the Python start
+        position when the chunk is contiguous (cheaper cache write), else None. -> [B, T, D]."""
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = self._query(x).view(B, T, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # [B, T, H, Dr]
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        rows = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [B, T, W]
+        if cache is None:
+            keys, k_pos = rows, positions
+        else:
+            if cache.width != rows.shape[-1]:
+                raise ValueError(f"cache rows hold {cache.width} values, this layer needs {rows.shape[-1]}")
+            keys = cache.update(self.layer_idx, rows, positions if start is None else start, kv_len)
+            k_pos = torch.arange(kv_len, device=x.device)[None]
+        if cache is not None and x.shape[1] <= self.absorb_max_tokens:
+            out = self._absorbed(q_nope, q_pe, keys, positions, k_pos)
+        else:
+            out = self._expanded(q_nope, q_pe, keys, positions, k_pos)
+        return self.o_proj(out.flatten(2))
+
+    def _expanded(self, q_nope, q_pe, keys, q_pos, k_pos) -> torch.Tensor:
+        """Rebuild per-head k/v from the latents and attend. -> [B, T, H, Dv]."""
+        B, L, _ = keys.shape
+        latent, k_pe = keys.split([self.rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(latent).view(B, L, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(B, L, self.n_heads, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q_pos, k_pos, self.scale)
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, keys, q_pos, k_pos) -> torch.Tensor:
+        """q·k = (q_nope W_uk)·c + q_pe·k_pe and attn·v = (attn·c) W_uvᵀ: attend over cache rows."""
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, Dn, R], [H, Dv, R]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
+        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1).reshape(B, 1, H * T, -1)  # all heads share keys
+        rows_pos = q_pos[:, None, :].expand(B, H, T).reshape(B, H * T)
+        o = attend(q, keys[:, None], keys[:, None, :, : self.rank], rows_pos, k_pos, self.scale)  # [B, 1, H*T, R]
+        return torch.einsum("bhtr,hvr->bthv", o.view(B, H, T, self.rank), w_uv)
+
+
+class Router(nn.Module):
+    """Sigmoid gate with bias-corrected, group-limited top-k (DeepSeek-V3 `noaux_tc`).
+
+    Kept in fp32 whatever the model dtype (`param_dtype`): routing is discrete, a rounding
+    flip changes which experts run, and the gate is tiny (E x D).
+    """
+
+    param_dtype = torch.float32
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> expert ids [T, K] (unordered) and their fp32 weights [T, K]."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()  # the bias picks experts, never weighs them
+        if self.n_group > 1:
+            T, E = choice.shape
+            grouped = choice.view(T, self.n_group, E // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]: sum of each group's best two
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            # -inf as in DeepSeek's and vLLM's code; the HF remote code writes 0.0, which differs only
+            # when a kept expert's biased score is negative (never in the goldens; n_group is 1 in Kimi-VL).
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, idx)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * self.scaling
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacks: gate/up [E, I, D], down [E, D, I].
+
+    The one place that runs experts, so a fused kernel (or an NF4 module with the same layout and
+    `checkpoint_tensors`/`load_tensor`) can replace it. Official keys `E.gate_proj.weight` etc.
+    land in row E of the stacks.
+    """
+
+    projections = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, n_experts: int, dim: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter))
+
+    def checkpoint_tensors(self) -> dict[str, torch.Size]:
+        """Official per-expert key suffixes and shapes this module loads."""
+        return {
+            f"{e}.{proj}.weight": getattr(self, proj).shape[1:]
+            for e in range(self.gate_proj.shape[0])
+            for proj in self.projections
+        }
+
+    @torch.no_grad()
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        expert, proj, _ = name.split(".")
+        getattr(self, proj)[int(expert)].copy_(tensor)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
+        if x.device.type != "cpu" and idx.numel() <= self.gate_proj.shape[0]:
+            return self._gathered(x, idx, weights)
+        return self._grouped(x, idx, weights)
+
+    def _expert(self, e: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
+
+        Touches only the active experts' weights (batch-1 decode reads K of E). Needs the per-expert
+        counts on the host (`.tolist()`): free on CPU, one sync per MoE layer on a GPU, which is why
+        GPUs take `_gathered` or a fused kernel instead.
+        """
+        T, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort()
+        tokens = order // K  # [T*K] token of each (sorted) pair
+        pair_w = weights.flatten()[order]
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                tok = tokens[start : start + n]
+                y = self._expert(e, x[tok])
+                out.index_add_(0, tok, y.float() * pair_w[start : start + n, None])
+                start += n
+        return out
+
+    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sync-free for a few tokens: gather the T·K active experts' weights and batch the GEMVs."""
+        T, K = idx.shape
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [T*K, D, 1]
+        flat = idx.flatten()
+        h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * torch.bmm(self.up_proj[flat], xs)  # [T*K, I, 1]
+        y = torch.bmm(self.down_proj[flat], h).view(T, K, -1)
+        return (y.float() * weights[..., None]).sum(1)
+
+
+class MoE(nn.Module):
+    """Routed experts (weighted, fp32 sum) plus always-on shared experts."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, D]
+        idx, weights = self.gate(flat)
+        if trace is not None:
+            sorted_idx, order = idx.sort(dim=-1)
+            trace.setdefault("router_topk_idx", {})[self.layer_idx] = sorted_idx
+            trace.setdefault("router_topk_weight", {})[self.layer_idx] = weights.gather(1, order)
+        out = self.experts(flat, idx, weights).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (
+            MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(self, x, rope, positions, start, cache, kv_len, trace) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, positions, start, cache, kv_len)
+        normed = self.post_attention_layernorm(h)
+        return h + (self.mlp(normed, trace) if isinstance(self.mlp, MoE) else self.mlp(normed))
+
+
+class DecoderStack(nn.Module):
+    """`model.*` in the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """DeepSeek-V3 causal LM (`language_model.*`): embeddings in, final-norm hidden states out;
+    `logits()` is separate so an engine can project only the positions it samples from."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor | int = 0,
+        cache: LatentCache | None = None,
+        kv_len: int | None = None,
+        trace: Trace | None = None,
+    ) -> torch.Tensor:
+        """embeds [B, T, D] -> final-norm hidden states [B, T, D].
+
+        positions: the start position of a contiguous chunk (int), or per-token positions [B, T]
+        (e.g. batched decode of requests at different lengths). With a cache, the chunk's rows are
+        written at their positions and attention sees slots [0, kv_len); kv_len defaults to
+        start + T for an int start, else to the cache capacity (correct by masking; pass a tighter
+        bound to save work). Nothing here syncs with the device except the CPU expert grouping.
+        trace (optional dict) collects `hidden_states` (golden layout: embeddings, each layer's
+        output but the last, final norm) and `router_topk_idx`/`router_topk_weight` per MoE layer.
+        """
+        B, T, _ = embeds.shape
+        if isinstance(positions, int):
+            start = positions
+            pos = torch.arange(start, start + T, device=embeds.device).expand(B, T)
+            kv_len = start + T if kv_len is None else kv_len
+        else:
+            start, pos = None, positions
+            kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
+        rope = self.rotary(pos)
+        hidden_states = trace.setdefault("hidden_states", []) if trace is not None else None
+        h = embeds
+        for layer in self.model.layers:
+            if hidden_states is not None:
+                hidden_states.append(h)
+            h = layer(h, rope, pos, start, cache, kv_len, trace)
+        h = self.model.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> fp32 logits [..., V]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,74 @@
+"""The language model against the reference goldens (fp32): hidden states, routing, logits, greedy decode.
+
+Image features come from the golden `projector_out`, so these checks hold whatever the vision tower does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kimivl_cli.model.cache import LatentCache
+from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.model.language import LanguageModel
+from kimivl_cli.model.weights import load_checkpoint, materialize
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+CHECKPOINTS = ["tiny-a", "tiny-a-sharded", "tiny-b"]
+
+
+def load_language_model(folder: Path) -> tuple[LanguageModel, KimiVLConfig]:
+    cfg = KimiVLConfig.from_file(folder / "config.json")
+    with torch.device("meta"):
+        lm = LanguageModel(cfg.text)
+    materialize(lm, torch.float32, "cpu")
+    load_checkpoint(lm, folder, prefix="language_model.")
+    return lm.eval(), cfg
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def case(request, golden_dir: Path):
+    folder = golden_dir / request.param
+    lm, cfg = load_language_model(folder)
+    golden = load_file(str(golden_dir / request.param.removesuffix("-sharded") / "golden.safetensors"))
+    ids = golden["input_ids"]
+    with torch.no_grad():
+        embeds = lm.embed(ids)
+        embeds[ids == cfg.media_placeholder_token_id] = golden["projector_out"]
+    return lm, cfg, golden, embeds
+
+
+@torch.no_grad()
+def test_full_forward_matches_reference(case) -> None:
+    lm, _, golden, embeds = case
+    trace: dict = {}
+    logits = lm.logits(lm(embeds, 0, trace=trace))
+    torch.testing.assert_close(logits, golden["logits"], **TOL)
+    torch.testing.assert_close(torch.stack([h[0] for h in trace["hidden_states"]]), golden["hidden_states"], **TOL)
+    moe_layers = sorted(trace["router_topk_idx"])
+    assert moe_layers == [int(k.split("layer")[1]) for k in golden if k.startswith("router_topk_idx.")]
+    for layer in moe_layers:
+        assert torch.equal(trace["router_topk_idx"][layer], golden[f"router_topk_idx.layer{layer}"])
+        torch.testing.assert_close(
+            trace["router_topk_weight"][layer], golden[f"router_topk_weight.layer{layer}"], **TOL
+        )
+
+
+@torch.no_grad()
+def test_greedy_cached_decode_matches_reference(case) -> None:
+    lm, cfg, golden, embeds = case
+    n_prompt = embeds.shape[1]
+    cache = LatentCache(cfg.text, batch=1, max_len=n_prompt + 12, dtype=torch.float32)
+    logits = lm.logits(lm(embeds, 0, cache)[:, -1])
+    rows, ids = [logits], []
+    for step in range(11):
+        token = logits.argmax(-1)
+        ids.append(int(token))
+        logits = lm.logits(lm(lm.embed(token[:, None]), n_prompt + step, cache)[:, -1])
+        rows.append(logits)
+    ids.append(int(logits.argmax(-1)))
+    assert ids == golden["generated_ids"].tolist()
+    torch.testing.assert_close(torch.cat(rows), golden["decode_step_logits"], **TOL)
