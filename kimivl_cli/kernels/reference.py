@@ -30,5 +30,5 @@ def fused_moe_reference(
         xe = x[token]
         h = F.silu(xe @ gate[e].to(x.dtype).t()) * (xe @ up[e].to(x.dtype).t())
         ye = h @ down[e].to(x.dtype).t()
-        out.index_add_(0, token, ye.float() * weights[token, slot].float().unsqueeze(1))
+        out.index_put_((token,), ye.float() * weights[token, slot].float().unsqueeze(1), accumulate=True)
     return out.to(x.dtype)
