@@ -15,18 +15,18 @@ look at its parameters. `RoutedExperts` uses this to stack per-expert keys.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from kimivl_cli.errors import CheckpointError
 from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.model.kimivl import KimiVL
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -167,41 +167,101 @@ def checkpoint_targets(model: nn.Module, prefix: str = "") -> dict[str, Target]:
     return targets
 
 
-def _headers(files: list[Path]) -> Iterator[tuple[Path, str, list[int]]]:
-    for path in files:
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
+
+
+class SafetensorsFile:
+    """Reads one safetensors file tensor by tensor with plain `readinto` (no pickle, no mmap).
+
+    safetensors' own `safe_open` maps the whole file, and every page a tensor touched stays in
+    the process's RSS until the file closes: loading a shard would cost the shard. Reading each
+    tensor into its own buffer keeps the peak at one tensor. The header is validated here.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    yield path, key, f.get_slice(key).get_shape()
-        except (SafetensorError, OSError) as exc:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 2 <= n <= min(size - 8, 1 << 28):
+                    raise ValueError(f"header length {n} does not fit the file")
+                header = json.loads(fh.read(n))
+            self.entries = {
+                key: self._entry(key, info, 8 + n, size) for key, info in header.items() if key != "__metadata__"
+            }
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from None
+
+    @staticmethod
+    def _entry(key: str, info: dict, base: int, size: int) -> _Entry:
+        dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+        start, end = (base + int(o) for o in info["data_offsets"])
+        if not base <= start <= end <= size or end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{key}: data offsets do not match its shape and dtype")
+        return _Entry(dtype, shape, start, end)
+
+    def read(self, key: str, fh) -> torch.Tensor:
+        e = self.entries[key]
+        buf = torch.empty(e.end - e.start, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        fh.seek(e.start)
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.path.name}: file ends inside {key}", "the download is incomplete")
+            done += got
+        return buf.view(e.dtype).view(e.shape)
 
 
 def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
-def plan_load(targets: dict[str, Target], files: list[Path], prefix: str = "") -> dict[Path, list[str]]:
+def plan_load(targets: dict[str, Target], files: list[Path], prefix: str = "") -> dict[SafetensorsFile, list[str]]:
     """Check keys and shapes from the headers alone; return the keys to read from each file.
 
     Keys outside `prefix` are left alone (loading one part of the model); inside it, a missing,
     unknown or misshapen tensor is a `CheckpointError` naming it.
     """
-    plan: dict[Path, list[str]] = {f: [] for f in files}
+    plan: dict[SafetensorsFile, list[str]] = {}
     unexpected: list[str] = []
-    for path, key, shape in _headers(files):
-        if not key.startswith(prefix) or IGNORED_KEY.search(key):
-            continue
-        target = targets.get(key)
-        if target is None:
-            unexpected.append(key)
-        elif tuple(shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{path.name}: {key} has shape {list(shape)}, config.json implies {list(target.shape)}",
-                "config.json and the weights do not belong together",
-            )
-        else:
-            plan[path].append(key)
+    for path in files:
+        file = SafetensorsFile(path)
+        plan[file] = []
+        for key, entry in file.entries.items():
+            if not key.startswith(prefix) or IGNORED_KEY.search(key):
+                continue
+            target = targets.get(key)
+            if target is None:
+                unexpected.append(key)
+            elif entry.shape != tuple(target.shape):
+                raise CheckpointError(
+                    f"{path.name}: {key} has shape {list(entry.shape)}, config.json implies {list(target.shape)}",
+                    "config.json and the weights do not belong together",
+                )
+            else:
+                plan[file].append(key)
     found = {k for keys in plan.values() for k in keys}
     missing = sorted(set(targets) - found)
     if missing:
@@ -223,11 +283,11 @@ def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
     (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model."""
     targets = checkpoint_targets(model, prefix)
     plan = plan_load(targets, checkpoint_files(folder), prefix)
-    for path, keys in plan.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
+    for file, keys in plan.items():
+        with open(file.path, "rb", buffering=0) as fh:
             for key in keys:
                 module, name, _ = targets[key]
-                tensor = f.get_tensor(key)
+                tensor = file.read(key, fh)
                 if hasattr(module, "load_tensor"):
                     module.load_tensor(name, tensor)
                 else:
@@ -237,10 +297,8 @@ def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
 
 def load_model(
     path_or_repo: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, KimiVLConfig]:
+) -> tuple[KimiVL, KimiVLConfig]:
     """Build `KimiVL` from a checkpoint folder or Hub repo id, weights cast to `dtype` on `device`."""
-    from kimivl_cli.model.kimivl import KimiVL
-
     folder = resolve_checkpoint(path_or_repo)
     config = KimiVLConfig.from_file(folder / "config.json")
     with torch.device("meta"):

@@ -1,6 +1,7 @@
 """The language model against the reference goldens (fp32): hidden states, routing, logits, greedy decode.
 
-Image features come from the golden `projector_out`, so these checks hold whatever the vision tower does.
+The language-model checks take the image features from the golden `projector_out`, so they hold
+whatever the vision tower does; the last test runs the whole model from pixels.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kimivl_cli.errors import InputError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.language import LanguageModel
-from kimivl_cli.model.weights import load_checkpoint, materialize
+from kimivl_cli.model.weights import load_checkpoint, load_model, materialize
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 CHECKPOINTS = ["tiny-a", "tiny-a-sharded", "tiny-b"]
@@ -72,3 +74,22 @@ def test_greedy_cached_decode_matches_reference(case) -> None:
     ids.append(int(logits.argmax(-1)))
     assert ids == golden["generated_ids"].tolist()
     torch.testing.assert_close(torch.cat(rows), golden["decode_step_logits"], **TOL)
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
+@torch.no_grad()
+def test_whole_model_from_pixels_matches_reference(name: str, golden_dir: Path) -> None:
+    model, cfg = load_model(golden_dir / name, dtype=torch.float32)
+    golden = load_file(str(golden_dir / name / "golden.safetensors"))
+    trace: dict = {}
+    logits = model(golden["input_ids"], golden["pixel_values"], golden["image_grid_hws"], trace=trace)
+    torch.testing.assert_close(trace["projector_out"], golden["projector_out"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, golden["logits"], **TOL)
+    torch.testing.assert_close(torch.stack([h[0] for h in trace["hidden_states"]]), golden["hidden_states"], **TOL)
+    # One placeholder too many (or too few) for the images is the user's error, said in one line.
+    ids = golden["input_ids"].clone()
+    ids[0, -1] = cfg.media_placeholder_token_id
+    with pytest.raises(InputError, match="placeholder tokens but the images give"):
+        model(ids, golden["pixel_values"], golden["image_grid_hws"])
+    with pytest.raises(InputError, match="0 features"):
+        model(golden["input_ids"])
