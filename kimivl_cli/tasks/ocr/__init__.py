@@ -1,0 +1,11 @@
+"""`kimivl ocr`: PDFs and images to Markdown, page by page, resumable.
+
+`plan_pages` lists the pages, `open_sink` opens the output (and reads what `--resume` can
+skip), `run_pages` does each page and appends it at once. The model enters only through a
+`Generate` callable (see `pipeline`); `--method text` works without one.
+"""
+
+from kimivl_cli.tasks.ocr.output import PageRecord, open_sink
+from kimivl_cli.tasks.ocr.pipeline import Generate, Generation, OcrOptions, PageJob, plan_pages, run_pages
+
+__all__ = ["Generate", "Generation", "OcrOptions", "PageJob", "PageRecord", "open_sink", "plan_pages", "run_pages"]

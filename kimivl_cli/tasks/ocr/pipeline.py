@@ -1,0 +1,188 @@
+"""Page planning and the page loop of `kimivl ocr`.
+
+The model is a seam: `Generate` is any callable `(messages, images) -> str | Generation`,
+where `messages` is an OpenAI-style chat (`processor.chat` format, one `{"type": "image"}`
+item per entry of `images`). The lead wires the engine in; tests pass a fake. `--method text`
+never calls it.
+
+Per page, by method:
+- `text`: Markdown from the text layer; pages without one fall back to the model (`vision`).
+- `auto`: the page image plus its text-layer lines as anchors (`anchored`); no text layer: `vision`.
+- `vision`: the page image only.
+A page that renders near-uniform at 24 dpi and has no text layer is recorded as `blank`, model unused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.processor.image import ImageProcessorConfig, image_token_count, resize_to_token_budget
+from kimivl_cli.tasks.ocr import textlayer
+from kimivl_cli.tasks.ocr._media_stopgap import MediaInput, PdfDocument, load_images, parse_page_range
+from kimivl_cli.tasks.ocr.output import PageKey, PageRecord, PageSink
+from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE, clean_markdown
+from kimivl_cli.tasks.ocr.prompts import anchor_text, ocr_messages
+
+Method = Literal["auto", "vision", "text"]
+BLANK_NOTE = "<!-- blank page: skipped -->"
+BLANK_DPI = 24
+BLANK_STD = 4.0  # grey-level standard deviation (0-255) below which a page is uniform
+BLANK_INK = 0.002  # share of pixels clearly darker than the background
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a generate callable may return instead of a plain string, with its token counts."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Generate(Protocol):
+    def __call__(self, messages: list[dict], images: list[Image.Image]) -> str | Generation: ...
+
+
+@dataclass
+class OcrOptions:
+    method: Method = "auto"
+    pages: str | None = None  # page range for every PDF (1-based spec, e.g. "1-3,7")
+    dpi: float | None = None
+    max_side: int | None = None
+    password: str | None = None
+    keep_headers: bool = False
+    processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig.official)
+
+    @property
+    def page_token_budget(self) -> int:
+        """Image tokens a page may cost by default: the processor's limit after the 2x2 merge."""
+        kh, kw = self.processor.merge_kernel_size
+        return self.processor.in_token_limit // (kh * kw)
+
+
+@dataclass
+class PageJob:
+    """One page to do: a PDF page (`doc`, 0-based `index`) or one frame of an image."""
+
+    file: str
+    page: int  # 1-based, as written in the output
+    doc: PdfDocument | None = None
+    index: int = 0
+    image: Image.Image | None = None
+    _style: list[textlayer.DocumentStyle] = field(default_factory=list, repr=False)  # shared per document
+
+    @property
+    def key(self) -> PageKey:
+        return self.file, self.page
+
+
+def display_name(source: MediaInput) -> str:
+    return "stdin" if source.name == "-" else source.name
+
+
+def plan_pages(sources: Sequence[MediaInput], options: OcrOptions) -> list[PageJob]:
+    """Every page to OCR, in input order. Opens all PDFs first, so bad inputs fail before any output."""
+    jobs: list[PageJob] = []
+    for source in sources:
+        name = display_name(source)
+        if source.kind == "pdf":
+            doc = PdfDocument(source, password=options.password)
+            indices = parse_page_range(options.pages, doc.page_count) if options.pages else range(doc.page_count)
+            style: list[textlayer.DocumentStyle] = []
+            jobs += [PageJob(name, i + 1, doc=doc, index=i, _style=style) for i in indices]
+        else:
+            jobs += [PageJob(name, i + 1, image=im) for i, im in enumerate(load_images(source))]
+    return jobs
+
+
+def _style(job: PageJob) -> textlayer.DocumentStyle:
+    if not job._style:
+        job._style.append(textlayer.document_style(job.doc.page(0).parent))
+    return job._style[0]
+
+
+def is_blank(image: Image.Image) -> bool:
+    """Near-uniform: tiny grey spread, or almost no pixels darker than the background. O(pixels)."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    if grey.std() < BLANK_STD:
+        return True
+    background = float(np.median(grey))
+    return float((grey < background - 60).mean()) < BLANK_INK
+
+
+def render_page(job: PageJob, options: OcrOptions) -> Image.Image:
+    """The page image the model sees: `--dpi`, `--max-side`, or sized to the page token budget."""
+    if job.image is not None:
+        image = job.image
+    elif options.dpi or options.max_side:
+        return job.doc.render(job.index, dpi=options.dpi, max_side=options.max_side)
+    else:
+        rect = job.doc.page(job.index).rect
+        unit = options.processor.unit_hw[0] * options.processor.unit_hw[1]
+        dpi = 72 * math.sqrt(options.page_token_budget * unit / (rect.width * rect.height))
+        image = job.doc.render(job.index, dpi=dpi)
+    return resize_to_token_budget(image, options.page_token_budget, options.processor)
+
+
+def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> PageRecord:
+    """One page to a record; the model runs only when the method and the page need it."""
+    start = time.perf_counter()
+    words = job.doc.words(job.index) if job.doc is not None else []
+    method = options.method
+    if not words:
+        thumbnail = job.image if job.image is not None else job.doc.render(job.index, dpi=BLANK_DPI)
+        if is_blank(thumbnail):
+            return PageRecord(job.file, job.page, BLANK_NOTE, "blank", 0, round(time.perf_counter() - start, 3))
+        method = "vision"
+    elif method == "text":
+        page = job.doc.page(job.index)
+        markdown = textlayer.page_markdown(page, _style(job), keep_headers=options.keep_headers)
+        return PageRecord(
+            job.file, job.page, markdown or EMPTY_PAGE_NOTE, "text", 0, round(time.perf_counter() - start, 3)
+        )
+    if generate is None:
+        raise InputError(
+            f"{job.file} page {job.page} has no text layer and needs the model", "load a model or use a text PDF"
+        )
+    image = render_page(job, options)
+    anchors = None
+    if method == "auto":
+        rect = job.doc.page(job.index).rect
+        anchors = anchor_text(words, rect.width, rect.height)
+    answer = generate(ocr_messages(anchors), [image])
+    result = answer if isinstance(answer, Generation) else Generation(answer)
+    tokens = result.prompt_tokens + result.completion_tokens
+    tokens = tokens or image_token_count(image.width, image.height, options.processor)
+    markdown = clean_markdown(result.text) or EMPTY_PAGE_NOTE
+    return PageRecord(
+        job.file, job.page, markdown, "anchored" if anchors else "vision", tokens, round(time.perf_counter() - start, 3)
+    )
+
+
+def run_pages(
+    jobs: Sequence[PageJob],
+    options: OcrOptions,
+    sink: PageSink,
+    generate: Generate | None = None,
+    done: set[PageKey] | frozenset[PageKey] = frozenset(),
+    on_page: Callable[[PageRecord], None] | None = None,
+) -> int:
+    """OCR the pages not in `done`, writing each to `sink` as soon as it is finished; returns the count."""
+    count = 0
+    for job in jobs:
+        if job.key in done:
+            continue
+        record = ocr_page(job, options, generate)
+        sink.write(record)
+        count += 1
+        if on_page:
+            on_page(record)
+    return count
