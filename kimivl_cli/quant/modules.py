@@ -43,6 +43,8 @@ def should_quantize(name: str) -> bool:
 class NF4Linear(nn.Module):
     """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
 
+    param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
+
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         if in_features % BLOCKSIZE:
@@ -59,6 +61,13 @@ class NF4Linear(nn.Module):
         module = cls(weight.shape[1], weight.shape[0], device or weight.device)
         module.load_weight(weight)
         return module
+
+    def checkpoint_tensors(self) -> dict[str, torch.Size]:
+        """Loader hook (model/weights.py): this module takes the official `weight` key itself."""
+        return {"weight": torch.Size((self.out_features, self.in_features))}
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.load_weight(tensor)
 
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -81,11 +90,19 @@ class NF4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = (x Q^T) * scale with Q int8 [N, K] and a per-row fp32 scale [N] (`--quant int8`)."""
 
+    param_dtype = torch.float32
+
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def checkpoint_tensors(self) -> dict[str, torch.Size]:
+        return {"weight": torch.Size((self.out_features, self.in_features))}
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.load_weight(tensor)
 
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -103,6 +120,9 @@ class NF4Experts(nn.Module):
     `forward(x [T, H], idx [T, K], w [T, K]) -> [T, H]`: the Triton fused MoE on GPU
     (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
     """
+
+    projections = ("gate_proj", "up_proj", "down_proj")
+    param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
 
     def __init__(self, n_experts: int, hidden: int, inter: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -125,6 +145,16 @@ class NF4Experts(nn.Module):
             for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                 module.load_expert(name, e, w[e])
         return module
+
+    def checkpoint_tensors(self) -> dict[str, torch.Size]:
+        """Loader hook: official per-expert suffixes ("7.up_proj.weight") and their bf16 shapes."""
+        shapes = {p: torch.Size((getattr(self, f"{p}_packed").shape[1], getattr(self, f"{p}_packed").shape[2] * 2))
+                  for p in self.projections}  # fmt: skip
+        return {f"{e}.{p}.weight": shapes[p] for e in range(self.gate_proj_packed.shape[0]) for p in self.projections}
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        expert, proj, _ = name.split(".")
+        self.load_expert(proj, int(expert), tensor)
 
     @torch.no_grad()
     def load_expert(self, proj: str, expert: int, weight: torch.Tensor) -> None:

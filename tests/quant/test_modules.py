@@ -123,3 +123,19 @@ def test_int8_mode_keeps_experts_for_the_caller() -> None:
     quantize_linears_(lm, "int8", device="cpu")
     assert isinstance(lm.model.layers[0].self_attn.q_proj, Int8Linear)
     assert isinstance(lm.model.layers[1].mlp.experts, _Experts)
+
+
+def test_loader_hook_protocol() -> None:
+    """model/weights.py hands official suffixes to `load_tensor` for what `checkpoint_tensors` lists."""
+    experts = NF4Experts(3, 128, 64)
+    keys = experts.checkpoint_tensors()
+    assert len(keys) == 9 and keys["2.down_proj.weight"] == (128, 64) and keys["0.gate_proj.weight"] == (64, 128)
+    w = torch.randn(128, 64)
+    experts.load_tensor("2.down_proj.weight", w)
+    assert torch.equal(experts.down_proj_packed[2], NF4Linear.from_weight(w).packed)
+    linear = NF4Linear(128, 32)
+    assert linear.checkpoint_tensors() == {"weight": (32, 128)}
+    w = torch.randn(32, 128)
+    linear.load_tensor("weight", w)
+    assert torch.equal(linear.absmax, NF4Linear.from_weight(w).absmax)
+    assert NF4Linear.param_dtype == NF4Experts.param_dtype == torch.float32
