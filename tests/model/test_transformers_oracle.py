@@ -1,0 +1,84 @@
+"""An independent second oracle: transformers' own `DeepseekV3ForCausalLM` with the same tiny weights.
+
+transformers is a test dependency only (never imported by kimivl_cli). Its DeepSeek-V3 stores the
+routed experts fused (`gate_up_proj` [E, 2I, D]); the key mapping lives here, in the test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kimivl_cli.model.config import TextConfig
+from kimivl_cli.model.weights import load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_config(t: TextConfig):
+    return transformers.DeepseekV3Config(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        moe_intermediate_size=t.moe_intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_attention_heads,
+        n_shared_experts=t.n_shared_experts,
+        n_routed_experts=t.n_routed_experts,
+        routed_scaling_factor=t.routed_scaling_factor,
+        kv_lora_rank=t.kv_lora_rank,
+        q_lora_rank=t.q_lora_rank,
+        qk_rope_head_dim=t.qk_rope_head_dim,
+        qk_nope_head_dim=t.qk_nope_head_dim,
+        v_head_dim=t.v_head_dim,
+        n_group=t.n_group,
+        topk_group=t.topk_group,
+        num_experts_per_tok=t.num_experts_per_tok,
+        first_k_dense_replace=t.first_k_dense_replace,
+        norm_topk_prob=t.norm_topk_prob,
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        rope_interleave=True,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
+
+
+def hf_state_dict(official: dict[str, torch.Tensor], t: TextConfig) -> dict[str, torch.Tensor]:
+    """Official `language_model.*` keys -> transformers 5 keys (fused, stacked experts)."""
+    out = {k.removeprefix("language_model."): v for k, v in official.items() if k.startswith("language_model.")}
+    for layer in range(t.num_hidden_layers):
+        if not t.is_moe_layer(layer):
+            continue
+        p = f"model.layers.{layer}.mlp.experts"
+        expert = {
+            proj: torch.stack([out.pop(f"{p}.{e}.{proj}.weight") for e in range(t.n_routed_experts)])
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        }
+        out[f"{p}.gate_up_proj"] = torch.cat((expert["gate_proj"], expert["up_proj"]), dim=1)
+        out[f"{p}.down_proj"] = expert["down_proj"]
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
+@torch.no_grad()
+def test_language_model_matches_transformers_deepseek_v3(name: str, golden_dir: Path) -> None:
+    folder = golden_dir / name
+    model, cfg = load_model(folder, dtype=torch.float32)
+    golden = load_file(str(folder / "golden.safetensors"))
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg.text)).eval()
+    missing, unexpected = hf.load_state_dict(
+        hf_state_dict(load_file(str(folder / "model.safetensors")), cfg.text), strict=False
+    )
+    assert not unexpected and all("rotary" in k for k in missing)
+    # Text plus the golden image features as input embeddings, as the full model would feed them.
+    embeds = model.embed(golden["input_ids"], golden["projector_out"])
+    theirs = hf(inputs_embeds=embeds).logits
+    ours = model.language_model.logits(model.language_model(embeds))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs, golden["logits"], atol=1e-4, rtol=1e-4)  # and both agree with the reference
