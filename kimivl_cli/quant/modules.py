@@ -83,6 +83,15 @@ class NF4Linear(nn.Module):
         w = dequantize_fp32(self.packed, self.absmax)
         return nn.functional.linear(x, w.to(x.dtype))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight [N, K] in bf16, for code that reads `.weight` (MLA's absorbed decode).
+
+        Costs one dequantisation per access (N*K work, 2*N*K bytes): fine for kv_b_proj-sized
+        matrices on a GPU; callers in a hot loop on CPU should cache what they derive from it.
+        """
+        return dequantize_fp32(self.packed, self.absmax).to(torch.bfloat16)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
