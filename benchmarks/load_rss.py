@@ -18,6 +18,9 @@ from pathlib import Path
 _CHILD = r"""
 import json, resource, sys, time, torch
 from kimivl_cli.model import weights
+# Warm-up: the first nn.Embedding init maps ~145 MB of torch code/tables into the process (measured;
+# the same for any PyTorch program), which is not loader memory.
+torch.nn.Embedding(8, 8, device="meta")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 model, _ = weights.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
