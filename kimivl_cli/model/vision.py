@@ -36,6 +36,8 @@ def grid_sizes(grid_hws: torch.Tensor, cfg: VisionConfig, n_patches: int) -> lis
     if grid_hws.ndim != 2 or grid_hws.shape[1] != 2:
         raise InputError(f"image_grid_hws should have shape [images, 2], got {list(grid_hws.shape)}")
     grids = [(int(h), int(w)) for h, w in grid_hws.tolist()]
+    if not grids:
+        raise InputError("image_grid_hws lists no images", "call the vision tower only when there are images")
     kh, kw = cfg.merge_kernel_size
     for h, w in grids:
         if h <= 0 or w <= 0 or h % kh or w % kw:

@@ -122,9 +122,14 @@ def test_grid_beyond_position_range_is_an_input_error(case) -> None:
 
 @pytest.mark.parametrize(
     ("grids", "n", "message"),
-    [([[2, 4]], 7, "covers 8 patches"), ([[3, 4]], 12, "merge kernel"), ([2, 4], 8, "shape")],
+    [
+        ([[2, 4]], 7, "covers 8 patches"),
+        ([[3, 4]], 12, "merge kernel"),
+        ([2, 4], 8, "shape"),
+        (torch.zeros(0, 2, dtype=torch.long), 0, "no images"),
+    ],
 )
 def test_inconsistent_inputs_are_input_errors(case, grids, n, message) -> None:
     tower, _ = case
     with pytest.raises(InputError, match=message):
-        tower(torch.zeros(n, 3, 14, 14), torch.tensor(grids))
+        tower(torch.zeros(n, 3, 14, 14), torch.as_tensor(grids))
