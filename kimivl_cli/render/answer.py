@@ -1,0 +1,236 @@
+"""Showing a generation: one renderer per output style, each consuming the engine's events.
+
+- rich: a live view on a terminal. Reasoning streams in a dim "Thinking" panel that folds into
+  one summary line when the answer starts (kept whole with show_thinking=True, never shown with
+  False); the answer is rendered as Markdown. The live view shows the newest lines that fit;
+  the full result is printed when the stream ends.
+- plain: raw text as it arrives, no escape codes; reasoning only on stderr and only if asked.
+- json: one object at the end (`schema.ANSWER_SCHEMA`). jsonl: one event per line (`schema.EVENT_SCHEMA`).
+
+Every renderer returns the `Transcript` (chat keeps it as history) and, on Ctrl-C or an error
+mid-stream, first shows what had arrived, then re-raises.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.segment import Segment
+from rich.text import Text
+
+from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, event_to_dict
+
+REFRESH_S = 1 / 12  # live view redraws at most this often (and at every phase change)
+
+
+@dataclass
+class Transcript:
+    """Everything a generation said: text so far and, once finished, its `Done` event."""
+
+    thinking_parts: list[str] = field(default_factory=list)
+    answer_parts: list[str] = field(default_factory=list)
+    done: Done | None = None
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self.thinking_parts)
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.answer_parts)
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, ThinkingDelta):
+            self.thinking_parts.append(event.text)
+        elif isinstance(event, AnswerDelta):
+            self.answer_parts.append(event.text)
+        else:
+            self.done = event
+
+    def final(self) -> Done:
+        """The `Done` event, or an 'interrupted' one when the stream stopped early."""
+        return self.done or Done(finish_reason="interrupted")
+
+    def to_json(self) -> dict[str, Any]:
+        done = self.final().to_dict()
+        return {
+            "answer": self.answer,
+            "thinking": self.thinking,
+            "finish_reason": done["finish_reason"],
+            "model": done["model"],
+            "usage": done["usage"],
+            "timings": done["timings"],
+        }
+
+
+# --- machine-readable ------------------------------------------------------------------------------
+
+
+def render_json(events: Iterable[Event], out: TextIO) -> Transcript:
+    """One JSON object when the stream ends (also when interrupted, then with finish_reason 'interrupted')."""
+    transcript = Transcript()
+    try:
+        for event in events:
+            transcript.add(event)
+    finally:
+        out.write(json.dumps(transcript.to_json(), ensure_ascii=False) + "\n")
+        out.flush()
+    return transcript
+
+
+def render_jsonl(events: Iterable[Event], out: TextIO) -> Transcript:
+    """One JSON line per event as it arrives; a stream cut short still ends with a 'done' line."""
+    transcript = Transcript()
+
+    def write(event: Event) -> None:
+        out.write(json.dumps(event_to_dict(event), ensure_ascii=False) + "\n")
+        out.flush()
+
+    try:
+        for event in events:
+            transcript.add(event)
+            write(event)
+    finally:
+        if transcript.done is None:
+            write(transcript.final())
+    return transcript
+
+
+# --- plain text ---------------------------------------------------------------------------------------
+
+
+def render_plain(events: Iterable[Event], out: TextIO, err: TextIO, show_thinking: bool) -> Transcript:
+    """Answer text to `out` as it arrives; reasoning to `err` only when `show_thinking`."""
+    transcript = Transcript()
+    try:
+        for event in events:
+            transcript.add(event)
+            if isinstance(event, ThinkingDelta) and show_thinking:
+                err.write(event.text)
+                err.flush()
+            elif isinstance(event, AnswerDelta):
+                if show_thinking and transcript.thinking_parts and len(transcript.answer_parts) == 1:
+                    err.write("\n\n")  # the reasoning is over
+                    err.flush()
+                out.write(event.text)
+                out.flush()
+    finally:
+        if show_thinking and transcript.thinking_parts and not transcript.answer_parts:
+            err.write("\n")
+            err.flush()
+        if transcript.answer_parts:
+            out.write("\n")
+            out.flush()
+    return transcript
+
+
+# --- terminal -----------------------------------------------------------------------------------------
+
+
+class _Tail:
+    """The last lines of a renderable that fit on screen, so a live view follows the newest text."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+        for line in lines[-max(1, console.height - 1) :]:
+            yield from line
+            yield Segment.line()
+
+
+@dataclass
+class _ThinkingClock:
+    """When the reasoning started and stopped, as the viewer saw it (the engine's figure wins when known)."""
+
+    clock: Callable[[], float]
+    started: float | None = None
+    stopped: float | None = None
+
+    def seconds(self, done: Done | None) -> float:
+        if done is not None and done.timings.thinking_s > 0:
+            return done.timings.thinking_s
+        if self.started is None:
+            return 0.0
+        return (self.stopped if self.stopped is not None else self.clock()) - self.started
+
+
+class RichView:
+    """What the terminal shows for a transcript: live (newest lines) and final (everything)."""
+
+    def __init__(self, transcript: Transcript, show_thinking: bool | None, clock: Callable[[], float]) -> None:
+        self.transcript = transcript
+        self.show_thinking = show_thinking
+        self.timer = _ThinkingClock(clock)
+
+    def observe(self, event: Event) -> bool:
+        """Note timing; True when the event changes what kind of thing is on screen."""
+        first_thinking = isinstance(event, ThinkingDelta) and self.timer.started is None
+        first_answer = isinstance(event, AnswerDelta) and len(self.transcript.answer_parts) == 1
+        if first_thinking:
+            self.timer.started = self.timer.clock()
+        if first_answer and self.timer.started is not None:
+            self.timer.stopped = self.timer.clock()
+        return first_thinking or first_answer or isinstance(event, Done)
+
+    def summary(self) -> Text:
+        done = self.transcript.done
+        tokens = done.usage.thinking_tokens if done else len(self.transcript.thinking_parts)
+        verb = "Thinking" if self.timer.stopped is None and done is None else "Thought"
+        return Text(f"{verb} for {self.timer.seconds(done):.1f}s · {tokens} tokens", style="dim")
+
+    def _thinking_block(self) -> RenderableType | None:
+        t = self.transcript
+        if not t.thinking_parts:
+            return None
+        if self.show_thinking is False or (self.show_thinking is None and t.answer_parts):
+            return self.summary()
+        return Panel(Text(t.thinking, style="dim"), title="Thinking", title_align="left", border_style="dim")
+
+    def renderable(self, final: bool = False) -> RenderableType:
+        parts = [self._thinking_block()]
+        if self.transcript.answer_parts:
+            parts.append(Markdown(self.transcript.answer))
+        group = Group(*(p for p in parts if p is not None))
+        return group if final else _Tail(group)
+
+
+def render_rich(
+    events: Iterable[Event],
+    console: Console,
+    show_thinking: bool | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Transcript:
+    """Live view while streaming, then the full result (also after Ctrl-C, marked as interrupted)."""
+    transcript = Transcript()
+    view = RichView(transcript, show_thinking, clock)
+    live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False)
+    last_draw = -REFRESH_S
+    interrupted = False
+    live.start()
+    try:
+        for event in events:
+            transcript.add(event)
+            changed = view.observe(event)
+            now = clock()
+            if changed or now - last_draw >= REFRESH_S:
+                live.update(view.renderable(), refresh=True)
+                last_draw = now
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        live.stop()
+        console.print(view.renderable(final=True))
+        if interrupted:
+            console.print(Text("[interrupted]", style="dim"))
+    return transcript

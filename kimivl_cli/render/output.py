@@ -1,0 +1,115 @@
+"""Where a command writes, decided once from its flags and the terminal.
+
+stdout carries the result only (answer, JSON, Markdown), so pipes get clean data; notes and
+progress go to stderr. Colour and live views need a terminal on that stream and no `NO_COLOR`
+(https://no-color.org); anything else gets plain text without escape codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from kimivl_cli.engine.events import Done, Event
+from kimivl_cli.errors import InputError
+from kimivl_cli.render.answer import Transcript, render_json, render_jsonl, render_plain, render_rich
+
+Style = Literal["rich", "plain", "json", "jsonl"]
+
+
+def _fancy(console: Console) -> bool:
+    return console.is_terminal and not console.no_color and not console.is_dumb_terminal
+
+
+class _Rate(ProgressColumn):
+    """Items per second, e.g. `2.4 pages/s` (blank until Rich has a speed estimate)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
+
+
+@dataclass
+class Output:
+    """A command's output channels and the user's display choices (`--json`, `--jsonl`, `--quiet`, ...)."""
+
+    stdout: Console = field(default_factory=lambda: Console(highlight=False))
+    stderr: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    json: bool = False
+    jsonl: bool = False
+    show_thinking: bool | None = None  # None: fold the reasoning on a terminal, omit it elsewhere
+    quiet: bool = False
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.json and self.jsonl:
+            raise InputError("--json and --jsonl cannot be combined", "pick one")
+
+    @property
+    def style(self) -> Style:
+        if self.jsonl:
+            return "jsonl"
+        if self.json:
+            return "json"
+        return "rich" if _fancy(self.stdout) else "plain"
+
+    def stream(self, events: Iterable[Event]) -> Transcript:
+        """Show a generation in this output's style; returns what was said. Ctrl-C re-raises after flushing."""
+        style = self.style
+        if style == "json":
+            return render_json(events, self.stdout.file)
+        if style == "jsonl":
+            return render_jsonl(events, self.stdout.file)
+        if style == "rich":
+            transcript = render_rich(events, self.stdout, self.show_thinking, self.clock)
+        else:
+            transcript = render_plain(events, self.stdout.file, self.stderr.file, bool(self.show_thinking))
+        self._warn_if_cut(transcript.done)
+        return transcript
+
+    def note(self, message: str) -> None:
+        """One line for the user on stderr (unless --quiet); never parsed as markup."""
+        if not self.quiet:
+            self.stderr.print(message, markup=False, highlight=False, soft_wrap=True, style="dim")
+
+    @contextmanager
+    def progress(self, total: int | None, unit: str = "pages", description: str = "") -> Iterator[Callable[..., None]]:
+        """A progress bar on stderr (count, rate, ETA) yielding `advance(n=1)`; silent off a terminal or with --quiet."""
+        if self.quiet or not _fancy(self.stderr):
+            yield lambda n=1: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            _Rate(unit),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.stderr, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def _warn_if_cut(self, done: Done | None) -> None:
+        if done is not None and done.finish_reason == "length":
+            tokens = done.usage.completion_tokens
+            self.note(f"note: the answer was cut at {tokens} new tokens (raise --max-tokens for more)")
