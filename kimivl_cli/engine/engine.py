@@ -1,0 +1,380 @@
+"""The generation engine: one loaded model, prompts in, streamed tokens and events out.
+
+A request runs in three phases:
+
+1. vision: images are hashed; unseen ones go through MoonViT + projector in chunks of at most
+   `patch_budget` patches, and their features are remembered (`vision_cache`).
+2. prefill: the prompt runs through the language model in chunks of `prefill_chunk` tokens,
+   writing the MLA latent cache. Embeddings are built per chunk and logits are taken for the last
+   position only, so a 100K-token prompt costs O(chunk x (D + L)) transient memory: no L x vocab
+   logits and (the model's attention works in query blocks) no L x L scores.
+3. decode: one token per step through `decode_step`, absorbed MLA attention over the cache.
+
+The cache is preallocated once to prompt + max_new_tokens (capped by the context) and never
+grows. Legend: B batch, T tokens in a step, L prompt length, V vocab, D text hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from kimivl_cli.engine.context import plan_context
+from kimivl_cli.engine.events import Done, Event, Timings, Usage
+from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
+from kimivl_cli.engine.stream import ThinkingBudget, ThinkingSplitter
+from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
+from kimivl_cli.errors import InputError
+from kimivl_cli.model.cache import LatentCache
+from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.processor.chat import THINK_END, THINK_START, Message, encode_chat
+from kimivl_cli.processor.image import ImageProcessorConfig, ProcessedImages, process_images
+from kimivl_cli.processor.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 1024
+FinishReason = Literal["stop", "length", "interrupted"]
+
+
+@dataclass
+class GenerationStats:
+    """What one request cost; filled in while its `TokenStream` runs."""
+
+    prompt_tokens: int = 0
+    image_tokens: list[int] = field(default_factory=list)
+    images_encoded: int = 0
+    generated_tokens: int = 0
+    cache_bytes: int = 0  # the MLA latent cache: layers x slots x (R + Dr) x dtype size
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: FinishReason = "length"
+
+
+class TokenStream:
+    """The generated ids of one request, one per iteration (stop tokens are not yielded).
+
+    `force(ids)` makes the next tokens `ids` instead of samples (e.g. to end a thinking block);
+    they run through the model like any token and are yielded too. `stats` is complete once the
+    iteration ends; `logits` holds each sampled step's fp32 logits [V] when asked for.
+    """
+
+    def __init__(self, steps: Iterator[int], stats: GenerationStats, keep_logits: bool) -> None:
+        self._steps = steps
+        self.stats = stats
+        self.forced: list[int] = []
+        self.logits: list[torch.Tensor] | None = [] if keep_logits else None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._steps)
+
+    def force(self, ids: Sequence[int]) -> None:
+        self.forced.extend(ids)
+
+    def close(self) -> None:
+        """Stop early (`stats.finish_reason` becomes 'interrupted'); the cache is freed."""
+        self._steps.close()
+
+
+class Engine:
+    """Model + tokenizer + image-processor settings on one device, in one dtype.
+
+    Build with `Engine.load(folder_or_repo)`; then `generate(messages, images)` streams events,
+    `generate_ids(input_ids, pixel_values, grid_hws)` streams token ids (no tokenizer needed).
+    Image features are cached across requests (`feature_cache`), so a follow-up question on the
+    same image or page skips the vision tower.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: KimiVLConfig,
+        tokenizer: Tokenizer | None = None,
+        image_config: ImageProcessorConfig | None = None,
+        defaults: SamplingParams | None = None,
+        name: str = "",
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        patch_budget: int = DEFAULT_PATCH_BUDGET,
+        feature_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_config = image_config or ImageProcessorConfig.official()
+        self.defaults = defaults or SamplingParams()
+        self.name = name
+        self.prefill_chunk = prefill_chunk
+        self.patch_budget = patch_budget
+        self.feature_cache = FeatureCache(feature_cache_bytes)
+        lm = model.language_model
+        self.lm = lm
+        self.dtype = lm.model.embed_tokens.weight.dtype
+        self.device = lm.model.embed_tokens.weight.device
+        # On CUDA every step attends over the whole preallocated cache (masked by position) so the
+        # step has static shapes and can be captured in a graph; on CPU only the filled slots.
+        self.static_decode = self.device.type == "cuda"
+
+    @classmethod
+    def load(
+        cls,
+        path_or_repo: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        **kwargs,
+    ) -> Engine:
+        """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults."""
+        from kimivl_cli.model.weights import load_model, resolve_checkpoint
+
+        folder = resolve_checkpoint(path_or_repo)
+        model, config = load_model(folder, dtype=dtype, device=device)
+        return cls(
+            model,
+            config,
+            tokenizer=Tokenizer.from_dir(folder),
+            image_config=ImageProcessorConfig.from_file(folder / "preprocessor_config.json"),
+            defaults=SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo)),
+            name=str(path_or_repo),
+            **kwargs,
+        )
+
+    # --- ids ---------------------------------------------------------------------------------
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """`<|im_end|>` and `[EOS]` from the tokenizer, else the config's eos id."""
+        if self.tokenizer is not None:
+            return (self.tokenizer.im_end_id, self.tokenizer.eos_id)
+        eos = self.config.text.eos_token_id
+        return () if eos is None else (eos,)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError("this engine has no tokenizer", "load it with Engine.load(checkpoint_folder)")
+        return self.tokenizer
+
+    # --- model phases ------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """Per-image features [T_i, D] (cached by content) and how many images ran the encoder."""
+        kh, kw = self.config.vision.merge_kernel_size
+
+        def encode(pv: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+            feats = self.model.encode_images(pv.to(self.device), grids)
+            return list(feats.split([(h // kh) * (w // kw) for h, w in grids.tolist()]))
+
+        return encode_images(encode, pixel_values, grid_hws, self.feature_cache, self.patch_budget)
+
+    def prefill(self, input_ids: torch.Tensor, features: torch.Tensor | None, cache: LatentCache) -> torch.Tensor:
+        """Run input_ids [B, L] (features [F, D] over its pads, in order) into `cache` chunk by chunk;
+        -> fp32 logits [B, V] of the last position. One host sync per chunk (placeholder count)."""
+        L = input_ids.shape[1]
+        is_pad = (input_ids == self.config.media_placeholder_token_id).cpu()
+        used = 0
+        hidden = None
+        for start in range(0, L, self.prefill_chunk):
+            ids = input_ids[:, start : start + self.prefill_chunk]
+            n_pad = int(is_pad[:, start : start + ids.shape[1]].sum())
+            chunk_feats = None if features is None else features[used : used + n_pad]
+            embeds = self.model.embed(ids, chunk_feats)
+            used += n_pad
+            hidden = self.lm(embeds, start, cache)
+        return self.lm.logits(hidden[:, -1])
+
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache, kv_len: int
+    ) -> torch.Tensor:
+        """tokens, positions [B, T] -> fp32 logits [B, V] of the last token; writes T cache rows.
+
+        No host-device sync on CUDA for T=1 (the MoE takes its gathered path), and with
+        `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
+        """
+        hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
+        return self.lm.logits(hidden[:, -1])
+
+    # --- token-level generation --------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        grid_hws: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        *,
+        stop_ids: Sequence[int] | None = None,
+        max_context: int | None = None,
+        keep_logits: bool = False,
+    ) -> TokenStream:
+        """Stream the ids generated after a prompt whose `<|media_pad|>` runs match the images.
+
+        params: sampling and `max_new_tokens` (default: the checkpoint's). stop_ids: end tokens
+        besides `params.stop_token_ids` (default `self.stop_ids`); pass () to run to max_new_tokens. Raises InputError before any work
+        when the prompt does not fit the context (`max_context` or the model's).
+        """
+        params = params or self.defaults
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        grids = torch.zeros(0, 2, dtype=torch.long) if grid_hws is None else grid_hws.reshape(-1, 2).long().cpu()
+        kh, kw = self.config.vision.merge_kernel_size
+        image_tokens = [(h // kh) * (w // kw) for h, w in grids.tolist()]
+        plan = plan_context(
+            ids.shape[1] - sum(image_tokens),
+            image_tokens,
+            params.max_new_tokens,
+            self.config.text.max_position_embeddings,
+            max_context,
+        )
+        stats = GenerationStats(prompt_tokens=ids.shape[1], image_tokens=image_tokens)
+        stop = frozenset(self.stop_ids if stop_ids is None else stop_ids) | set(params.stop_token_ids)
+        stream = TokenStream(iter(()), stats, keep_logits)
+        stream._steps = self._run(stream, ids, pixel_values, grids, params, plan.max_new_tokens, plan.cache_len, stop)
+        return stream
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        stream: TokenStream,
+        ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        grids: torch.Tensor,
+        params: SamplingParams,
+        max_new: int,
+        cache_len: int,
+        stop: frozenset[int],
+    ) -> Iterator[int]:
+        stats = stream.stats
+        t0 = time.perf_counter()
+        features = None
+        if grids.shape[0]:
+            if pixel_values is None:
+                raise InputError("image grids given without pixel_values")
+            per_image, stats.images_encoded = self.image_features(pixel_values, grids)
+            features = torch.cat(per_image)
+            _sync(self.device)
+            stats.vision_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+
+        cache = LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
+        stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
+        logits = self.prefill(ids.to(self.device), features, cache)
+        generator = make_generator(params.seed, self.device)
+        pos = ids.shape[1]
+        # Prompt + generated ids for the repetition penalty, -1 = not yet: a static shape.
+        history = torch.full((1, cache_len), -1, dtype=torch.long, device=self.device)
+        history[:, :pos] = ids
+        _sync(self.device)
+        t2 = time.perf_counter()
+        stats.prefill_s = t2 - t1
+        try:
+            while stats.generated_tokens < max_new:
+                n = stats.generated_tokens
+                if stream.forced:
+                    forced = stream.forced[: max_new - n]
+                    stream.forced = []
+                    tokens = torch.tensor([forced], dtype=torch.long, device=self.device)
+                else:
+                    token = sample(logits, params, generator, history)  # [1]
+                    if stream.logits is not None:
+                        stream.logits.append(logits[0])
+                    tid = int(token)  # the one host sync per step: streaming needs the id
+                    if tid in stop:
+                        stats.finish_reason = "stop"
+                        return
+                    forced, tokens = [tid], token.view(1, 1)
+                history[:, pos : pos + len(forced)] = tokens
+                stats.generated_tokens += len(forced)
+                for tid in forced:
+                    yield tid
+                if stats.generated_tokens >= max_new:
+                    break  # the last token needs no forward pass
+                T = tokens.shape[1]
+                kv_len = cache.capacity if self.static_decode else pos + T
+                positions = torch.arange(pos, pos + T, device=self.device)[None]
+                logits = self.decode_step(tokens, positions, cache, kv_len)
+                pos += T
+            stats.finish_reason = "length"
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            stats.decode_s = time.perf_counter() - t2
+
+    # --- chat-level generation ---------------------------------------------------------------
+
+    def prepare_images(self, images: Sequence[Image.Image] | ProcessedImages | None) -> ProcessedImages:
+        if isinstance(images, ProcessedImages):
+            return images
+        return process_images(list(images or []), self.image_config)
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        images: Sequence[Image.Image] | ProcessedImages | None = None,
+        params: SamplingParams | None = None,
+        *,
+        show_thinking: bool = True,
+        max_context: int | None = None,
+    ) -> Iterator[Event]:
+        """Chat messages (one image item per image, in order) -> ThinkingDelta* AnswerDelta* Done.
+
+        `params.thinking_budget`: after that many reasoning tokens `◁/think▷` is forced and the
+        model goes on with the answer. show_thinking=False (`--no-thinking`) drops the
+        ThinkingDeltas; their tokens still count in the usage. Context errors are raised here,
+        before anything runs; closing the iterator early stops the generation.
+        """
+        tokenizer = self._require_tokenizer()
+        params = params or self.defaults
+        processed = self.prepare_images(images)
+        prompt = encode_chat(messages, tokenizer, processed.tokens_per_image)
+        stream = self.generate_ids(
+            prompt.input_ids, processed.pixel_values, processed.grid_hws, params, max_context=max_context
+        )
+        budget = ThinkingBudget(
+            params.thinking_budget,
+            tokenizer.encode(THINK_START, allow_special=False),
+            tokenizer.encode(THINK_END, allow_special=False),
+        )
+        return self._events(stream, tokenizer, budget, ThinkingSplitter(show_thinking))
+
+    def _events(
+        self, stream: TokenStream, tokenizer: Tokenizer, budget: ThinkingBudget, splitter: ThinkingSplitter
+    ) -> Iterator[Event]:
+        decoder = tokenizer.incremental_decoder(skip_special=True)
+        try:
+            for tid in stream:
+                if forced := budget.feed(tid):
+                    stream.force(forced)
+                yield from splitter.feed(decoder.push(tid))
+        finally:
+            stream.close()
+        yield from splitter.feed(decoder.flush())
+        yield from splitter.flush()
+        stats = stream.stats
+        yield Done(
+            finish_reason=stats.finish_reason,
+            usage=Usage(
+                prompt_tokens=stats.prompt_tokens,
+                image_tokens=sum(stats.image_tokens),
+                thinking_tokens=budget.thinking_tokens,
+                answer_tokens=budget.answer_tokens,
+            ),
+            timings=Timings(
+                vision_s=stats.vision_s,
+                prefill_s=stats.prefill_s,
+                decode_s=stats.decode_s,
+                thinking_s=budget.thinking_s,
+            ),
+            model=self.name,
+        )
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work, so phase timings are honest (not called inside the decode step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
