@@ -80,6 +80,11 @@ def register(app: typer.Typer) -> None:
                 count = run_pages(jobs, options, sink, _LazyGenerate(model, device), done)
             else:
                 count = _with_progress(jobs, options, sink, _LazyGenerate(model, device), done, todo)
+        except KeyboardInterrupt:
+            # Every finished page is already on disk. Exit here: Typer turns a KeyboardInterrupt into
+            # a *returned* 130 in non-standalone mode, which `cli.main` does not pass on yet.
+            print(f"interrupted: finished pages are in {output or 'stdout'}", file=sys.stderr)
+            sys.exit(130)
         finally:
             sink.close()
         if not quiet and output is not None:

@@ -208,7 +208,8 @@ def _split_tables(lines: list[Line]) -> tuple[list[list[list[Line]]], list[Line]
         j = i
         while j < len(rows) and len(rows[j]) == width and (j == i or _aligned(rows[j - 1], rows[j])):
             j += 1
-        if width >= 3 and j - i >= 3:
+        # Widely spaced justified text splits into "cells" too, but within one block; table rows span blocks.
+        if width >= 3 and j - i >= 3 and len({c.block for r in rows[i:j] for c in r}) > 1:
             table = [sorted(r, key=lambda ln: ln.x0) for r in rows[i:j]]
             tables.append(table)
             in_table.update(id(c) for r in table for c in r)
