@@ -1,8 +1,26 @@
-"""model layer: MoonViT -> projector -> DeepSeek-V3 language model, and the checkpoint loader."""
+"""model layer: MoonViT -> projector -> DeepSeek-V3 language model, the MLA cache, the checkpoint loader.
 
-from kimivl_cli.model.cache import LatentCache
-from kimivl_cli.model.config import KimiVLConfig, TextConfig, VisionConfig
-from kimivl_cli.model.kimivl import KimiVL
-from kimivl_cli.model.weights import load_model
+Exports resolve lazily, so `import kimivl_cli.model.config` stays as light as the config itself.
+"""
 
-__all__ = ["KimiVL", "KimiVLConfig", "LatentCache", "TextConfig", "VisionConfig", "load_model"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KimiVL": "kimivl",
+    "KimiVLConfig": "config",
+    "TextConfig": "config",
+    "VisionConfig": "config",
+    "LanguageModel": "language",
+    "LatentCache": "cache",
+    "load_model": "weights",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

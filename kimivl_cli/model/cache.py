@@ -27,6 +27,7 @@ class LatentCache:
     """Per layer, batch row and position: `[latent (R) | rotated rope key (Dr)]`.
 
     Memory: layers x batch x max_len x (R + Dr) x dtype size, allocated here, apart from compute.
+    The dtype must be the model's activation dtype (bf16 for bf16 weights, fp32 for the goldens).
     Slot p holds position p; slots not yet written are zeros and are masked out by position.
     """
 

@@ -169,8 +169,10 @@ class MLAttention(nn.Module):
         if cache is None:
             keys, k_pos = rows, positions
         else:
-            if cache.width != rows.shape[-1]:
-                raise ValueError(f"cache rows hold {cache.width} values, this layer needs {rows.shape[-1]}")
+            if cache.width != rows.shape[-1] or cache.buf.dtype != rows.dtype:
+                raise ValueError(
+                    f"cache rows are {cache.width} x {cache.buf.dtype}, this layer makes {rows.shape[-1]} x {rows.dtype}"
+                )
             keys = cache.update(self.layer_idx, rows, positions if start is None else start, kv_len)
             k_pos = torch.arange(kv_len, device=x.device)[None]
         if cache is not None and x.shape[1] <= self.absorb_max_tokens:
