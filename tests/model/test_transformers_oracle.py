@@ -6,14 +6,16 @@ routed experts fused (`gate_up_proj` [E, 2I, D]); the key mapping lives here, in
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from kimivl_cli.model.config import TextConfig
-from kimivl_cli.model.weights import load_model
+from kimivl_cli.model.config import RopeScaling, TextConfig
+from kimivl_cli.model.language import LanguageModel
+from kimivl_cli.model.weights import load_model, materialize
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,3 +84,35 @@ def test_language_model_matches_transformers_deepseek_v3(name: str, golden_dir: 
     ours = model.language_model.logits(model.language_model(embeds))
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(theirs, golden["logits"], atol=1e-4, rtol=1e-4)  # and both agree with the reference
+
+
+@torch.no_grad()
+def test_yarn_rope_matches_transformers(golden_dir: Path) -> None:
+    """The same weights with a DeepSeek YaRN config (factor 4 over an original 16-token context,
+    mscale 0.7 vs mscale_all_dim 1.0 so the cos/sin factor and the softmax factor both matter)."""
+    folder = golden_dir / "tiny-a"
+    model, cfg = load_model(folder, dtype=torch.float32)
+    scaling = RopeScaling(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=1.0)
+    text = dataclasses.replace(cfg.text, rope_scaling=scaling)
+    with torch.device("meta"):
+        ours = LanguageModel(text)
+    materialize(ours, torch.float32, "cpu")
+    ours.load_state_dict(model.language_model.state_dict())
+    hf_cfg = hf_config(text)
+    hf_cfg.rope_parameters = {
+        "rope_type": "yarn",
+        "rope_theta": text.rope_theta,
+        "factor": scaling.factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow,
+        "mscale": scaling.mscale,
+        "mscale_all_dim": scaling.mscale_all_dim,
+    }
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(hf_state_dict(load_file(str(folder / "model.safetensors")), text), strict=False)
+    ids = torch.randint(0, 979, (1, 60), generator=torch.Generator().manual_seed(0))
+    embeds = ours.embed(ids)
+    torch.testing.assert_close(ours.logits(ours(embeds)), hf(inputs_embeds=embeds).logits, atol=1e-4, rtol=1e-4)
+    plain = model.language_model.logits(model.language_model(embeds))
+    assert (plain - ours.logits(ours(embeds))).abs().max() > 1e-2  # YaRN really changed something
