@@ -116,3 +116,33 @@ def test_yarn_rope_matches_transformers(golden_dir: Path) -> None:
     torch.testing.assert_close(ours.logits(ours(embeds)), hf(inputs_embeds=embeds).logits, atol=1e-4, rtol=1e-4)
     plain = model.language_model.logits(model.language_model(embeds))
     assert (plain - ours.logits(ours(embeds))).abs().max() > 1e-2  # YaRN really changed something
+
+
+@torch.no_grad()
+def test_q_lora_path_matches_transformers(golden_dir: Path) -> None:
+    """DeepSeek-V3's low-rank query (q_a_proj -> q_a_layernorm -> q_b_proj), unused by Kimi-VL."""
+    folder = golden_dir / "tiny-a"
+    base, cfg = load_model(folder, dtype=torch.float32)
+    text = dataclasses.replace(cfg.text, q_lora_rank=24)
+    with torch.device("meta"):
+        ours = LanguageModel(text)
+    materialize(ours, torch.float32, "cpu")
+    state = base.language_model.state_dict()
+    official = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    for layer in range(text.num_hidden_layers):
+        p = f"model.layers.{layer}.self_attn"
+        del state[f"{p}.q_proj.weight"], official[f"language_model.{p}.q_proj.weight"]
+        extra = {
+            f"{p}.q_a_proj.weight": torch.randn(24, text.hidden_size, generator=g) / 8,
+            f"{p}.q_a_layernorm.weight": 1 + torch.randn(24, generator=g) / 10,
+            f"{p}.q_b_proj.weight": torch.randn(4 * text.qk_head_dim, 24, generator=g) / 5,
+        }
+        state.update(extra)
+        official.update({f"language_model.{k}": v for k, v in extra.items()})
+    ours.load_state_dict(state)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(text)).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(official, text), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    embeds = ours.embed(torch.randint(0, 979, (1, 30), generator=g))
+    torch.testing.assert_close(ours.logits(ours(embeds)), hf(inputs_embeds=embeds).logits, atol=1e-4, rtol=1e-4)
