@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from kimivl_cli.model.cache import LatentCache, attend
 from kimivl_cli.model.config import RopeScaling, TextConfig
@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -57,7 +57,7 @@ class RotaryEmbedding(nn.Module):
             else _yarn_mscale(scaling.factor, scaling.mscale) / _yarn_mscale(scaling.factor, scaling.mscale_all_dim)
         )
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
+    def inv_freq(self, device: torch.device) -> Tensor:
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
         extrapolated = 1.0 / (self.theta**exponent)  # [Dr/2]
         s = self.scaling
@@ -80,13 +80,13 @@ class RotaryEmbedding(nn.Module):
         keep = 1.0 - ramp
         return extrapolated / s.factor * (1 - keep) + extrapolated * keep
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [B, T] -> cos, sin [B, T, Dr/2] in fp32."""
         freqs = positions.float()[..., None] * self.inv_freq(positions.device)
         return freqs.cos() * self.mscale, freqs.sin() * self.mscale
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) by angle j, leaving the result de-interleaved
     ([rotated evens | rotated odds]) exactly like the reference. q and k share the layout, so q·k
     is standard interleaved RoPE. x [..., Dr], cos/sin broadcastable to [..., Dr/2]."""
@@ -104,7 +104,7 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(dim, inter, bias=False)
         self.down_proj = nn.Linear(inter, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -138,25 +138,26 @@ class MLAttention(nn.Module):
         self.scale = cfg.qk_head_dim**-0.5
         if cfg.rope_scaling is not None and cfg.rope_scaling.mscale_all_dim:
             self.scale *= _yarn_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
-        # Absorption costs T·H·L·(2R + Dr - Dn - Dr - Dv) extra attention flops; expansion costs
-        # L·H·R·(Dn + Dv) to rebuild k/v. Absorb while that is cheaper (T < 170 for the real model).
-        absorbed_extra = 2 * self.rank + self.rope_dim - (self.nope_dim + self.rope_dim) - self.v_dim
+        # Absorbed attention works in dims (R + Dr) for scores and R for values instead of (Dn + Dr)
+        # and Dv: T·H·L·(2R - Dn - Dv) extra flops, against L·H·R·(Dn + Dv) to re-expand k/v.
+        # Absorb while that is cheaper (chunks of up to 169 tokens for the real model).
+        absorbed_extra = 2 * self.rank - self.nope_dim - self.v_dim
         self.absorb_max_tokens = max(1, self.rank * (self.nope_dim + self.v_dim) // max(absorbed_extra, 1) - 1)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def _query(self, x: Tensor) -> Tensor:
         if hasattr(self, "q_proj"):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(
         self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        positions: Tensor,
         start: int | None,
         cache: LatentCache | None,
         kv_len: int,
-    ) -> torch.Tensor:
+    ) -> Tensor:
         """x [B, T, D], rope cos/sin [B, T, Dr/2], positions [B, T]; `start` is the Python start
         position when the chunk is contiguous (cheaper cache write), else None. -> [B, T, D]."""
         B, T, _ = x.shape
@@ -181,8 +182,9 @@ class MLAttention(nn.Module):
             out = self._expanded(q_nope, q_pe, keys, positions, k_pos)
         return self.o_proj(out.flatten(2))
 
-    def _expanded(self, q_nope, q_pe, keys, q_pos, k_pos) -> torch.Tensor:
-        """Rebuild per-head k/v from the latents and attend. -> [B, T, H, Dv]."""
+    def _expanded(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_nope [B, T, H, Dn], q_pe [B, T, H, Dr], keys [B, L, W]: rebuild per-head k/v from the
+        latents and attend. -> [B, T, H, Dv]."""
         B, L, _ = keys.shape
         latent, k_pe = keys.split([self.rank, self.rope_dim], dim=-1)
         k_nope, v = self.kv_b_proj(latent).view(B, L, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
@@ -191,7 +193,7 @@ class MLAttention(nn.Module):
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q_pos, k_pos, self.scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, keys, q_pos, k_pos) -> torch.Tensor:
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """q·k = (q_nope W_uk)·c + q_pe·k_pe and attn·v = (attn·c) W_uvᵀ: attend over cache rows."""
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.rank)
@@ -219,7 +221,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, D] -> expert ids [T, K] (unordered) and their fp32 weights [T, K]."""
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [T, E]
         choice = scores + self.e_score_correction_bias.float()  # the bias picks experts, never weighs them
@@ -264,20 +266,20 @@ class RoutedExperts(nn.Module):
         }
 
     @torch.no_grad()
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def load_tensor(self, name: str, tensor: Tensor) -> None:
         expert, proj, _ = name.split(".")
         getattr(self, proj)[int(expert)].copy_(tensor)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
         if x.device.type != "cpu" and idx.numel() <= self.gate_proj.shape[0]:
             return self._gathered(x, idx, weights)
         return self._grouped(x, idx, weights)
 
-    def _expert(self, e: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _expert(self, e: int | Tensor, x: Tensor) -> Tensor:
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
-    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
 
         Touches only the active experts' weights (batch-1 decode reads K of E). Needs the per-expert
@@ -300,7 +302,7 @@ class RoutedExperts(nn.Module):
                 start += n
         return out
 
-    def _gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Sync-free for a few tokens: gather the T·K active experts' weights and batch the GEMVs."""
         T, K = idx.shape
         xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [T*K, D, 1]
@@ -324,7 +326,7 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, D]
         idx, weights = self.gate(flat)
@@ -348,7 +350,16 @@ class DecoderLayer(nn.Module):
             MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x, rope, positions, start, cache, kv_len, trace) -> torch.Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        positions: Tensor,
+        start: int | None,
+        cache: LatentCache | None,
+        kv_len: int,
+        trace: Trace | None,
+    ) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, positions, start, cache, kv_len)
         normed = self.post_attention_layernorm(h)
         return h + (self.mlp(normed, trace) if isinstance(self.mlp, MoE) else self.mlp(normed))
@@ -377,17 +388,17 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
 
     def forward(
         self,
-        embeds: torch.Tensor,
-        positions: torch.Tensor | int = 0,
+        embeds: Tensor,
+        positions: Tensor | int = 0,
         cache: LatentCache | None = None,
         kv_len: int | None = None,
         trace: Trace | None = None,
-    ) -> torch.Tensor:
+    ) -> Tensor:
         """embeds [B, T, D] -> final-norm hidden states [B, T, D].
 
         positions: the start position of a contiguous chunk (int), or per-token positions [B, T]
@@ -418,6 +429,6 @@ class LanguageModel(nn.Module):
             hidden_states.append(h)
         return h
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> fp32 logits [..., V]."""
         return self.lm_head(hidden).float()
