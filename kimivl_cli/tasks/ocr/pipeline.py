@@ -18,18 +18,20 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.processor.image import ImageProcessorConfig, image_token_count, resize_to_token_budget
 from kimivl_cli.tasks.ocr import textlayer
 from kimivl_cli.tasks.ocr._media_stopgap import MediaInput, PdfDocument, load_images, parse_page_range
 from kimivl_cli.tasks.ocr.output import PageKey, PageRecord, PageSink
 from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE, clean_markdown
 from kimivl_cli.tasks.ocr.prompts import anchor_text, ocr_messages
+
+if TYPE_CHECKING:
+    from kimivl_cli.processor.image import ImageProcessorConfig
 
 Method = Literal["auto", "vision", "text"]
 BLANK_NOTE = "<!-- blank page: skipped -->"
@@ -59,13 +61,18 @@ class OcrOptions:
     max_side: int | None = None
     password: str | None = None
     keep_headers: bool = False
-    processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig.official)
+    processor: ImageProcessorConfig | None = None  # None: the official config (loaded with the model path only)
 
-    @property
+    def processor_config(self) -> ImageProcessorConfig:
+        from kimivl_cli.processor.image import ImageProcessorConfig  # torch: only when a page meets the model
+
+        return self.processor or ImageProcessorConfig.official()
+
     def page_token_budget(self) -> int:
         """Image tokens a page may cost by default: the processor's limit after the 2x2 merge."""
-        kh, kw = self.processor.merge_kernel_size
-        return self.processor.in_token_limit // (kh * kw)
+        cfg = self.processor_config()
+        kh, kw = cfg.merge_kernel_size
+        return cfg.in_token_limit // (kh * kw)
 
 
 @dataclass
@@ -120,16 +127,19 @@ def is_blank(image: Image.Image) -> bool:
 
 def render_page(job: PageJob, options: OcrOptions) -> Image.Image:
     """The page image the model sees: `--dpi`, `--max-side`, or sized to the page token budget."""
+    from kimivl_cli.processor.image import resize_to_token_budget
+
+    cfg, budget = options.processor_config(), options.page_token_budget()
     if job.image is not None:
         image = job.image
     elif options.dpi or options.max_side:
         return job.doc.render(job.index, dpi=options.dpi, max_side=options.max_side)
     else:
         rect = job.doc.page(job.index).rect
-        unit = options.processor.unit_hw[0] * options.processor.unit_hw[1]
-        dpi = 72 * math.sqrt(options.page_token_budget * unit / (rect.width * rect.height))
+        unit = cfg.unit_hw[0] * cfg.unit_hw[1]
+        dpi = 72 * math.sqrt(budget * unit / (rect.width * rect.height))
         image = job.doc.render(job.index, dpi=dpi)
-    return resize_to_token_budget(image, options.page_token_budget, options.processor)
+    return resize_to_token_budget(image, budget, cfg)
 
 
 def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> PageRecord:
@@ -152,6 +162,8 @@ def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> Pa
         raise InputError(
             f"{job.file} page {job.page} has no text layer and needs the model", "load a model or use a text PDF"
         )
+    from kimivl_cli.processor.image import image_token_count
+
     image = render_page(job, options)
     anchors = None
     if method == "auto":
@@ -160,7 +172,7 @@ def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> Pa
     answer = generate(ocr_messages(anchors), [image])
     result = answer if isinstance(answer, Generation) else Generation(answer)
     tokens = result.prompt_tokens + result.completion_tokens
-    tokens = tokens or image_token_count(image.width, image.height, options.processor)
+    tokens = tokens or image_token_count(image.width, image.height, options.processor_config())
     markdown = clean_markdown(result.text) or EMPTY_PAGE_NOTE
     return PageRecord(
         job.file, job.page, markdown, "anchored" if anchors else "vision", tokens, round(time.perf_counter() - start, 3)
