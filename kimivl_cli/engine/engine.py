@@ -17,7 +17,7 @@ grows. Legend: B batch, T tokens in a step, L prompt length, V vocab, D text hid
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,11 +64,11 @@ class TokenStream:
     iteration ends; `logits` holds each sampled step's fp32 logits [V] when asked for.
     """
 
-    def __init__(self, steps: Iterator[int], stats: GenerationStats, keep_logits: bool) -> None:
-        self._steps = steps
+    def __init__(self, run: Callable[[TokenStream], Iterator[int]], stats: GenerationStats, keep_logits: bool) -> None:
         self.stats = stats
         self.forced: list[int] = []
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
+        self._steps = run(self)  # a generator: nothing runs before the first `next`
 
     def __iter__(self) -> TokenStream:
         return self
@@ -215,8 +215,9 @@ class Engine:
         """Stream the ids generated after a prompt whose `<|media_pad|>` runs match the images.
 
         params: sampling and `max_new_tokens` (default: the checkpoint's). stop_ids: end tokens
-        besides `params.stop_token_ids` (default `self.stop_ids`); pass () to run to max_new_tokens. Raises InputError before any work
-        when the prompt does not fit the context (`max_context` or the model's).
+        besides `params.stop_token_ids` (default `self.stop_ids`); () runs to max_new_tokens.
+        Raises InputError before any work when the prompt does not fit the context (`max_context`
+        or the model's). The stream's `stats.decode_s` is wall time, including the consumer's.
         """
         params = params or self.defaults
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
@@ -232,9 +233,13 @@ class Engine:
         )
         stats = GenerationStats(prompt_tokens=ids.shape[1], image_tokens=image_tokens)
         stop = frozenset(self.stop_ids if stop_ids is None else stop_ids) | set(params.stop_token_ids)
-        stream = TokenStream(iter(()), stats, keep_logits)
-        stream._steps = self._run(stream, ids, pixel_values, grids, params, plan.max_new_tokens, plan.cache_len, stop)
-        return stream
+        return TokenStream(
+            lambda stream: self._run(
+                stream, ids, pixel_values, grids, params, plan.max_new_tokens, plan.cache_len, stop
+            ),
+            stats,
+            keep_logits,
+        )
 
     @torch.inference_mode()
     def _run(
