@@ -158,14 +158,24 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep the most likely tokens until their mass reaches p (always at least one). O(V log V)."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
-    drop_sorted = mass_before >= p
-    drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-    return logits.masked_fill(drop, -math.inf)
+    """Nucleus: keep the most likely tokens until their mass reaches p (ties at the edge are all kept).
+
+    Finds the largest probability threshold t with mass(probs >= t) >= p by bisection over the
+    bit patterns of float32 (ordered like the values for non-negative floats): 31 masked sums,
+    O(31 V), exact up to float32 summation, no sort. At V = 163840 on one CPU core: ~20 ms,
+    against ~45 ms for `torch.sort` (a radix select measured only 2x faster than this).
+    """
+    probs = logits.float().softmax(dim=-1)
+    bits = probs.view(torch.int32)  # [B, V]
+    B = logits.shape[0]
+    lo = torch.zeros(B, 1, dtype=torch.int32, device=logits.device)  # mass(probs >= 0) = 1 >= p
+    hi = bits.amax(dim=-1, keepdim=True) + 1  # mass(probs > max) = 0 < p
+    for _ in range(31):  # hi - lo < 2^31 halves to 1
+        mid = lo + (hi - lo) // 2
+        enough = torch.where(bits >= mid, probs, 0.0).sum(dim=-1, keepdim=True) >= p
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(enough, hi, mid)
+    return logits.masked_fill(bits < lo, -math.inf)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -202,13 +212,16 @@ def sample(
 ) -> torch.Tensor:
     """Next token ids [B] (int64, on the logits' device) from logits [B, V].
 
-    The draw is an exponential race (argmax of p / Exp(1), equivalent to a categorical draw)
-    instead of `torch.multinomial`, which synchronises with the host on CUDA.
+    The draw inverts the cumulative distribution at one uniform number per row (O(V), one
+    random number), instead of `torch.multinomial`, which synchronises with the host on CUDA.
     """
     filtered = filter_logits(logits, params, prev_tokens)
     if params.greedy:
         return filtered.argmax(dim=-1)
     probs = filtered.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    # An Exp(1) draw can underflow to 0: 0/0 would be NaN, which argmax would pick.
-    return (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    # u in (0, total]: the first index with cdf >= u has probability > 0 and is within the vocabulary...
+    u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u).clamp_max_(cdf.shape[-1] - 1)  # [B, 1]
+    # ...given a monotone cdf; a parallel scan's rounding can break that by an ulp, so check.
+    return torch.where(probs.gather(1, ids) > 0, ids, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)

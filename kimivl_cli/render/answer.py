@@ -29,6 +29,7 @@ from rich.text import Text
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, event_to_dict
 
 REFRESH_S = 1 / 12  # live view redraws at most this often (and at every phase change)
+REDRAW_SHARE = 0.25  # ... and slows down so that redrawing takes at most this share of the time
 
 
 @dataclass
@@ -165,12 +166,19 @@ class _ThinkingClock:
 
 
 class RichView:
-    """What the terminal shows for a transcript: live (newest lines) and final (everything)."""
+    """What the terminal shows for a transcript: live (newest lines) and final (everything).
 
-    def __init__(self, transcript: Transcript, show_thinking: bool | None, clock: Callable[[], float]) -> None:
+    Live frames hold only the last `tail_chars` of the reasoning, so a long trace costs the
+    same to redraw at its end as at its start.
+    """
+
+    def __init__(
+        self, transcript: Transcript, show_thinking: bool | None, clock: Callable[[], float], tail_chars: int
+    ) -> None:
         self.transcript = transcript
         self.show_thinking = show_thinking
         self.timer = _ThinkingClock(clock)
+        self.tail_chars = tail_chars
 
     def observe(self, event: Event) -> bool:
         """Note timing; True when the event changes what kind of thing is on screen."""
@@ -188,20 +196,33 @@ class RichView:
         verb = "Thinking" if self.timer.stopped is None and done is None else "Thought"
         return Text(f"{verb} for {self.timer.seconds(done):.1f}s · {tokens} tokens", style="dim")
 
-    def _thinking_block(self) -> RenderableType | None:
+    def _thinking_block(self, final: bool) -> RenderableType | None:
         t = self.transcript
         if not t.thinking_parts:
             return None
         if self.show_thinking is False or (self.show_thinking is None and t.answer_parts):
             return self.summary()
-        return Panel(Text(t.thinking, style="dim"), title="Thinking", title_align="left", border_style="dim")
+        text = t.thinking if final else _last_chars(t.thinking_parts, self.tail_chars)
+        return Panel(Text(text, style="dim"), title="Thinking", title_align="left", border_style="dim")
 
     def renderable(self, final: bool = False) -> RenderableType:
-        parts = [self._thinking_block()]
+        parts = [self._thinking_block(final)]
         if self.transcript.answer_parts:
             parts.append(Markdown(self.transcript.answer))
         group = Group(*(p for p in parts if p is not None))
         return group if final else _Tail(group)
+
+
+def _last_chars(parts: list[str], n: int) -> str:
+    """The last n characters of "".join(parts), joining only the parts needed."""
+    tail: list[str] = []
+    size = 0
+    for part in reversed(parts):
+        tail.append(part)
+        size += len(part)
+        if size >= n:
+            break
+    return "".join(reversed(tail))[-n:]
 
 
 def render_rich(
@@ -212,9 +233,9 @@ def render_rich(
 ) -> Transcript:
     """Live view while streaming, then the full result (also after Ctrl-C, marked as interrupted)."""
     transcript = Transcript()
-    view = RichView(transcript, show_thinking, clock)
+    view = RichView(transcript, show_thinking, clock, tail_chars=console.width * console.height)
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False)
-    last_draw = -REFRESH_S
+    last_draw, interval = -REFRESH_S, REFRESH_S
     interrupted = False
     live.start()
     try:
@@ -222,8 +243,10 @@ def render_rich(
             transcript.add(event)
             changed = view.observe(event)
             now = clock()
-            if changed or now - last_draw >= REFRESH_S:
+            if changed or now - last_draw >= interval:
+                started = time.perf_counter()
                 live.update(view.renderable(), refresh=True)
+                interval = max(REFRESH_S, (time.perf_counter() - started) / REDRAW_SHARE)
                 last_draw = now
     except KeyboardInterrupt:
         interrupted = True

@@ -89,7 +89,8 @@ class Output:
     def note(self, message: str) -> None:
         """One line for the user on stderr (unless --quiet); never parsed as markup."""
         if not self.quiet:
-            self.stderr.print(message, markup=False, highlight=False, soft_wrap=True, style="dim")
+            style = "dim" if _fancy(self.stderr) else None
+            self.stderr.print(message, markup=False, highlight=False, soft_wrap=True, style=style)
 
     @contextmanager
     def progress(self, total: int | None, unit: str = "pages", description: str = "") -> Iterator[Callable[..., None]]:

@@ -242,3 +242,23 @@ def _zeros() -> dict:
 def test_json_and_jsonl_together_is_a_usage_error(captured) -> None:
     with pytest.raises(InputError, match="cannot be combined"):
         captured(terminal=False, json=True, jsonl=True)
+
+
+def test_live_frame_of_a_long_trace_holds_only_its_tail() -> None:
+    from kimivl_cli.render.answer import RichView, Transcript
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=60, height=10)
+    transcript = Transcript(thinking_parts=[f"w{i} " for i in range(50_000)])
+    view = RichView(transcript, None, clock=lambda: 0.0, tail_chars=console.width * console.height)
+    lines = console.render_lines(view.renderable(), console.options, pad=False)
+    screen = "".join(seg.text for line in lines for seg in line)
+    assert len(lines) <= 10
+    assert "w49999" in screen and "w0 " not in screen
+    assert "w0 " in flat("".join(s.text for s in console.render(view.renderable(final=True))))
+
+
+def test_notes_under_no_color_have_no_escape_codes(captured, monkeypatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    cap = captured(terminal=True)
+    cap.output.note("using 12 of 36 pages")
+    assert cap.err.getvalue() == "using 12 of 36 pages\n"
