@@ -1,0 +1,81 @@
+"""`video-scenes` end to end: detect shots, optionally ask the model for scenes, write a format.
+
+Kept out of the CLI so that tests and other front ends drive it with a fake `Describe`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.video.formats import FORMATS, render_many
+from kimivl_cli.video.scenes import Describe, choose_keyframes, parse_scenes, read_keyframes, scenes_prompt, shot_scenes
+from kimivl_cli.video.shots import DetectorParams, ShotList, detect_shots
+from kimivl_cli.video.timeline import SceneList
+
+MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
+
+
+@dataclass(frozen=True)
+class VideoScenesOptions:
+    detector: DetectorParams = field(default_factory=DetectorParams)
+    max_frames: int = 32
+    """Most keyframes sent to the model per video."""
+    sample_fps: float = 1.0
+    """Keyframes per second of video, before the `max_frames` cap."""
+
+
+@dataclass
+class VideoResult:
+    scenes: SceneList
+    shots: ShotList
+
+
+def check_request(videos: list[str], fmt: str, output: Path | None, force: bool) -> None:
+    """Refuse bad combinations before any decoding or model loading."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if len(videos) > 1 and fmt not in MULTI_VIDEO_FORMATS:
+        raise InputError(
+            f"--format {fmt} holds one video", f"run once per video, or use {', '.join(MULTI_VIDEO_FORMATS)}"
+        )
+    if output is not None and output.exists() and not force:
+        raise InputError(f"{output} already exists", "pass --force to overwrite it")
+    if output is not None and not output.parent.is_dir():
+        raise InputError(f"{output.parent} is not a folder", "create it first")
+
+
+def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Describe | None = None) -> VideoResult:
+    """Shots of one video, grouped into described scenes when `describe` is given (else one scene per shot)."""
+    shots = detect_shots(video, options.detector)
+    warnings = list(shots.warnings)
+    if describe is None:
+        scenes = shot_scenes(shots.shots, shots.fps, shots.frames)
+    else:
+        keyframes = choose_keyframes(shots.shots, shots.fps, options.max_frames, options.sample_fps)
+        frames = read_keyframes(video, keyframes)
+        text = describe(frames, scenes_prompt(shots.shots, len(frames)))
+        scenes, notes = parse_scenes(text, shots.shots, shots.fps, shots.frames)
+        warnings += notes
+    return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)
+
+
+def write_output(lists: list[SceneList], fmt: str, output: Path | None, force: bool) -> str | None:
+    """The rendered text for stdout (output None), or write it atomically to `output`."""
+    text = render_many(lists, fmt)
+    if output is None:
+        return text
+    if output.exists() and not force:  # checked again: it may have appeared while we worked
+        raise InputError(f"{output} already exists", "pass --force to overwrite it")
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return None
