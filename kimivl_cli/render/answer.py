@@ -7,8 +7,9 @@
 - plain: raw text as it arrives, no escape codes; reasoning only on stderr and only if asked.
 - json: one object at the end (`schema.ANSWER_SCHEMA`). jsonl: one event per line (`schema.EVENT_SCHEMA`).
 
-Every renderer returns the `Transcript` (chat keeps it as history) and, on Ctrl-C or an error
-mid-stream, first shows what had arrived, then re-raises.
+Every renderer fills the caller's `Transcript` as events arrive (so chat keeps the partial
+reply even after Ctrl-C) and, on Ctrl-C or an error mid-stream, first shows what had arrived,
+then re-raises.
 """
 
 from __future__ import annotations
@@ -75,21 +76,18 @@ class Transcript:
 # --- machine-readable ------------------------------------------------------------------------------
 
 
-def render_json(events: Iterable[Event], out: TextIO) -> Transcript:
+def render_json(events: Iterable[Event], transcript: Transcript, out: TextIO) -> None:
     """One JSON object when the stream ends (also when interrupted, then with finish_reason 'interrupted')."""
-    transcript = Transcript()
     try:
         for event in events:
             transcript.add(event)
     finally:
         out.write(json.dumps(transcript.to_json(), ensure_ascii=False) + "\n")
         out.flush()
-    return transcript
 
 
-def render_jsonl(events: Iterable[Event], out: TextIO) -> Transcript:
+def render_jsonl(events: Iterable[Event], transcript: Transcript, out: TextIO) -> None:
     """One JSON line per event as it arrives; a stream cut short still ends with a 'done' line."""
-    transcript = Transcript()
 
     def write(event: Event) -> None:
         out.write(json.dumps(event_to_dict(event), ensure_ascii=False) + "\n")
@@ -102,15 +100,15 @@ def render_jsonl(events: Iterable[Event], out: TextIO) -> Transcript:
     finally:
         if transcript.done is None:
             write(transcript.final())
-    return transcript
 
 
 # --- plain text ---------------------------------------------------------------------------------------
 
 
-def render_plain(events: Iterable[Event], out: TextIO, err: TextIO, show_thinking: bool) -> Transcript:
+def render_plain(
+    events: Iterable[Event], transcript: Transcript, out: TextIO, err: TextIO, show_thinking: bool
+) -> None:
     """Answer text to `out` as it arrives; reasoning to `err` only when `show_thinking`."""
-    transcript = Transcript()
     try:
         for event in events:
             transcript.add(event)
@@ -130,7 +128,6 @@ def render_plain(events: Iterable[Event], out: TextIO, err: TextIO, show_thinkin
         if transcript.answer_parts:
             out.write("\n")
             out.flush()
-    return transcript
 
 
 # --- terminal -----------------------------------------------------------------------------------------
@@ -227,16 +224,15 @@ def _last_chars(parts: list[str], n: int) -> str:
 
 def render_rich(
     events: Iterable[Event],
+    transcript: Transcript,
     console: Console,
     show_thinking: bool | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> Transcript:
-    """Live view while streaming, then the full result (also after Ctrl-C, marked as interrupted)."""
-    transcript = Transcript()
+) -> None:
+    """Live view while streaming, then the full result (also after Ctrl-C or an error)."""
     view = RichView(transcript, show_thinking, clock, tail_chars=console.width * console.height)
     live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False)
     last_draw, interval = -REFRESH_S, REFRESH_S
-    interrupted = False
     live.start()
     try:
         for event in events:
@@ -248,12 +244,6 @@ def render_rich(
                 live.update(view.renderable(), refresh=True)
                 interval = max(REFRESH_S, (time.perf_counter() - started) / REDRAW_SHARE)
                 last_draw = now
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
     finally:
         live.stop()
         console.print(view.renderable(final=True))
-        if interrupted:
-            console.print(Text("[interrupted]", style="dim"))
-    return transcript

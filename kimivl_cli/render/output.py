@@ -72,18 +72,24 @@ class Output:
             return "json"
         return "rich" if _fancy(self.stdout) else "plain"
 
-    def stream(self, events: Iterable[Event]) -> Transcript:
-        """Show a generation in this output's style; returns what was said. Ctrl-C re-raises after flushing."""
+    def stream(self, events: Iterable[Event], transcript: Transcript | None = None) -> Transcript:
+        """Show a generation in this output's style and return what was said.
+
+        Pass your own `transcript` to keep the partial reply when Ctrl-C (re-raised after
+        showing what arrived) or an error cuts the stream.
+        """
+        transcript = Transcript() if transcript is None else transcript
         style = self.style
         if style == "json":
-            return render_json(events, self.stdout.file)
-        if style == "jsonl":
-            return render_jsonl(events, self.stdout.file)
-        if style == "rich":
-            transcript = render_rich(events, self.stdout, self.show_thinking, self.clock)
+            render_json(events, transcript, self.stdout.file)
+        elif style == "jsonl":
+            render_jsonl(events, transcript, self.stdout.file)
+        elif style == "rich":
+            render_rich(events, transcript, self.stdout, self.show_thinking, self.clock)
         else:
-            transcript = render_plain(events, self.stdout.file, self.stderr.file, bool(self.show_thinking))
-        self._warn_if_cut(transcript.done)
+            render_plain(events, transcript, self.stdout.file, self.stderr.file, bool(self.show_thinking))
+        if style in ("rich", "plain"):
+            self._warn_if_cut(transcript.done)
         return transcript
 
     def note(self, message: str) -> None:

@@ -272,3 +272,33 @@ def test_thinking_model_names() -> None:
     assert is_thinking_model("moonshotai/Kimi-VL-A3B-Thinking-2506")
     assert is_thinking_model("/models/kimi-vl-a3b-thinking/")
     assert not is_thinking_model("moonshotai/Kimi-VL-A3B-Instruct")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sample_replays_in_a_cuda_graph() -> None:
+    """Capture fails on any host synchronisation; replays must draw fresh, allowed tokens."""
+    logits = torch.randn(4, 32000, device="cuda")
+    prev = torch.randint(0, 32000, (4, 64), device="cuda")
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.1)
+    graph = torch.cuda.CUDAGraph()
+    generator = make_generator(0, "cuda")
+    if hasattr(graph, "register_generator_state"):  # seeded generators in graphs: torch >= 2.5
+        graph.register_generator_state(generator)
+    else:
+        generator = None  # the default generator is always graph-safe
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            sample(logits, params, generator, prev)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        ids = sample(logits, params, generator, prev)
+    draws = []
+    for _ in range(20):
+        graph.replay()
+        draws.append(ids.clone())
+    draws = torch.stack(draws)  # [20, 4]
+    allowed = filter_logits(logits, params, prev).isfinite()
+    assert allowed.gather(1, draws.T).all()
+    assert len({tuple(d.tolist()) for d in draws}) > 1, "the RNG must advance between replays"

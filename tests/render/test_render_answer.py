@@ -14,8 +14,8 @@ from rich.console import Console
 
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Usage, event_from_dict
 from kimivl_cli.errors import InputError
-from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA, Output
-from kimivl_cli.render.answer import render_rich
+from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA, Output, Transcript
+from kimivl_cli.render.answer import RichView, render_rich
 
 ESCAPE = re.compile(r"\x1b\[")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -104,21 +104,23 @@ def test_terminal_live_view_follows_the_newest_lines(captured) -> None:
 @pytest.mark.parametrize("n", [1, 3, 40])
 def test_terminal_ctrl_c_prints_what_arrived_then_reraises(streams, captured, n) -> None:
     events = streams["thinking"]
-    cap = captured(terminal=True)
+    cap = captured(terminal=True, show_thinking=True)
+    transcript = Transcript()
     with pytest.raises(KeyboardInterrupt):
-        cap.output.stream(interrupted_after(events, n))
-    final = final_screen(cap.out.getvalue())
-    assert "[interrupted]" in final
+        cap.output.stream(interrupted_after(events, n), transcript)
     thinking, answer = texts(events[:n])
-    shown = thinking if not answer else answer.split()[-1].strip("*")
-    assert shown.split()[-1] in final
+    assert (transcript.thinking, transcript.answer) == (thinking, answer)  # the caller keeps the partial reply
+    assert transcript.final().finish_reason == "interrupted"
+    final = flat(final_screen(cap.out.getvalue()))
+    assert flat(thinking) in final
+    assert all(word.strip("*") in final for word in answer.split())
 
 
 def test_render_rich_uses_its_clock_when_the_engine_gives_no_time() -> None:
     ticks = iter(range(100))
     cap = Console(file=io.StringIO(), force_terminal=True, width=60)
     events = [ThinkingDelta("a"), ThinkingDelta("b"), AnswerDelta("c"), Done(usage=Usage(thinking_tokens=9))]
-    render_rich(events, cap, clock=lambda: float(next(ticks)))
+    render_rich(events, Transcript(), cap, clock=lambda: float(next(ticks)))
     assert "Thought for 3.0s · 9 tokens" in final_screen(cap.file.getvalue())
 
 
@@ -245,8 +247,6 @@ def test_json_and_jsonl_together_is_a_usage_error(captured) -> None:
 
 
 def test_live_frame_of_a_long_trace_holds_only_its_tail() -> None:
-    from kimivl_cli.render.answer import RichView, Transcript
-
     console = Console(file=io.StringIO(), force_terminal=True, width=60, height=10)
     transcript = Transcript(thinking_parts=[f"w{i} " for i in range(50_000)])
     view = RichView(transcript, None, clock=lambda: 0.0, tail_chars=console.width * console.height)
