@@ -157,6 +157,8 @@ def parse_time(value: object, fps: float) -> float | None:
         return int(m.group(1)) / fps if fps > 0 else None
     if m := _CLOCK.match(text):
         hours, minutes, seconds, frames = m.groups()
+        if float(seconds.replace(",", ".")) >= 60 or (hours is not None and int(minutes) >= 60):
+            return None
         total = int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds.replace(",", "."))
         if frames is not None:
             if "," in seconds or "." in seconds or fps <= 0:
