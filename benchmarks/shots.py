@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kimivl_cli.video.shots import detect_shots
+from kimivl_cli.video.shots import DetectorParams, detect_shots
 
 FPS = 25.0
 SIZE = (320, 180)
@@ -185,8 +185,11 @@ def score(found: list[int], truth: Truth) -> dict[str, float]:
     return {"tp": hits, "found": len(found), "true": len(truth.transitions), "f1": round(f1, 3)}
 
 
-def ours(path: Path) -> list[int]:
-    return [b.frame for b in detect_shots(path).boundaries]
+def ours(stride: int):
+    def run(path: Path) -> list[int]:
+        return [b.frame for b in detect_shots(path, DetectorParams(stride=stride)).boundaries]
+
+    return run
 
 
 def pyscenedetect(detector: str):
@@ -199,7 +202,12 @@ def pyscenedetect(detector: str):
     return run
 
 
-DETECTORS = {"ours": ours, "psd-content": pyscenedetect("content"), "psd-adaptive": pyscenedetect("adaptive")}
+DETECTORS = {
+    "ours": ours(1),
+    "ours-stride2": ours(2),
+    "psd-content": pyscenedetect("content"),
+    "psd-adaptive": pyscenedetect("adaptive"),
+}
 
 
 def main() -> None:

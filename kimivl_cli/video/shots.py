@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from queue import Empty, Queue
+from typing import Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -44,6 +46,7 @@ from kimivl_cli.errors import InputError
 
 BoundaryKind = Literal["cut", "dissolve", "fade"]
 CandidateKind = Literal["flash", "gradual", "cut"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,41 @@ def shrink(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(double, size, interpolation=cv2.INTER_AREA)
 
 
+def prefetch(items: Iterator[T], depth: int = 16) -> Iterator[T]:
+    """Run `items` in a thread, `depth` ahead: decoding (which releases the GIL) overlaps detection.
+
+    The queue is bounded, so memory stays constant; an exception in the thread is re-raised here.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, name="kimivl-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                thread.join(0.01)
+
+
 def auto_stride(fps: float) -> int:
     """Frame skipping that stays safe for the dissolve window and 1-frame cut tolerance at high rates."""
     return max(1, round(fps / 30.0))
@@ -372,7 +410,7 @@ def detect_shots(path: str | Path, params: DetectorParams = DetectorParams()) ->
     detector = ShotDetector(params, stride)
     frames = 0
     try:
-        for index, small in stream_frames(cap, params.max_side, stride):
+        for index, small in prefetch(stream_frames(cap, params.max_side, stride)):
             detector.push(index, small)
             frames = index + 1
         frames = max(frames, detector.last_index + 1)
