@@ -4,7 +4,8 @@
   one summary line when the answer starts (kept whole with show_thinking=True, never shown with
   False); the answer is rendered as Markdown. The live view shows the newest lines that fit;
   the full result is printed when the stream ends.
-- plain: raw text as it arrives, no escape codes; reasoning only on stderr and only if asked.
+- plain: the text as it arrives, no escape codes; reasoning only on stderr and only if asked.
+  Both text styles drop control characters the model may emit (ESC, CR, CSI...).
 - json: one object at the end (`schema.ANSWER_SCHEMA`). jsonl: one event per line (`schema.EVENT_SCHEMA`).
 
 Every renderer fills the caller's `Transcript` as events arrive (so chat keeps the partial
@@ -28,6 +29,16 @@ from rich.segment import Segment
 from rich.text import Text
 
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, event_to_dict
+
+# C0/C1 control characters except tab and newline: a model can emit ESC or CSI bytes, which
+# would drive the user's terminal. Text modes drop them; JSON keeps them (escaped).
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)])
+
+
+def printable(text: str) -> str:
+    """`text` without control characters other than tab and newline."""
+    return text.translate(_CONTROLS)
+
 
 REFRESH_S = 1 / 12  # live view redraws at most this often (and at every phase change)
 REDRAW_SHARE = 0.25  # ... and slows down so that redrawing takes at most this share of the time
@@ -113,13 +124,13 @@ def render_plain(
         for event in events:
             transcript.add(event)
             if isinstance(event, ThinkingDelta) and show_thinking:
-                err.write(event.text)
+                err.write(printable(event.text))
                 err.flush()
             elif isinstance(event, AnswerDelta):
                 if show_thinking and transcript.thinking_parts and len(transcript.answer_parts) == 1:
                     err.write("\n\n")  # the reasoning is over
                     err.flush()
-                out.write(event.text)
+                out.write(printable(event.text))
                 out.flush()
     finally:
         if show_thinking and transcript.thinking_parts and not transcript.answer_parts:
@@ -200,12 +211,12 @@ class RichView:
         if self.show_thinking is False or (self.show_thinking is None and t.answer_parts):
             return self.summary()
         text = t.thinking if final else _last_chars(t.thinking_parts, self.tail_chars)
-        return Panel(Text(text, style="dim"), title="Thinking", title_align="left", border_style="dim")
+        return Panel(Text(printable(text), style="dim"), title="Thinking", title_align="left", border_style="dim")
 
     def renderable(self, final: bool = False) -> RenderableType:
         parts = [self._thinking_block(final)]
         if self.transcript.answer_parts:
-            parts.append(Markdown(self.transcript.answer))
+            parts.append(Markdown(printable(self.transcript.answer)))
         group = Group(*(p for p in parts if p is not None))
         return group if final else _Tail(group)
 

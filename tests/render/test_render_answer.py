@@ -15,7 +15,7 @@ from rich.console import Console
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Usage, event_from_dict
 from kimivl_cli.errors import InputError
 from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA, Output, Transcript
-from kimivl_cli.render.answer import RichView, render_rich
+from kimivl_cli.render.answer import RichView, printable, render_rich
 
 ESCAPE = re.compile(r"\x1b\[")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -169,8 +169,8 @@ def test_plain_answer_is_exactly_the_answer_text(deltas) -> None:
     output = Output(stdout=Console(file=out), stderr=Console(file=err), show_thinking=True)
     output.stream([*events, Done()])
     thinking, answer = texts(events)
-    assert out.getvalue() == (answer + "\n" if answer else "")
-    assert err.getvalue().replace("\n", "") == thinking.replace("\n", "")
+    assert out.getvalue() == (printable(answer) + "\n" if answer else "")
+    assert err.getvalue().replace("\n", "") == printable(thinking).replace("\n", "")
 
 
 # --- JSON ----------------------------------------------------------------------------------------
@@ -262,3 +262,19 @@ def test_notes_under_no_color_have_no_escape_codes(captured, monkeypatch) -> Non
     cap = captured(terminal=True)
     cap.output.note("using 12 of 36 pages")
     assert cap.err.getvalue() == "using 12 of 36 pages\n"
+
+
+HOSTILE = [ThinkingDelta("see \x1b]0;title\x07here"), AnswerDelta("ok \x1b[31mred\x1b[0m\r\x9b2J\tdone\n"), Done()]
+
+
+def test_control_characters_from_the_model_never_reach_the_terminal(captured) -> None:
+    for terminal in (False, True):
+        cap = captured(terminal=terminal, show_thinking=True)
+        cap.output.stream(HOSTILE)
+        for stream in (cap.out.getvalue(), cap.err.getvalue()):
+            assert "\x1b[31m" not in stream and "\x9b" not in stream and "\x07" not in stream and "\x1b]" not in stream
+        if not terminal:
+            assert cap.out.getvalue() == "ok [31mred[0m2J\tdone\n\n"
+    cap = captured(terminal=False, json=True)
+    cap.output.stream(HOSTILE)
+    assert json.loads(cap.out.getvalue())["answer"] == "ok \x1b[31mred\x1b[0m\r\x9b2J\tdone\n"  # data stays exact
