@@ -1,0 +1,115 @@
+"""Image files -> RGB `PIL.Image`s, the way the model's processor expects them.
+
+- Formats: PNG, JPEG, WebP, GIF, BMP, TIFF. GIFs and animated WebPs give their first frame;
+  a multipage TIFF gives every page (a scanned document is often one TIFF).
+- EXIF orientation is applied, so a phone photo is upright.
+- Everything becomes 8-bit RGB: palette, CMYK, grey and 16-bit grey (scaled, not clipped).
+  Alpha is dropped without compositing by default, exactly as the official processor's
+  `convert("RGB")` does (the processor goldens hold an RGBA image); pass `background=` to
+  composite transparent pixels onto a colour instead (e.g. white for logos on transparency).
+- Decompression bombs: the size in the header is checked against `max_pixels` before any
+  pixel is decoded, so a 20000x20000 header fails in microseconds without allocating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.media.inputs import Source, as_input
+from kimivl_cli.media.sniff import MediaKind
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Per image or page: above any camera here (a 100 MP frame is ~300 MB as RGB). Pillow itself also
+refuses more than 2 * `Image.MAX_IMAGE_PIXELS` (~179 MP) whatever this is set to."""
+
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+_MULTIPAGE = {"TIFF"}  # formats whose frames are pages; the others give their first frame
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def load_images(
+    source: Source,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] | None = None,
+) -> list[Image.Image]:
+    """Every page of an image file (one for most formats) as an 8-bit RGB image.
+
+    Raises InputError for anything that is not a decodable image of at most `max_pixels` pixels
+    per page: unknown formats, truncated or empty files, bombs. Memory: one decoded page at a
+    time plus the RGB results.
+    """
+    item = as_input(source)
+    if item.kind is not MediaKind.IMAGE:
+        raise InputError(f"{item.name} is {item.describe()}, not an image")
+    with item.open() as fh, warnings.catch_warnings():
+        # We enforce our own limit below; Pillow's warning in between would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(fh, formats=FORMATS)
+            pages = []
+            for index in range(getattr(image, "n_frames", 1) if image.format in _MULTIPAGE else 1):
+                image.seek(index)
+                _check_size(image, max_pixels, item.name)
+                pages.append(_to_rgb(image, background))
+            return pages
+        except InputError:
+            raise
+        except Image.DecompressionBombError:
+            raise InputError(f"{item.name}: image is too large to decode safely", _SIZE_HINT) from None
+        except MemoryError:
+            raise InputError(f"{item.name}: not enough memory to decode this image", _SIZE_HINT) from None
+        except Exception as exc:  # Pillow reports corrupt data with many exception types
+            raise InputError(f"{item.name}: cannot decode the image ({_reason(exc)})") from None
+
+
+_SIZE_HINT = "downscale it first"
+
+
+def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{name}: the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(
+            f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit",
+            _SIZE_HINT,
+        )
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """Decode the current frame and bring it to 8-bit RGB (see the module docstring)."""
+    image.load()
+    with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are fine, keep them as stored
+        image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _high_depth_to_grey8(image)
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in _ALPHA_MODES:
+        image = image.convert("RGBA")
+        if background is not None:
+            canvas = Image.new("RGBA", image.size, (*background, 255))
+            image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
+
+
+def _high_depth_to_grey8(image: Image.Image) -> Image.Image:
+    """16-bit or 32-bit grey -> 8-bit: 16-bit data is scaled by 1/257; float data in [0, 1] by 255."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
+    else:
+        scale = 1 / 257 if image.mode.startswith("I;16") or (values.size and values.max() > 255) else 1.0
+    grey = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey)  # uint8 H x W -> mode L
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).split("\n")[0].strip()
+    if "cannot identify image file" in text:
+        return "not a readable image, or a variant Pillow does not support"
+    return text or type(exc).__name__

@@ -1,0 +1,193 @@
+"""Video files (OpenCV's FFmpeg backend): properties, frame sampling with exact timestamps.
+
+Every `Frame` carries the decoder's own position (`CAP_PROP_POS_MSEC` after the grab, i.e. the
+frame's presentation time) rather than `index / fps`, so timestamps stay true on variable frame
+rate files. Reading N sparse frames: `grab()` walks forward without converting or copying the
+skipped frames (they are still decoded: H.264 needs them); gaps longer than `SEEK_GAP` frames
+seek instead, which jumps to the nearest keyframe. Measured on bikes.mp4 (one keyframe, 250
+frames), 16 uniform samples: 0.29 s walking with grab() vs 1.5 s seeking each one (every seek
+decodes again from the keyframe); both give bit-identical frames and timestamps.
+
+Importing this module sets `OPENCV_FFMPEG_LOGLEVEL=-8` (quiet) unless already set: FFmpeg would
+otherwise print lines like "moov atom not found" on stderr beside our one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+import cv2  # after the log level, which FFmpeg reads when the first capture opens
+import numpy as np
+from PIL import Image
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.media.inputs import Source, as_input
+from kimivl_cli.media.sniff import MediaKind
+
+DEFAULT_MAX_FRAMES = 64
+"""Cap on sampled frames: each frame costs as many vision tokens as an image of its size."""
+
+SEEK_GAP = 250
+"""Walk with grab() over gaps up to this many frames, seek beyond. x264's default keyframe
+interval is 250, so a longer jump usually lands after a keyframe and decodes less."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: its index in the stream, its presentation time, its pixels (H x W x 3 RGB uint8)."""
+
+    index: int
+    timestamp: float  # seconds, from the decoder
+    image: np.ndarray
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.image)
+
+
+class VideoFile:
+    """An open video. Use as a context manager, or call `close()`.
+
+    `frame_count`, `fps` and `duration` are the container's figures (for streams without a
+    frame count, frames are counted once at open). In-memory inputs (stdin) are spooled to a
+    temporary file, since FFmpeg reads from a path; it is deleted on `close()`.
+    """
+
+    def __init__(self, source: Source) -> None:
+        item = as_input(source)
+        self.name = item.name
+        if item.kind is not MediaKind.VIDEO:
+            raise InputError(f"{item.name} is {item.describe()}, not a video")
+        self._spool: Path | None = None
+        if item.path is not None:
+            self.path = item.path
+        else:
+            with tempfile.NamedTemporaryFile(prefix="kimivl-", suffix=".video", delete=False) as fh:
+                fh.write(item.read_bytes())
+            self.path = self._spool = Path(fh.name)
+        self._cap = self._open()
+        try:
+            self.fps = float(self._cap.get(cv2.CAP_PROP_FPS))
+            self.width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+            self.height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if not self._cap.grab():
+                raise InputError(f"{self.name}: no decodable frames", "is the file truncated or the codec unsupported?")
+            self._next = 1  # index of the frame the next grab() returns
+            if not (math.isfinite(self.fps) and self.fps > 0) or self.width <= 0 or self.height <= 0:
+                raise InputError(f"{self.name}: the video reports no frame rate or size")
+            self.frame_count = count if count > 0 else self._count_frames()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def duration(self) -> float:
+        """Seconds, from the frame count and rate."""
+        return self.frame_count / self.fps
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_cap", None) is not None:
+            self._cap.release()
+        if self._spool is not None:
+            self._spool.unlink(missing_ok=True)
+            self._spool = None
+
+    def sample(
+        self, *, count: int | None = None, fps: float | None = None, max_frames: int = DEFAULT_MAX_FRAMES
+    ) -> list[Frame]:
+        """Frames spread over the whole video: `count` of them (the middle frame of each of
+        `count` equal segments), or one every 1/`fps` seconds from the start. Never more than
+        `max_frames` (nor than the video has): an `fps` asking for more becomes `max_frames`
+        uniform samples. Cost: decodes up to the last sampled frame (see the module docstring)."""
+        if (count is None) == (fps is None):
+            raise ValueError("give exactly one of count and fps")
+        if (count is not None and count < 1) or (fps is not None and not fps > 0) or max_frames < 1:
+            raise InputError("the number of frames and the sampling rate must be positive")
+        n = self.frame_count
+        if fps is not None:
+            step = self.fps / fps  # source frames per sample
+            wanted = math.ceil(n / step - 1e-9)
+            if wanted <= max_frames:
+                return self._read([min(n - 1, round(k * step)) for k in range(wanted)])
+            count = max_frames
+        assert count is not None
+        count = min(count, max_frames, n)
+        return self._read([int((k + 0.5) * n / count) for k in range(count)])
+
+    def iter_frames(self, step: int = 1, max_side: int | None = None) -> Iterator[Frame]:
+        """Every `step`-th frame from the start, optionally downscaled so its longest side is at
+        most `max_side` (area interpolation), decoding as it goes: memory is one frame. Ends
+        where the decoder ends, which may be before `frame_count` on a damaged file."""
+        if step < 1:
+            raise ValueError("step must be >= 1")
+        cap = self._open()
+        try:
+            index = 0
+            while cap.grab():
+                if index % step == 0:
+                    yield self._frame(cap, index, max_side)
+                index += 1
+        finally:
+            cap.release()
+
+    def check_end(self) -> None:
+        """InputError unless the last frame decodes: catches files cut short whose header
+        still promises every frame. Cost: one seek, i.e. decoding from the last keyframe."""
+        self._read([self.frame_count - 1])
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(f"{self.name}: not a readable video", "is it truncated, or in a codec FFmpeg lacks?")
+        return cap
+
+    def _count_frames(self) -> int:
+        cap, count = self._open(), 0
+        while cap.grab():
+            count += 1
+        cap.release()
+        return count
+
+    def _read(self, indices: list[int]) -> list[Frame]:
+        frames = []
+        for target in sorted(set(indices)):
+            gap = target - self._next
+            if gap < 0 or gap > SEEK_GAP:
+                self._cap.set(cv2.CAP_PROP_POS_FRAMES, target)
+            else:
+                for _ in range(gap):
+                    if not self._cap.grab():
+                        break
+            if not self._cap.grab():
+                raise InputError(
+                    f"{self.name}: frame {target} of {self.frame_count} cannot be decoded", "is the file truncated?"
+                )
+            index = round(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
+            self._next = index + 1
+            frames.append(self._frame(self._cap, index, None))
+        return frames
+
+    def _frame(self, cap: cv2.VideoCapture, index: int, max_side: int | None) -> Frame:
+        timestamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        ok, bgr = cap.retrieve()
+        if not ok or bgr is None:
+            raise InputError(f"{self.name}: frame {index} cannot be decoded", "is the file truncated?")
+        if max_side and max(bgr.shape[:2]) > max_side:
+            scale = max_side / max(bgr.shape[:2])
+            size = (max(1, round(bgr.shape[1] * scale)), max(1, round(bgr.shape[0] * scale)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        return Frame(index, timestamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
