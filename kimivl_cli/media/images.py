@@ -27,7 +27,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 """Per image or page: above any camera here (a 100 MP frame is ~300 MB as RGB). Pillow itself also
 refuses more than 2 * `Image.MAX_IMAGE_PIXELS` (~179 MP) whatever this is set to."""
 
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _MULTIPAGE = {"TIFF"}  # formats whose frames are pages; the others give their first frame
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 

@@ -8,8 +8,9 @@ seek instead, which jumps to the nearest keyframe. Measured on bikes.mp4 (one ke
 frames), 16 uniform samples: 0.29 s walking with grab() vs 1.5 s seeking each one (every seek
 decodes again from the keyframe); both give bit-identical frames and timestamps.
 
-Importing this module sets `OPENCV_FFMPEG_LOGLEVEL=-8` (quiet) unless already set: FFmpeg would
-otherwise print lines like "moov atom not found" on stderr beside our one-line error.
+Importing this module silences OpenCV's and FFmpeg's logging on stderr (unless `KIMIVL_DEBUG=1`
+or the user set `OPENCV_LOG_LEVEL` / `OPENCV_FFMPEG_LOGLEVEL`): they would print lines like
+"moov atom not found" beside our one-line error, which already says what is wrong.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-
-import cv2  # after the log level, which FFmpeg reads when the first capture opens
+import cv2
 import numpy as np
 from PIL import Image
 
 from kimivl_cli.errors import InputError
 from kimivl_cli.media.inputs import Source, as_input
 from kimivl_cli.media.sniff import MediaKind
+
+if os.environ.get("KIMIVL_DEBUG") != "1":
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg reads it when the first capture opens
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 DEFAULT_MAX_FRAMES = 64
 """Cap on sampled frames: each frame costs as many vision tokens as an image of its size."""
