@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import numpy as np
@@ -60,8 +61,10 @@ def load_images(
             return pages
         except InputError:
             raise
-        except Image.DecompressionBombError:
-            raise InputError(f"{item.name}: image is too large to decode safely", _SIZE_HINT) from None
+        except Image.DecompressionBombError as exc:  # Pillow's own check at open, above ~179 MP
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(pixels[1]) / 1e6:.3g} MP" if pixels else "the image"
+            raise InputError(f"{item.name}: {size} is over the {max_pixels / 1e6:.3g} MP limit", _SIZE_HINT) from None
         except MemoryError:
             raise InputError(f"{item.name}: not enough memory to decode this image", _SIZE_HINT) from None
         except Exception as exc:  # Pillow reports corrupt data with many exception types
@@ -77,7 +80,7 @@ def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
         raise InputError(f"{name}: the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise InputError(
-            f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit",
+            f"{name}: {width}x{height} is {width * height / 1e6:.3g} MP, over the {max_pixels / 1e6:.3g} MP limit",
             _SIZE_HINT,
         )
 
