@@ -109,9 +109,10 @@ class PdfDocument:
 
     def render_size(self, index: int, *, dpi: float | None = None, max_side: int | None = None) -> tuple[int, int]:
         """The pixel size `render` would produce, without rendering."""
-        width, height = self.page_size(index)
-        zoom = _zoom(width, height, dpi, max_side)
-        return max(1, round(width * zoom)), max(1, round(height * zoom))
+        rect = self.page(index).rect
+        zoom = _zoom(rect.width, rect.height, dpi, max_side)
+        pixels = (rect * pymupdf.Matrix(zoom, zoom)).irect  # MuPDF's own rounding of the pixmap box
+        return pixels.width, pixels.height
 
     def render(
         self,
@@ -126,10 +127,10 @@ class PdfDocument:
         Cost: proportional to the pixel count (~20 ms for a Letter page at 144 dpi)."""
         p = self.page(page)
         zoom = _zoom(p.rect.width, p.rect.height, dpi, max_side)
-        width, height = p.rect.width * zoom, p.rect.height * zoom
+        width, height = self.render_size(page, dpi=dpi, max_side=max_side)
         if width * height > max_pixels:
             raise InputError(
-                f"{self.name} page {page + 1} would render at {width:.0f}x{height:.0f} pixels, over the limit",
+                f"{self.name} page {page + 1} would render at {width}x{height} pixels, over the limit",
                 "use a lower --dpi or --max-side",
             )
         try:

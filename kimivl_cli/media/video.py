@@ -125,7 +125,7 @@ class VideoFile:
             step = self.fps / fps  # source frames per sample
             wanted = math.ceil(n / step - 1e-9)
             if wanted <= max_frames:
-                return self._read([min(n - 1, round(k * step)) for k in range(wanted)])
+                return self._read([min(n - 1, math.floor(k * step + 0.5)) for k in range(wanted)])  # nearest, ties up
             count = max_frames
         assert count is not None
         count = min(count, max_frames, n)

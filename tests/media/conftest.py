@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kimivl_cli.errors import InputError
 from tests.conftest import packaged_file
 
 
@@ -68,3 +69,10 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "zero.png").write_bytes(b"")
     (root / "text.jpg").write_text("not a photo, just some words\n")
     return root
+
+
+def error_line(call, *args, **kwargs) -> str:
+    """The one line the CLI would print (message and hint) for the InputError `call` raises."""
+    with pytest.raises(InputError) as caught:
+        call(*args, **kwargs)
+    return caught.value.one_line()
