@@ -49,8 +49,9 @@ def load_images(
     if item.kind is not MediaKind.IMAGE:
         raise InputError(f"{item.name} is {item.describe()}, not an image")
     with item.open() as fh, warnings.catch_warnings():
-        # We enforce our own limit below; Pillow's warning in between would only be noise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow warns on corrupt EXIF, truncated reads and near-limit sizes; we raise where it matters
+        # and enforce our own size limit, so its warnings would only break the one-line error output.
+        warnings.simplefilter("ignore")
         try:
             image = Image.open(fh, formats=FORMATS)
             pages = []
