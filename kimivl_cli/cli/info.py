@@ -158,18 +158,19 @@ def _triton(has_gpu: bool) -> str:
     return f"{triton.__version__}: driver ready for {target.backend} {target.arch}"
 
 
-def _model(model: str) -> dict[str, Any]:
-    """Where `model` would load from; looks only at the disk (the Hub cache), never the network."""
+def model_location(model: str, hub_cache: str | None = None) -> dict[str, Any]:
+    """Where `model` would load from: a folder, or a snapshot in the Hub cache (`hub_cache`,
+    default `HF_HUB_CACHE`, i.e. `$HF_HOME/hub`). Looks only at the disk, never the network."""
     found: dict[str, Any] = {"model": model, "default": model == DEFAULT_MODEL}
-    folder = Path(model).expanduser()
     try:
         from huggingface_hub import constants
 
         found["hf_home"] = constants.HF_HOME
-        found["hub_cache"] = constants.HF_HUB_CACHE
+        found["hub_cache"] = hub_cache or constants.HF_HUB_CACHE
     except Exception as exc:
-        found["hub_cache"] = None
+        found["hub_cache"] = hub_cache
         found["hub_cache_problem"] = f"{type(exc).__name__}: {exc}"
+    folder = Path(model).expanduser()
     if folder.is_dir():
         found.update(source="folder", path=str(folder.resolve()), ready=(folder / "config.json").is_file())
         return found
@@ -199,7 +200,7 @@ def gather(model: str, device: str) -> dict[str, Any]:
         "device": devices,
         "bitsandbytes": _probe(lambda: _bitsandbytes(has_gpu)),
         "triton": _probe(lambda: _triton(has_gpu)),
-        "model": _model(model),
+        "model": model_location(model),
     }
 
 
