@@ -1,0 +1,275 @@
+"""CPU engine benchmark: kimivl vs transformers' `DeepseekV3ForCausalLM`, same weights, dtype, threads.
+
+    python benchmarks/engine_cpu.py [--json] [--quick]     prefill + decode, both engines
+    python benchmarks/engine_cpu.py --long-context 32768   one long prompt, peak RSS (kimivl only)
+
+Builds (once, cached) the `mid` random checkpoint: ~1.1B parameters, hidden 1024, 8 layers,
+64 experts top-6 + 2 shared, bf16. Measures prefill tokens/s on a 1024-token prompt and decode
+tokens/s over 128 greedy tokens, for both engines, repeats interleaved (the CPU may be shared)
+and medians reported. Also measures memory bandwidth with a large bf16 GEMV and reports each
+engine's decode as a share of the bandwidth limit: active weight bytes per token x tokens/s /
+bandwidth (batch-1 decode reads every active weight once per token, so this is its roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kimivl_cli.engine.engine import Engine
+from kimivl_cli.engine.sampling import SamplingParams
+from kimivl_cli.model.config import TextConfig
+from kimivl_cli.model.language import LanguageModel
+from kimivl_cli.testing.checkpoint import cached_checkpoint
+
+DTYPE = torch.bfloat16
+
+
+def transformers_twin(lm: LanguageModel, cfg: TextConfig):
+    """`DeepseekV3ForCausalLM` holding the same weights (shared storage except the fused experts)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    hf_cfg = DeepseekV3Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        n_shared_experts=cfg.n_shared_experts,
+        n_routed_experts=cfg.n_routed_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        first_k_dense_replace=cfg.first_k_dense_replace,
+        norm_topk_prob=cfg.norm_topk_prob,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_interleave=True,  # our RoPE layout (adjacent pairs, de-interleaved)
+        tie_word_embeddings=False,
+        num_mtp_layers=0,
+    )
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(hf_cfg)
+    state = {}
+    for name, tensor in lm.state_dict().items():
+        if ".mlp.experts.gate_proj" in name:
+            state[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
+                (tensor, lm.state_dict()[name.replace("gate_proj", "up_proj")]), dim=1
+            )
+        elif ".mlp.experts.up_proj" not in name:
+            state[name] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.model.rotary_emb = DeepseekV3RotaryEmbedding(hf_cfg)  # computed buffers, not in the state dict
+    return model.to(DTYPE).eval()  # the router is fp32 in both (HF keeps it fp32 by design)
+
+
+def active_decode_bytes(cfg: TextConfig, itemsize: int) -> int:
+    """Weight bytes one batch-1 decode step must read: all non-expert weights (one embedding row),
+    the shared experts and K of E routed experts per MoE layer, the fp32 router, the LM head."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    attn = (
+        d * h * cfg.qk_head_dim
+        + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + h * cfg.v_head_dim * d
+    )
+    total = cfg.vocab_size * d + d  # LM head + embedding row
+    router = 0
+    for layer in range(cfg.num_hidden_layers):
+        total += attn
+        if cfg.is_moe_layer(layer):
+            total += 3 * d * cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
+            router += cfg.n_routed_experts * d
+        else:
+            total += 3 * d * cfg.intermediate_size
+    return total * itemsize + router * 4
+
+
+def bandwidth_gbs(quick: bool) -> dict[str, float]:
+    """Read bandwidth of a GEMV over a matrix far larger than the caches, best of several runs
+    (a ceiling: noise only lowers it). bf16 as asked; fp32 too, because without native bf16 math
+    (AVX2 here) a bf16 GEMV can be compute-bound and understate the memory's speed."""
+    rows = 8192 if quick else 32768
+    w = torch.randn(rows, 8192, dtype=DTYPE)  # 128 / 512 MiB
+    x = torch.randn(8192, dtype=DTYPE)
+    wf, xf = w[: rows // 2].float(), x.float()  # same bytes in fp32
+    out = {}
+    for name, mat, vec in (("gemv_bf16_gbs", w, x), ("gemv_fp32_gbs", wf, xf)):
+        best = float("inf")
+        for _ in range(4 if quick else 8):
+            t = time.perf_counter()
+            torch.mv(mat, vec)
+            best = min(best, time.perf_counter() - t)
+        out[name] = round(mat.numel() * mat.element_size() / best / 1e9, 2)
+    out["bandwidth_gbs"] = max(out.values())
+    return out
+
+
+@torch.inference_mode()
+def run_kimivl(engine: Engine, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    stream = engine.generate_ids(prompt[0], params=SamplingParams(temperature=0.0, max_new_tokens=new), stop_ids=())
+    assert len(list(stream)) == new
+    s = stream.stats
+    return prompt.shape[1] / s.prefill_s, new / s.decode_s
+
+
+@torch.inference_mode()
+def run_transformers(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    """The same accounting as the engine: prefill to the first logits, then `new` argmaxes and
+    `new - 1` one-token forwards with the model's own cache."""
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    logits, past = out.logits[:, -1], out.cache
+    t1 = time.perf_counter()
+    for i in range(new):
+        token = logits.argmax(-1, keepdim=True)
+        if i == new - 1:
+            break
+        out = model(input_ids=token, cache=past, use_cache=True)
+        logits, past = out.logits[:, -1], out.cache
+    t2 = time.perf_counter()
+    return prompt.shape[1] / (t1 - t0), new / (t2 - t1)
+
+
+def compare(quick: bool) -> dict:
+    t0 = time.perf_counter()
+    folder = cached_checkpoint("mid", dtype="bf16")
+    engine = Engine.load(folder, dtype=DTYPE)
+    cfg = engine.config.text
+    t1 = time.perf_counter()
+    hf = transformers_twin(engine.lm, cfg)
+    print(f"loaded kimivl in {t1 - t0:.1f}s, transformers twin in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
+    prompt_len, new, repeats = (256, 16, 1) if quick else (1024, 128, 3)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size - 256, (1, prompt_len), generator=g)
+    # transformers' default experts kernel (grouped_mm) and its per-expert loop (eager) differ a
+    # lot on CPU; both are measured and the ratios use the better one per phase.
+    hf_impls = {"transformers": "grouped_mm", "transformers_eager_experts": "eager"}
+
+    def run(name: str) -> tuple[float, float]:
+        if name == "kimivl":
+            return run_kimivl(engine, prompt, new)
+        hf.set_experts_implementation(hf_impls[name])
+        return run_transformers(hf, prompt, new)
+
+    names = ["kimivl", *hf_impls]
+    run_kimivl(engine, prompt[:, :32], 4)  # warm-up: first-call allocations, thread pools
+    run_transformers(hf, prompt[:, :32], 4)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved, so a noisy neighbour hits every engine alike
+        for name in names:
+            results[name].append(run(name))
+    bandwidth = bandwidth_gbs(quick)
+    bw = bandwidth["bandwidth_gbs"]
+    active = active_decode_bytes(cfg, DTYPE.itemsize)
+    report: dict = {
+        "model": folder.name,
+        "dtype": "bf16",
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "repeats": repeats,
+        **bandwidth,
+        "active_bytes_per_token": active,
+    }
+    for name, runs in results.items():
+        prefill = statistics.median(r[0] for r in runs)
+        decode = statistics.median(r[1] for r in runs)
+        report[name] = {
+            "prefill_tok_s": round(prefill, 1),
+            "decode_tok_s": round(decode, 2),
+            "decode_bandwidth_share": round(active * decode / (bw * 1e9), 3),
+        }
+    for metric in ("decode", "prefill"):
+        best = max(report[name][f"{metric}_tok_s"] for name in hf_impls)
+        report[f"{metric}_ratio"] = round(report["kimivl"][f"{metric}_tok_s"] / best, 2)
+    return report
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def long_context(tokens: int) -> dict:
+    """One `tokens`-long prompt on the `small` model (fp32), 8 new tokens: time and peak RSS."""
+    engine = Engine.load(cached_checkpoint("small"), dtype=torch.float32)
+    cfg = engine.config.text
+    prompt = torch.randint(0, cfg.vocab_size - 256, (tokens,), generator=torch.Generator().manual_seed(0))
+    rss_loaded = peak_rss_mib()
+    stream = engine.generate_ids(prompt, params=SamplingParams(temperature=0.0, max_new_tokens=8), stop_ids=())
+    ids = list(stream)
+    s = stream.stats
+    return {
+        "model": "small",
+        "prompt_tokens": tokens,
+        "new_tokens": len(ids),
+        "prefill_s": round(s.prefill_s, 2),
+        "prefill_tok_s": round(tokens / s.prefill_s, 1),
+        "decode_tok_s": round(len(ids) / s.decode_s, 2),
+        "cache_mib": round(s.cache_bytes / 2**20, 1),
+        "peak_rss_loaded_mib": round(rss_loaded),
+        "peak_rss_mib": round(peak_rss_mib()),
+        # what a naive prefill would have held at once, for scale
+        "full_logits_mib": round(tokens * cfg.vocab_size * 4 / 2**20),
+        "full_scores_mib": round(tokens * tokens * cfg.num_attention_heads * 4 / 2**20),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="short prompt, few tokens, one repeat (< 1 min)")
+    parser.add_argument("--long-context", type=int, metavar="N", help="run one N-token prompt on the small model")
+    args = parser.parse_args()
+    report = long_context(args.long_context) if args.long_context else compare(args.quick)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    if args.long_context:
+        for key, value in report.items():
+            print(f"{key:>22}: {value}")
+        return 0
+    print(
+        f"{report['model']}, bf16, {report['threads']} threads, prompt {report['prompt_tokens']}, "
+        f"{report['new_tokens']} new tokens, median of {report['repeats']}"
+    )
+    print(
+        f"memory bandwidth {report['bandwidth_gbs']} GB/s (GEMV bf16 {report['gemv_bf16_gbs']}, "
+        f"fp32 {report['gemv_fp32_gbs']}); {report['active_bytes_per_token'] / 1e6:.0f} MB read per token"
+    )
+    for name in ("kimivl", "transformers", "transformers_eager_experts"):
+        r = report[name]
+        print(
+            f"{name:>26}: prefill {r['prefill_tok_s']:8.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
+            f"({r['decode_bandwidth_share']:.0%} of the bandwidth limit)"
+        )
+    print(
+        f"ratios vs the better transformers setting: decode {report['decode_ratio']}x, "
+        f"prefill {report['prefill_ratio']}x (targets 2x, 1.3x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
