@@ -73,11 +73,12 @@ def describe(item: MediaInput, password: str | None = None) -> dict[str, Any]:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    value, unit = float(n), "B"
+    for larger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _tokens(n: int | None) -> str:
@@ -123,7 +124,9 @@ def summary(info: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def _command(
-        inputs: Annotated[list[str], typer.Argument(help="Images, PDFs, videos or folders ('-' reads stdin).")],
+        inputs: Annotated[
+            list[str], typer.Argument(help="Images, PDFs, videos or folders ('-' reads stdin).", metavar="FILE")
+        ],
         password: Annotated[Optional[str], typer.Option("--password", help="Password of encrypted PDFs.")] = None,
         as_json: JsonOpt = False,
     ) -> None:
