@@ -42,11 +42,8 @@ class MediaInput:
         """The whole file. Prefer `open()` for large files: images and PDFs decode from a stream."""
         if self.data is not None:
             return self.data
-        assert self.path is not None
-        try:
-            return self.path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{self.name}: cannot read ({exc.strerror or exc})") from None
+        with self.open() as fh:
+            return fh.read()
 
     def open(self) -> BinaryIO:
         """A binary stream over the file's bytes (the caller closes it)."""
@@ -76,7 +73,7 @@ Source = Union[MediaInput, str, os.PathLike, bytes]
 
 
 def as_input(source: Source) -> MediaInput:
-    """A `MediaInput` for any `Source` (paths and bytes are sniffed; nothing is rejected here)."""
+    """A `MediaInput` for any `Source`, sniffed; its kind is not checked (missing or empty paths are errors)."""
     if isinstance(source, MediaInput):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
