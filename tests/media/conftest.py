@@ -76,3 +76,47 @@ def error_line(call, *args, **kwargs) -> str:
     with pytest.raises(InputError) as caught:
         call(*args, **kwargs)
     return caught.value.one_line()
+
+
+def _ebml(element_id: int, payload: bytes) -> bytes:
+    """One Matroska element: its ID, an 8-byte size, the payload."""
+    return (
+        element_id.to_bytes((element_id.bit_length() + 7) // 8, "big")
+        + b"\x01"
+        + len(payload).to_bytes(7, "big")
+        + payload
+    )
+
+
+def _ebml_uint(element_id: int, value: int) -> bytes:
+    return _ebml(element_id, value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
+
+
+def vfr_mkv(times_ms: list[int], size: tuple[int, int] = (32, 24)) -> bytes:
+    """A variable-frame-rate Matroska file written by hand (no encoder needed): one MJPEG frame at
+    each time, frame i filled with red = 30 * i so a test can tell which frame it got."""
+    header = _ebml(
+        0x1A45DFA3,  # EBML header: version 1, 4-byte IDs, 8-byte sizes, DocType matroska v4
+        _ebml_uint(0x4286, 1)
+        + _ebml_uint(0x42F7, 1)
+        + _ebml_uint(0x42F2, 4)
+        + _ebml_uint(0x42F3, 8)
+        + _ebml(0x4282, b"matroska")
+        + _ebml_uint(0x4287, 4)
+        + _ebml_uint(0x4285, 2),
+    )
+    info = _ebml(  # Info: millisecond timecodes, muxer/writer names, duration
+        0x1549A966,
+        _ebml_uint(0x2AD7B1, 1_000_000)
+        + _ebml(0x4D80, b"kimivl-tests")
+        + _ebml(0x5741, b"kimivl-tests")
+        + _ebml(0x4489, struct.pack(">d", times_ms[-1] + 40.0)),
+    )
+    video = _ebml(0xE0, _ebml_uint(0xB0, size[0]) + _ebml_uint(0xBA, size[1]))
+    track = _ebml_uint(0xD7, 1) + _ebml_uint(0x73C5, 1) + _ebml_uint(0x83, 1) + _ebml(0x86, b"V_MJPEG") + video
+    blocks = b"".join(  # SimpleBlock: track 1, int16 time relative to the cluster, keyframe flag, JPEG
+        _ebml(0xA3, b"\x81" + struct.pack(">hB", t, 0x80) + encoded(Image.new("RGB", size, (30 * i, 0, 0)), "JPEG"))
+        for i, t in enumerate(times_ms)
+    )
+    cluster = _ebml(0x1F43B675, _ebml_uint(0xE7, 0) + blocks)
+    return header + _ebml(0x18538067, info + _ebml(0x1654AE6B, _ebml(0xAE, track)) + cluster)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.media import VideoFile
+from kimivl_cli.media import MediaKind, VideoFile, sniff
 from kimivl_cli.media import video as video_module
-from tests.media.conftest import error_line
+from tests.media.conftest import error_line, vfr_mkv
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,17 @@ def test_bad_requests(bikes: VideoFile, media_dir: Path) -> None:
     assert "is an image, not a video" in error_line(VideoFile, media_dir / "one.png")
     with pytest.raises(InputError):
         VideoFile(media_dir / "text.jpg")
+
+
+def test_variable_frame_rate_timestamps_come_from_the_decoder(tmp_path: Path) -> None:
+    """Frames at 0, 40, 120, 130, 400, 410 ms: index / fps would be wrong for most of them."""
+    times = [0, 40, 120, 130, 400, 410]
+    path = tmp_path / "vfr.mkv"
+    path.write_bytes(vfr_mkv(times))
+    assert sniff(path.read_bytes()) is MediaKind.VIDEO
+    with VideoFile(path) as video:
+        frames = list(video.iter_frames())
+        assert [f.timestamp for f in frames] == pytest.approx([t / 1000 for t in times], abs=1e-6)
+        assert [round(f.image[..., 0].mean() / 30) for f in frames] == list(range(6))  # the right pictures
+        for frame in video.sample(count=3):
+            assert frame.timestamp == pytest.approx(times[frame.index] / 1000, abs=1e-6)
