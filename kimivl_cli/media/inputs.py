@@ -103,6 +103,8 @@ def resolve_inputs(
             if stdin_used:
                 raise InputError("'-' (stdin) is given twice", "stdin can be read only once")
             stdin_used = True
+            if stdin is None and sys.stdin.isatty():
+                raise InputError("'-' reads stdin, but stdin is a terminal", "pipe a file in: kimivl ... - < photo.jpg")
             try:
                 data = (stdin if stdin is not None else sys.stdin.buffer).read()
             except OSError as exc:
