@@ -52,3 +52,25 @@ def libtasn1_pdf() -> Path:
     if not path.exists():
         pytest.skip(f"{path} not on this machine (apt-get install libtasn1-doc)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """pytest-xdist runs one worker per core: more threads per worker only fight over the cores."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    """A generated official-format tiny checkpoint (random weights, real tokenizer), built once."""
+    from kimivl_cli.testing.checkpoint import cached_checkpoint
+
+    return cached_checkpoint("tiny", seed=0)

@@ -59,7 +59,10 @@ def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
     try:
-        app(standalone_mode=False, prog_name="kimivl")
+        code = app(standalone_mode=False, prog_name="kimivl")
+        if isinstance(code, int) and code:
+            # Typer returns 130 (Ctrl-C caught inside click) instead of raising.
+            sys.exit(code)
     except KimivlError as exc:
         if debug:
             raise
