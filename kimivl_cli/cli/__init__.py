@@ -13,7 +13,7 @@ import sys
 import typer
 
 from kimivl_cli import __version__
-from kimivl_cli.cli import ask, info, inspect, ocr, video_scenes
+from kimivl_cli.cli import ask, chat, info, inspect, ocr, quantize, serve, video_scenes
 from kimivl_cli.errors import KimivlError
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def _root(
         os.environ["KIMIVL_DEBUG"] = "1"
 
 
-for module in (ask, ocr, video_scenes, inspect, info):
+for module in (ask, chat, ocr, video_scenes, inspect, info, quantize, serve):
     module.register(app)
 
 
