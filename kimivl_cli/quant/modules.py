@@ -85,12 +85,12 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantised weight [N, K] in bf16, for code that reads `.weight` (MLA's absorbed decode).
+        """The dequantised weight [N, K] in fp32, for code that reads `.weight` (MLA's absorbed decode).
 
-        Costs one dequantisation per access (N*K work, 2*N*K bytes): fine for kv_b_proj-sized
-        matrices on a GPU; callers in a hot loop on CPU should cache what they derive from it.
+        Costs one dequantisation per access (N*K work, 4*N*K bytes): callers in a decode loop cache
+        what they derive from it (MLAttention does).
         """
-        return dequantize_fp32(self.packed, self.absmax).to(torch.bfloat16)
+        return dequantize_fp32(self.packed, self.absmax)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
@@ -121,6 +121,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight [N, K] in fp32 (one dequantisation per access, like NF4Linear's)."""
+        return self.q.float() * self.scale[:, None]
 
 
 class NF4Experts(nn.Module):
