@@ -128,13 +128,17 @@ class Engine:
         path_or_repo: str | Path,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        quant: str = "none",
         **kwargs,
     ) -> Engine:
-        """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults."""
+        """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults.
+
+        quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
+        """
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_repo)
-        model, config = load_model(folder, dtype=dtype, device=device)
+        model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
         return cls(
             model,
             config,

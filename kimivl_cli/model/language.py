@@ -283,10 +283,14 @@ class RoutedExperts(nn.Module):
             for proj in self.projections
         }
 
+    def checkpoint_tensor(self, name: str) -> Tensor:
+        """The tensor stored under official suffix `name` (e.g. "7.up_proj.weight"): a view of its stack."""
+        expert, proj, _ = name.split(".")
+        return getattr(self, proj)[int(expert)]
+
     @torch.no_grad()
     def load_tensor(self, name: str, tensor: Tensor) -> None:
-        expert, proj, _ = name.split(".")
-        getattr(self, proj)[int(expert)].copy_(tensor)
+        self.checkpoint_tensor(name).copy_(tensor)
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""

@@ -10,6 +10,13 @@ Hook for per-tensor transforms (e.g. NF4 quantise-on-load): a module that define
 `checkpoint_tensors() -> {official suffix: shape}` and `load_tensor(suffix, tensor)` owns those
 official keys; the loader hands it each tensor instead of copying into a parameter, and does not
 look at its parameters. `RoutedExperts` uses this to stack per-expert keys.
+
+Quantization (`quant="nf4"|"int8"`): the meta-built language model's linears are swapped for empty
+quantized modules (`kimivl_cli.quant.modules`) on the target device, which take their bf16 tensors
+through the same hook and quantize each one as it arrives: the bf16 model never exists. A checkpoint
+written by `save_quantized` (metadata `{"kimivl_quant": mode}`) stores those modules' buffers
+(packed codes, absmax or scales) under `<module>.<buffer>` keys; the loader detects it and copies
+them straight in, no requantization.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from kimivl_cli.errors import CheckpointError
+from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.kimivl import KimiVL
+from kimivl_cli.quant.modules import quantize_linears_
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,14 +44,18 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja"]
 # Keys some exporters write that carry nothing we need (recomputed rotary tables).
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+QUANT_MODES = ("none", "nf4", "int8")
+QUANT_METADATA_KEY = "kimivl_quant"  # safetensors `__metadata__` entry of a pre-quantized checkpoint
+SHARD_BYTES = 4 << 30  # shard size `save_quantized` writes
 
 
 class Target(NamedTuple):
-    """Where one official tensor goes: a parameter/buffer `name` of `module`, or its `load_tensor`."""
+    """Where one official tensor goes: a parameter/buffer `name` of `module`, or (`hook`) its `load_tensor`."""
 
     module: nn.Module
     name: str
     shape: torch.Size
+    hook: bool = False
 
 
 # --- locating the checkpoint -------------------------------------------------------------------
@@ -143,15 +156,19 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
             module.reset_buffers()
 
 
-def checkpoint_targets(model: nn.Module, prefix: str = "") -> dict[str, Target]:
-    """Every official key the model needs, with where it goes and its expected shape."""
+def checkpoint_targets(model: nn.Module, prefix: str = "", stored_quantized: bool = False) -> dict[str, Target]:
+    """Every official key the model needs, with where it goes and its expected shape.
+
+    `stored_quantized`: the checkpoint holds quantized modules' own buffers (see `save_quantized`),
+    so those modules (class attribute `quantized`) are read like plain ones, not through their hook.
+    """
     targets: dict[str, Target] = {}
     seen: set[int] = set()
 
     def walk(module: nn.Module, at: str) -> None:
-        if hasattr(module, "checkpoint_tensors"):
+        if hasattr(module, "checkpoint_tensors") and not (stored_quantized and getattr(module, "quantized", False)):
             for name, shape in module.checkpoint_tensors().items():
-                targets[at + name] = Target(module, name, torch.Size(shape))
+                targets[at + name] = Target(module, name, torch.Size(shape), hook=True)
             return
         tensors = list(module.named_parameters(recurse=False)) + [
             (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
@@ -200,6 +217,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.metadata: dict[str, str] = {}
         try:
             size = path.stat().st_size
             with open(path, "rb") as fh:
@@ -210,6 +228,7 @@ class SafetensorsFile:
             self.entries = {
                 key: self._entry(key, info, 8 + n, size) for key, info in header.items() if key != "__metadata__"
             }
+            self.metadata = dict(header.get("__metadata__") or {})
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from None
 
@@ -238,7 +257,20 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
-def plan_load(targets: dict[str, Target], files: list[Path], prefix: str = "") -> dict[SafetensorsFile, list[str]]:
+def stored_quant(files: list[SafetensorsFile]) -> str:
+    """The quantization a checkpoint was saved with ("none" for an official one); shards must agree."""
+    modes = {f.metadata.get(QUANT_METADATA_KEY, "none") for f in files}
+    if len(modes) > 1 or not modes <= set(QUANT_MODES):
+        raise CheckpointError(
+            f"{files[0].path.parent}: shards disagree on or have an unknown {QUANT_METADATA_KEY!r}: {sorted(modes)}",
+            "re-run `kimivl quantize` from the original checkpoint",
+        )
+    return modes.pop()
+
+
+def plan_load(
+    targets: dict[str, Target], files: list[SafetensorsFile], prefix: str = ""
+) -> dict[SafetensorsFile, list[str]]:
     """Check keys and shapes from the headers alone; return the keys to read from each file.
 
     Keys outside `prefix` are left alone (loading one part of the model); inside it, a missing,
@@ -246,8 +278,8 @@ def plan_load(targets: dict[str, Target], files: list[Path], prefix: str = "") -
     """
     plan: dict[SafetensorsFile, list[str]] = {}
     unexpected: list[str] = []
-    for path in files:
-        file = SafetensorsFile(path)
+    for file in files:
+        path = file.path
         plan[file] = []
         for key, entry in file.entries.items():
             if not key.startswith(prefix) or IGNORED_KEY.search(key):
@@ -281,14 +313,15 @@ def plan_load(targets: dict[str, Target], files: list[Path], prefix: str = "") -
 def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
     """Stream the checkpoint in `folder` into `model`, whose root sits at official key `prefix`
     (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model."""
-    targets = checkpoint_targets(model, prefix)
-    plan = plan_load(targets, checkpoint_files(folder), prefix)
+    files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
+    targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
+    plan = plan_load(targets, files, prefix)
     for file, keys in plan.items():
         with open(file.path, "rb", buffering=0) as fh:
             for key in keys:
-                module, name, _ = targets[key]
+                module, name, _, hook = targets[key]
                 tensor = file.read(key, fh)
-                if hasattr(module, "load_tensor"):
+                if hook:
                     module.load_tensor(name, tensor)
                 else:
                     getattr(module, name).copy_(tensor)
@@ -296,13 +329,98 @@ def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
 
 
 def load_model(
-    path_or_repo: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    path_or_repo: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    quant: str = "none",
 ) -> tuple[KimiVL, KimiVLConfig]:
-    """Build `KimiVL` from a checkpoint folder or Hub repo id, weights cast to `dtype` on `device`."""
+    """Build `KimiVL` from a checkpoint folder or Hub repo id, weights cast to `dtype` on `device`.
+
+    quant "nf4" | "int8": the language model's linears (and, for nf4, its routed experts) are
+    quantized tensor by tensor while loading (see the module doc). A pre-quantized checkpoint loads
+    in the format it was saved in; asking for another one is a `CheckpointError`.
+    """
+    if quant not in QUANT_MODES:
+        raise InputError(f"unknown quantization {quant!r}", f"use one of {', '.join(QUANT_MODES)}")
     folder = resolve_checkpoint(path_or_repo)
     config = KimiVLConfig.from_file(folder / "config.json")
+    stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
+    if stored != "none" and quant not in ("none", stored):
+        raise CheckpointError(
+            f"{folder} is pre-quantized as {stored}; it cannot be loaded as {quant}",
+            f"pass --quant {stored}, or quantize the original checkpoint",
+        )
     with torch.device("meta"):
         model = KimiVL(config)
+    quantize_linears_(model.language_model, stored if stored != "none" else quant, device)
     materialize(model, dtype, device)
     load_checkpoint(model, folder)
     return model.eval(), config
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name == INDEX_FILE or path.suffix == ".safetensors"
+
+
+@torch.no_grad()
+def save_quantized(
+    src: str | Path, dst: Path, quant: str = "nf4", *, dtype: torch.dtype = torch.bfloat16, force: bool = False
+) -> list[Path]:
+    """Write `src` (folder or Hub id) quantized as `quant` to folder `dst`; returns the files written.
+
+    The model is loaded quantized (peak: the quantized model plus one bf16 tensor, ~10.5 GB for the
+    real one), then written in safetensors shards of up to 4 GiB: quantized modules as their buffers
+    (`...q_proj.packed`, `...mlp.experts.gate_proj_packed` [E, N, K/2]...), everything else under its
+    official key in `dtype`, with `{"kimivl_quant": quant, "format": "pt"}` as metadata. The other
+    files of `src` (config, tokenizer, preprocessor and generation configs) are copied beside.
+    An existing non-empty `dst` is an `InputError` unless `force`, which replaces its weight files.
+    """
+    from safetensors.torch import save_file
+
+    if quant not in QUANT_MODES or quant == "none":
+        raise InputError(f"cannot quantize as {quant!r}", "use --quant nf4 or --quant int8")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
+    folder = resolve_checkpoint(src)
+    model, _ = load_model(folder, dtype=dtype, device="cpu", quant=quant)
+    targets = checkpoint_targets(model, stored_quantized=True)
+    if dst.is_file():
+        dst.unlink()
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.iterdir():
+        if _is_weight_file(old):
+            old.unlink()
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, (module, name, _, hook) in targets.items():
+        tensor = (module.checkpoint_tensor(name) if hook else getattr(module, name)).contiguous()
+        if size and size + tensor.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += tensor.nbytes
+    metadata = {QUANT_METADATA_KEY: quant, "format": "pt"}
+    written: list[Path] = []
+    if len(shards) == 1:
+        save_file(shards[0], dst / SINGLE_FILE, metadata=metadata)
+        written.append(dst / SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            path = dst / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path, metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, path.name))
+            written.append(path)
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+            "weight_map": weight_map,
+        }
+        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        written.append(dst / INDEX_FILE)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not _is_weight_file(path) and path.suffix not in PICKLE_SUFFIXES:
+            shutil.copyfile(path, dst / path.name)
+            written.append(dst / path.name)
+    return written

@@ -44,6 +44,7 @@ class NF4Linear(nn.Module):
     """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
 
     param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
+    quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -100,6 +101,7 @@ class Int8Linear(nn.Module):
     """y = (x Q^T) * scale with Q int8 [N, K] and a per-row fp32 scale [N] (`--quant int8`)."""
 
     param_dtype = torch.float32
+    quantized = True
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -137,6 +139,7 @@ class NF4Experts(nn.Module):
 
     projections = ("gate_proj", "up_proj", "down_proj")
     param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
+    quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
     def __init__(self, n_experts: int, hidden: int, inter: int, device: torch.device | str | None = None) -> None:
         super().__init__()
