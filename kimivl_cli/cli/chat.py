@@ -1,14 +1,167 @@
-"""`kimivl chat`."""
+"""`kimivl chat`: a multi-turn conversation about images, PDFs and videos (a REPL; see `tasks.chat`).
+
+On a terminal: a `›` prompt with line editing, answers streamed with Rich. With stdin not a
+terminal it reads one line per turn and prints plain text, so a script can drive it. A bad
+command or input prints one `error:` line and the conversation goes on; Ctrl-C stops the
+answer being written (what was shown stays in the history), Ctrl-C at the prompt leaves (130).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from kimivl_cli.errors import RuntimeFailure
+from kimivl_cli.cli.ask import (
+    FpsOpt,
+    FramesOpt,
+    MaxContextOpt,
+    PagesOpt,
+    PromptFileOpt,
+    SystemOpt,
+    sampling,
+    system_prompt,
+)
+from kimivl_cli.cli.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    PasswordOpt,
+    QuantOpt,
+    QuietOpt,
+    SeedOpt,
+    ShowThinkingOpt,
+    TemperatureOpt,
+    ThinkingBudgetOpt,
+    TopPOpt,
+)
+from kimivl_cli.errors import InputError, KimivlError
+
+PROMPT = "› "
+
+
+def _line_reader(interactive: bool) -> Callable[[], str]:
+    """input() with line editing on a terminal; plain lines from a pipe. Raises EOFError at the end."""
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (importing it gives input() editing and history)
+        return lambda: input(PROMPT)
+
+    def read() -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("chat", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _command(ctx: typer.Context) -> None:
-        """Not available yet."""
-        raise RuntimeFailure("'kimivl chat' is not available in this build yet")
+    @app.command("chat")
+    def _command(
+        inputs: Annotated[
+            Optional[list[str]], typer.Argument(help="Images, PDFs, videos or text files for the first question.")
+        ] = None,
+        system: SystemOpt = None,
+        prompt_file: PromptFileOpt = None,
+        pages: PagesOpt = None,
+        password: PasswordOpt = None,
+        frames: FramesOpt = None,
+        fps: FpsOpt = None,
+        max_tokens: MaxTokensOpt = None,
+        temperature: TemperatureOpt = None,
+        top_p: TopPOpt = None,
+        seed: SeedOpt = None,
+        thinking_budget: ThinkingBudgetOpt = None,
+        show_thinking: ShowThinkingOpt = None,
+        max_context: MaxContextOpt = None,
+        model: ModelOpt = DEFAULT_MODEL,
+        device: DeviceOpt = "auto",
+        quant: QuantOpt = "none",
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Chat about images, PDFs and videos; /help lists the commands (/image, /pdf, /reset, /save, ...).
+
+        Example: kimivl chat report.pdf --pages 1-3
+        """
+        from kimivl_cli.render import Output, Transcript
+        from kimivl_cli.tasks.ask import MediaOptions
+        from kimivl_cli.tasks.backend import open_engine
+        from kimivl_cli.tasks.chat import HELP, Conversation, parse_command
+
+        output = Output(show_thinking=show_thinking, quiet=quiet)
+        options = MediaOptions(pages=pages, password=password, frames=frames, fps=fps)
+        system_text = system_prompt(system, prompt_file)
+        interactive = sys.stdin.isatty()
+        if "-" in (inputs or []) and not interactive:
+            raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
+        engine = open_engine(model, device, quant)
+        params = sampling(engine, max_tokens, temperature, top_p, seed, thinking_budget)
+        conversation = Conversation(system_text, engine.image_config, options)
+        if inputs:
+            output.note(conversation.attach(inputs))
+        if interactive and not quiet:
+            output.note(f"kimivl chat with {engine.name} · /help for commands, /exit or Ctrl-D to leave")
+        read = _line_reader(interactive)
+        failure: KimivlError | None = None
+        while True:
+            try:
+                line = read().strip()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                output.note("")
+                raise typer.Exit(130) from None
+            if not line:
+                continue
+            try:
+                command = parse_command(line)
+                if command is None:
+                    messages, images = conversation.request(line)
+                    events = engine.generate(
+                        messages,
+                        images,
+                        params,
+                        show_thinking=output.show_thinking is not False,
+                        max_context=max_context,
+                    )
+                    transcript = Transcript()
+                    try:
+                        output.stream(events, transcript)
+                    except KeyboardInterrupt:
+                        output.note("interrupted")
+                    conversation.commit(line, transcript.thinking, transcript.answer)
+                elif command.name in ("exit", "quit"):
+                    break
+                elif command.name == "help":
+                    output.stderr.print(HELP, markup=False, highlight=False)
+                elif command.name == "reset":
+                    conversation.reset()
+                    output.note("conversation cleared")
+                elif command.name == "image":
+                    output.note(conversation.attach(command.args))
+                elif command.name == "pdf":
+                    if len(command.args) not in (1, 2):
+                        raise InputError("usage: /pdf PATH [PAGES]", "e.g. /pdf manual.pdf 3-5")
+                    page_spec = command.args[1] if len(command.args) == 2 else None
+                    output.note(conversation.attach(command.args[:1], page_spec))
+                elif command.name in ("save", "save!"):
+                    if len(command.args) != 1:
+                        raise InputError(f"usage: /{command.name} FILE")
+                    path = conversation.save(Path(command.args[0]), engine.name, overwrite=command.name == "save!")
+                    output.note(f"saved {len(conversation.history) // 2} exchanges to {path}")
+                elif command.name == "thinking":
+                    if command.args not in (("on",), ("off",)):
+                        raise InputError("usage: /thinking on|off")
+                    output.show_thinking = command.args[0] == "on"
+                    output.note(f"thinking {'shown' if output.show_thinking else 'hidden'}")
+            except KimivlError as exc:
+                failure = exc
+                print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
+        if failure is not None and not interactive:
+            raise typer.Exit(failure.exit_code)  # a script learns that a step failed

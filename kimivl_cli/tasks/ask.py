@@ -186,7 +186,8 @@ class Segments:
 # --- segments -> a prompt that fits ------------------------------------------------------------------
 
 
-def _content(segments: Sequence[Segment], question: str) -> list[dict[str, Any]]:
+def content_items(segments: Sequence[Segment], question: str) -> list[dict[str, Any]]:
+    """A user turn's content: each segment's items (a PDF page: its label, then the image), then the question."""
     items: list[dict[str, Any]] = []
     for seg in segments:
         if isinstance(seg, str):
@@ -235,7 +236,7 @@ def build_prompt(
     if pages:
         fixed = sum(image_token_count(s.width, s.height, image_config) for s in segments if isinstance(s, Image.Image))
         others = [s for s in segments if not isinstance(s, PdfPage)]
-        used = text_tokens(_messages(_content(others, question), system), tokenizer) + fixed + budget.reserve
+        used = text_tokens(_messages(content_items(others, question), system), tokenizer) + fixed + budget.reserve
         room = budget.limit - used
         costs = [p.cost for p in pages]
         labels = [len(tokenizer.encode(p.label, allow_special=False)) for p in pages]
@@ -253,7 +254,7 @@ def build_prompt(
     images = [
         s if isinstance(s, Image.Image) else _render(s, cap, image_config) for s in kept if not isinstance(s, str)
     ]
-    return Prompt(_messages(_content(kept, question), system), images, notes)
+    return Prompt(_messages(content_items(kept, question), system), images, notes)
 
 
 def _render(page: PdfPage, cap: int | None, cfg: ImageProcessorConfig) -> Image.Image:

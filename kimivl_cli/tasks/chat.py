@@ -1,0 +1,146 @@
+"""`kimivl chat`: the conversation behind the REPL, and its slash commands.
+
+`Conversation` holds the history in `processor.chat` form (assistant turns keep their
+`◁think▷...◁/think▷` so `/save` has everything) and the images in prompt order. Each request
+sends the history through `strip_history_thinking`, as the official demo does, plus every
+earlier image again: the engine's feature cache recognises them by content, so only new
+images run the vision tower. Attachments (`/image`, `/pdf`, the command's INPUTs) wait in
+`pending` until the next question. No I/O here besides reading inputs and writing `/save`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.processor.chat import THINK_END, THINK_START, strip_history_thinking
+from kimivl_cli.tasks.ask import MediaOptions, PdfPage, Segment, Segments, content_items, resolve
+
+if TYPE_CHECKING:
+    from kimivl_cli.processor.image import ImageProcessorConfig
+
+HELP = """\
+/image PATH...        attach images (or any input: PDF, video, text) to the next question
+/pdf PATH [PAGES]     attach a PDF's pages, e.g. /pdf manual.pdf 3-5
+/reset                forget the conversation and pending attachments
+/save FILE            write the conversation as JSON (/save! FILE overwrites)
+/thinking on|off      show or fold the reasoning trace
+/help                 this list
+/exit                 leave (also Ctrl-D)"""
+
+COMMANDS = ("image", "pdf", "reset", "save", "save!", "thinking", "help", "exit", "quit")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: tuple[str, ...]
+
+
+def parse_command(line: str) -> Command | None:
+    """`/name args...` -> Command (quoted paths allowed); None for a plain question."""
+    if not line.startswith("/"):
+        return None
+    try:
+        words = shlex.split(line[1:])
+    except ValueError as exc:
+        raise InputError(f"cannot read the command: {exc}", "close the quotes around paths") from None
+    if not words or words[0] not in COMMANDS:
+        name = words[0] if words else ""
+        raise InputError(f"unknown command /{name}", "type /help for the list")
+    return Command(words[0], tuple(words[1:]))
+
+
+@dataclass
+class Conversation:
+    """Chat history, its images, and attachments waiting for the next question."""
+
+    system: str | None
+    image_config: ImageProcessorConfig
+    options: MediaOptions = field(default_factory=MediaOptions)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    pending: list[str | Image.Image] = field(default_factory=list)
+    pending_names: list[str] = field(default_factory=list)
+    attachments: list[list[str]] = field(default_factory=list)  # per user turn, for /save
+
+    def attach(self, args: list[str] | tuple[str, ...], pages: str | None = None) -> str:
+        """Read inputs now (errors surface at once) and keep them for the next question; -> a note."""
+        if not args:
+            raise InputError("nothing to attach", "give a path, e.g. /image photo.jpg")
+        items = resolve(args)
+        options = replace(self.options, pages=pages) if pages is not None else self.options
+        added: list[str | Image.Image] = []
+        with Segments(options, self.image_config) as reader:
+            for item in items:
+                added += _rendered(reader.read(item))
+        self.pending += added
+        self.pending_names += [item.name for item in items]
+        count = sum(isinstance(a, Image.Image) for a in added)
+        names = ", ".join(item.name for item in items)
+        return f"attached {names} ({count} image{'s' if count != 1 else ''}) to the next question"
+
+    def request(self, question: str) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """Messages and images for the engine: stripped history, then the new turn."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        turn = {"role": "user", "content": content_items(self.pending, question)}
+        new_images = [a for a in self.pending if isinstance(a, Image.Image)]
+        return [*head, *strip_history_thinking(self.history), turn], [*self.images, *new_images]
+
+    def commit(self, question: str, thinking: str, answer: str) -> None:
+        """Record a finished (or interrupted) exchange; pending attachments join the history."""
+        self.history.append({"role": "user", "content": content_items(self.pending, question)})
+        reply = f"{THINK_START}{thinking}{THINK_END}{answer}" if thinking else answer
+        self.history.append({"role": "assistant", "content": reply})
+        self.images += [a for a in self.pending if isinstance(a, Image.Image)]
+        self.attachments.append(self.pending_names)
+        self.pending, self.pending_names = [], []
+
+    def reset(self) -> None:
+        self.history, self.images, self.pending, self.pending_names, self.attachments = [], [], [], [], []
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        """The transcript: each turn's text (images as placeholders), attachments by name, thinking apart."""
+        turns = []
+        users = iter(self.attachments)
+        for message in self.history:
+            if message["role"] == "user":
+                items = message["content"]
+                text = "".join(i["text"] for i in items if i.get("type") == "text")
+                images = sum(i.get("type") == "image" for i in items)
+                turns.append({"role": "user", "text": text, "images": images, "attachments": next(users)})
+            else:
+                thinking, _, answer = message["content"].rpartition(THINK_END)
+                thinking = thinking.removeprefix(THINK_START)
+                turns.append({"role": "assistant", "text": answer, "thinking": thinking})
+        return {"model": model, "system": self.system, "turns": turns}
+
+    def save(self, path: str | Path, model: str, overwrite: bool = False) -> Path:
+        """Write the transcript as JSON; an existing file is kept unless `overwrite`."""
+        path = Path(path).expanduser()
+        data = json.dumps(self.to_json(model), ensure_ascii=False, indent=2) + "\n"
+        try:
+            with open(path, "w" if overwrite else "x", encoding="utf-8") as fh:
+                fh.write(data)
+        except FileExistsError:
+            raise InputError(f"{path} exists", f"use /save! {path} to overwrite it") from None
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return path
+
+
+def _rendered(segments: list[Segment]) -> list[str | Image.Image]:
+    """Segments with PDF pages rendered now (default resolution), each as its label and image."""
+    out: list[str | Image.Image] = []
+    for seg in segments:
+        if isinstance(seg, PdfPage):
+            out += [seg.label, seg.doc.render(seg.index)]
+        else:
+            out.append(seg)
+    return out
