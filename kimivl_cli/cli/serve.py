@@ -1,14 +1,70 @@
-"""`kimivl serve`."""
+"""`kimivl serve`: options in, `serve.ChatServer` over the local engine, until Ctrl-C."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import Annotated, Optional
+
 import typer
 
-from kimivl_cli.errors import RuntimeFailure
+from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuantOpt, QuietOpt
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _command(ctx: typer.Context) -> None:
-        """Not available yet."""
-        raise RuntimeFailure("'kimivl serve' is not available in this build yet")
+    @app.command("serve")
+    def _command(
+        model: ModelOpt = DEFAULT_MODEL,
+        device: DeviceOpt = "auto",
+        quant: QuantOpt = "none",
+        host: Annotated[
+            str, typer.Option("--host", help="Address to bind (loopback unless you mean it).")
+        ] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).", min=0, max=65535)] = 8000,
+        api_key: Annotated[
+            Optional[str],
+            typer.Option(
+                "--api-key", envvar="KIMIVL_API_KEY", help="Require 'Authorization: Bearer KEY' on every request."
+            ),
+        ] = None,
+        allow_local_files: Annotated[
+            bool, typer.Option("--allow-local-files", help="Accept file:// image URLs (reads this machine's files).")
+        ] = False,
+        queue_size: Annotated[
+            int, typer.Option("--queue-size", help="Requests that may wait for the model; more get 503.", min=0)
+        ] = 16,
+        served_model_name: Annotated[
+            Optional[str], typer.Option("--served-model-name", help="Model id in /v1/models (default: --model).")
+        ] = None,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Serve the model over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /health.
+
+        One request runs at a time on the model; the others wait in a bounded queue.
+        """
+        from kimivl_cli.backends.local import LocalBackend
+        from kimivl_cli.serve import ChatServer
+        from kimivl_cli.tasks.backend import open_engine
+
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+        if host not in LOOPBACK and not api_key:
+            print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+        backend = LocalBackend(open_engine(model, device, quant))
+        server = ChatServer(
+            backend,
+            host,
+            port,
+            api_key=api_key,
+            allow_local_files=allow_local_files,
+            queue_size=queue_size,
+            model_name=served_model_name or model,
+        )
+        print(f"serving {server.model_name} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+        finally:
+            server.server_close()
