@@ -1,0 +1,125 @@
+"""A scripted OpenAI-compatible server (stdlib) for client tests: each request gets the next step."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+
+def sse_chunks(*deltas: dict[str, Any], usage: dict[str, Any] | None = None, finish: str = "stop") -> list[dict]:
+    """Chat-completion chunks for these deltas, then the finish chunk and a usage chunk."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "fake-model"}
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    chunks.append({**base, "choices": [], "usage": usage or {"prompt_tokens": 3, "completion_tokens": 2}})
+    return chunks
+
+
+@dataclass
+class Step:
+    """What the server does with one request: a status with an error body, a dropped connection,
+    an SSE reply (optionally cut after `cut_after` chunks), or a silent wait of `delay` seconds."""
+
+    status: int = 200
+    chunks: list[dict] = field(default_factory=lambda: sse_chunks({"content": "ok"}))
+    drop: bool = False
+    cut_after: int | None = None
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out or hang up on purpose break the pipe: expected here
+
+
+class FakeServer:
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = list(steps)
+        self.requests: list[dict[str, Any]] = []  # {"method", "path", "headers", "body"}
+        self._lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                owner._record(self, None)
+                payload = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
+                self._reply(200, payload, "application/json")
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                step = owner._record(self, body)
+                time.sleep(step.delay)
+                if step.drop:
+                    self.close_connection = True
+                    return  # no response at all: the client sees the connection close
+                if step.status != 200:
+                    error = {"error": {"message": f"scripted {step.status}", "type": "x"}}
+                    self._reply(step.status, json.dumps(error).encode(), "application/json", step.headers)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                for i, chunk in enumerate(step.chunks):
+                    if step.cut_after is not None and i == step.cut_after:
+                        self.wfile.write(b"data: {\"choi")  # half an event, then the connection goes
+                        return
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _reply(self, status: int, payload: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def _record(self, handler: BaseHTTPRequestHandler, body: Any) -> Step:
+        with self._lock:
+            self.requests.append(
+                {"method": handler.command, "path": handler.path, "headers": dict(handler.headers), "body": body}
+            )
+            return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+
+    @property
+    def posts(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["method"] == "POST"]
+
+
+@pytest.fixture
+def fake_server() -> Iterator:
+    """`fake_server(steps)` starts a scripted server on a free loopback port; all stop after the test."""
+    servers: list[FakeServer] = []
+
+    def start(steps: list[Step]) -> FakeServer:
+        server = FakeServer(steps)
+        threading.Thread(target=server.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.httpd.shutdown()
+        server.httpd.server_close()
