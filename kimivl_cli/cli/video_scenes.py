@@ -8,18 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuietOpt
-from kimivl_cli.errors import RuntimeFailure
+from kimivl_cli.cli.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    QuantOpt,
+    QuietOpt,
+    TemperatureOpt,
+    ThinkingBudgetOpt,
+)
+from kimivl_cli.errors import InputError
+from kimivl_cli.video.describe import EngineDescribe
 from kimivl_cli.video.formats import FORMATS
 from kimivl_cli.video.pipeline import VideoScenesOptions, check_request, video_scenes, write_output
-from kimivl_cli.video.scenes import Describe
 from kimivl_cli.video.shots import DetectorParams
-
-
-def load_describe(model: str, device: str) -> Describe:
-    """The engine behind the `Describe` seam. Not wired yet: the lead connects `engine` here."""
-    where = "" if Path(model).exists() else f" (and {model} is not a local checkpoint folder)"
-    raise RuntimeFailure(f"the local generation engine is not available in this build yet{where}", "use --shots-only")
 
 
 def register(app: typer.Typer) -> None:
@@ -41,8 +44,16 @@ def register(app: typer.Typer) -> None:
         verify_shots: Annotated[
             bool, typer.Option("--verify-shots", help="Ask the model about uncertain shot changes.")
         ] = False,
+        prompt_file: Annotated[
+            Optional[Path],
+            typer.Option("--prompt-file", help="Use this scene prompt instead of prompts/video_scenes.md."),
+        ] = None,
         model: ModelOpt = DEFAULT_MODEL,
         device: DeviceOpt = "auto",
+        quant: QuantOpt = "none",
+        max_tokens: MaxTokensOpt = None,
+        temperature: TemperatureOpt = None,
+        thinking_budget: ThinkingBudgetOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Split videos into shots (--shots-only) or described scenes, as JSON, CSV, subtitles, EDL or chapters.
@@ -50,8 +61,14 @@ def register(app: typer.Typer) -> None:
         Example: kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
         """
         check_request(videos, fmt, output, force)
-        describe = None if shots_only else load_describe(model, device)
-        options = VideoScenesOptions(DetectorParams(threshold, min_scene_len), max_frames, fps)
+        if shots_only and verify_shots:
+            raise InputError("--verify-shots asks the model, --shots-only runs without it", "give one of them")
+        describe = (
+            None if shots_only else EngineDescribe(model, device, quant, max_tokens, temperature, thinking_budget)
+        )
+        options = VideoScenesOptions(
+            DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file
+        )
         lists = []
         for video in videos:
             result = video_scenes(video, options, describe)

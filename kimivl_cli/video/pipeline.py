@@ -12,8 +12,18 @@ from pathlib import Path
 
 from kimivl_cli.errors import InputError
 from kimivl_cli.video.formats import FORMATS, render_many
-from kimivl_cli.video.scenes import Describe, choose_keyframes, parse_scenes, read_keyframes, scenes_prompt, shot_scenes
-from kimivl_cli.video.shots import DetectorParams, ShotList, detect_shots
+from kimivl_cli.video.scenes import (
+    Describe,
+    choose_keyframes,
+    parse_scenes,
+    parse_verdict,
+    read_keyframes,
+    scenes_prompt,
+    shot_scenes,
+    verify_keyframes,
+    verify_prompt,
+)
+from kimivl_cli.video.shots import DetectorParams, ShotList, detect_shots, with_confirmed
 from kimivl_cli.video.timeline import SceneList
 
 MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
@@ -26,6 +36,10 @@ class VideoScenesOptions:
     """Most keyframes sent to the model per video."""
     sample_fps: float = 1.0
     """Keyframes per second of video, before the `max_frames` cap."""
+    verify_shots: bool = False
+    """Ask the model about each candidate the detector was unsure of (needs `describe`)."""
+    prompt_file: Path | None = None
+    """The user's replacement for prompts/video_scenes.md."""
 
 
 @dataclass
@@ -52,15 +66,39 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
     """Shots of one video, grouped into described scenes when `describe` is given (else one scene per shot)."""
     shots = detect_shots(video, options.detector)
     warnings = list(shots.warnings)
+    if describe is not None and options.verify_shots and shots.uncertain:
+        shots, note = verify_shots(video, shots, describe, options.detector.min_scene_len)
+        warnings.append(note)
     if describe is None:
         scenes = shot_scenes(shots.shots, shots.fps, shots.frames)
     else:
         keyframes = choose_keyframes(shots.shots, shots.fps, options.max_frames, options.sample_fps)
         frames = read_keyframes(video, keyframes)
-        text = describe(frames, scenes_prompt(shots.shots, len(frames)))
+        text = describe(frames, scenes_prompt(shots.shots, len(frames), options.prompt_file))
         scenes, notes = parse_scenes(text, shots.shots, shots.fps, shots.frames)
         warnings += notes
     return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)
+
+
+def verify_shots(video: str | Path, shots: ShotList, describe: Describe, min_len: int) -> tuple[ShotList, str]:
+    """The detector proposes, the model confirms: one yes/no question per uncertain candidate.
+
+    All candidates' frames are decoded in one streaming pass. An unclear answer counts as "no"
+    (the detector's choice stands). Cost: one model call of four frames per candidate.
+    """
+    per_candidate = [verify_keyframes(c, shots.fps, shots.frames) for c in shots.uncertain]
+    decoded = {f.frame: f for f in read_keyframes(video, [k for keys in per_candidate for k in keys])}
+    confirmed = []
+    for candidate, keys in zip(shots.uncertain, per_candidate, strict=True):
+        frames = [decoded[k.frame] for k in keys if k.frame in decoded]
+        before = sum(k.frame < candidate.span[0] for k in keys if k.frame in decoded)
+        prompt = verify_prompt(candidate, shots.fps, before, len(frames) - before)
+        if frames and parse_verdict(describe(frames, prompt)):
+            confirmed.append(candidate)
+    checked = with_confirmed(shots, confirmed, min_len)
+    added = len(checked.boundaries) - len(shots.boundaries)
+    note = f"--verify-shots: the model confirmed {len(confirmed)} of {len(shots.uncertain)} uncertain shot changes"
+    return checked, note + (f" ({added} added)" if added != len(confirmed) else "")
 
 
 def write_output(lists: list[SceneList], fmt: str, output: Path | None, force: bool) -> str | None:

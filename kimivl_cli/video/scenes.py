@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,11 +18,9 @@ from string import Template
 import numpy as np
 from PIL import Image
 
-from kimivl_cli.errors import RuntimeFailure
-from kimivl_cli.video.shots import Shot, open_video
+from kimivl_cli.prompts import load_prompt
+from kimivl_cli.video.shots import Candidate, Shot, open_video
 from kimivl_cli.video.timeline import Scene, clock, scenes_from_starts, stamp
-
-PROMPTS_DIR = Path(os.environ.get("KIMIVL_PROMPTS", Path(__file__).resolve().parents[2] / "prompts"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,7 @@ class Keyframe:
 class TimedFrame:
     """What `Describe` receives per image: put `label` in the text just before `image`."""
 
+    frame: int
     label: str
     seconds: float
     image: Image.Image
@@ -99,7 +97,7 @@ def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: in
                     image = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
                     image.thumbnail((max_side, max_side))
                     k = wanted[index]
-                    out.append(TimedFrame(k.label, k.seconds, image))
+                    out.append(TimedFrame(k.frame, k.label, k.seconds, image))
             index += 1
     finally:
         cap.release()
@@ -109,19 +107,26 @@ def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: in
 # -- prompts -----------------------------------------------------------------------------------
 
 
-def load_prompt(name: str) -> Template:
-    path = PROMPTS_DIR / f"{name}.md"
-    try:
-        return Template(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RuntimeFailure(f"prompt template {path} is missing", "reinstall kimivl or set KIMIVL_PROMPTS") from exc
-
-
-def scenes_prompt(shots: Sequence[Shot], frame_count: int) -> str:
+def scenes_prompt(shots: Sequence[Shot], frame_count: int, prompt_file: str | Path | None = None) -> str:
+    """prompts/video_scenes.md (or the user's `--prompt-file`) filled in; unknown `$names` stay as written."""
     duration = shots[-1].end if shots else 0.0
     lines = "\n".join(f"- shot {s.index + 1}: {stamp(s.start)} - {stamp(s.end)}" for s in shots)
-    return load_prompt("video_scenes").substitute(
+    return Template(load_prompt("video_scenes.md", prompt_file)).safe_substitute(
         count=frame_count, duration=clock(duration, 1), shots=lines, end=clock(duration, 1)
+    )
+
+
+def verify_keyframes(candidate: Candidate, fps: float, frames: int, gap: int = 3) -> list[Keyframe]:
+    """Two frames before the candidate's span and two after it, `gap` frames apart: what the model judges."""
+    first, last = candidate.span[0] - 1, candidate.span[1] + 1
+    picks = [first - gap, first, last, last + gap]
+    clamped = sorted({min(frames - 1, max(0, f)) for f in picks})
+    return [Keyframe(f, f / fps, -1) for f in clamped]
+
+
+def verify_prompt(candidate: Candidate, fps: float, before: int, after: int) -> str:
+    return Template(load_prompt("video_scenes_verify.md")).safe_substitute(
+        time=stamp(candidate.frame / fps), before=before, after=after, reason=candidate.reason
     )
 
 

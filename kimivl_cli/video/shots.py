@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Literal, TypeVar
@@ -310,6 +310,17 @@ def _enforce_min_len(boundaries: list[Boundary], min_len: int) -> list[Boundary]
             continue
         kept.append(b)
     return kept
+
+
+def with_confirmed(shots: ShotList, confirmed: Iterable[Candidate], min_len: int) -> ShotList:
+    """The shot list with the candidates the model confirmed as boundaries (`--verify-shots`).
+
+    Detected boundaries keep priority: a confirmed candidate closer than `min_len` to one is dropped.
+    """
+    kinds: dict[CandidateKind, BoundaryKind] = {"cut": "cut", "flash": "cut", "gradual": "dissolve"}
+    extra = [Boundary(c.frame, kinds[c.kind], 0.0, c.span) for c in confirmed]
+    merged = _enforce_min_len(sorted([*shots.boundaries, *extra], key=lambda b: b.frame), min_len)
+    return replace(shots, boundaries=merged, shots=shots_from_boundaries(merged, shots.frames, shots.fps))
 
 
 # -- reading video ---------------------------------------------------------------------------

@@ -39,10 +39,24 @@ def test_output_file_needs_force(tmp_path: Path, synthetic_clip: Path) -> None:
         (["/no/such/video.mp4", "--shots-only"], 2),
         (["{clip}", "--shots-only", "--format", "xml"], 2),
         (["{clip}", "{clip}", "--shots-only", "--format", "edl"], 2),
-        (["{clip}"], 1),  # the model path: no engine in this build yet
+        (["{clip}", "--model", "/no/such/checkpoint"], 2),
+        (["{clip}", "--shots-only", "--verify-shots"], 2),
     ],
 )
 def test_errors_are_one_line(synthetic_clip: Path, args: list[str], code: int) -> None:
     run = kimivl("video-scenes", *(a.format(clip=synthetic_clip) for a in args))
     assert run.returncode == code
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_model_path_end_to_end(bikes_mp4: Path, tiny_checkpoint: Path) -> None:
+    """Frames -> tiny random model -> parser -> scenes: garbage text falls back to the shots, with a warning."""
+    run = kimivl(
+        "video-scenes", str(bikes_mp4), "--model", str(tiny_checkpoint), "--device", "cpu",
+        "--max-frames", "6", "--max-tokens", "8", "--temperature", "0", "--format", "json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["frames"] == 250 and doc["fps"] == 25.0
+    assert [s["start_frame"] for s in doc["scenes"]] == [0, 30, 76, 137, 187, 242]
+    assert "warning: the model's answer had no usable scenes; using the detected shots" in run.stderr
