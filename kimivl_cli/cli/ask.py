@@ -85,9 +85,13 @@ def register(app: typer.Typer) -> None:
     @app.command("ask")
     def _command(
         args: Annotated[
-            list[str],
-            typer.Argument(help="Images, PDFs, videos, text files or folders ('-' reads stdin), then the question."),
-        ],
+            Optional[list[str]],
+            typer.Argument(
+                help="Images, PDFs, videos, text files or folders ('-' reads stdin), then the question.",
+                metavar="[INPUT]... QUESTION",
+                show_default=False,
+            ),
+        ] = None,
         system: SystemOpt = None,
         prompt_file: PromptFileOpt = None,
         pages: PagesOpt = None,
@@ -120,7 +124,7 @@ def register(app: typer.Typer) -> None:
 
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
         options = MediaOptions(pages=pages, password=password, frames=frames, fps=fps)
-        inputs, question = split_question(args, sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
+        inputs, question = split_question(args or [], sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
         items = resolve(inputs)
         system_text = system_prompt(system, prompt_file)
         engine = open_engine(model, device, quant)

@@ -95,8 +95,9 @@ class Budget:
 def split_question(args: Sequence[str], stdin_is_tty: bool, read_stdin: Callable[[], bytes]) -> tuple[list[str], str]:
     """(inputs, question) from `ask`'s arguments.
 
-    The question is the last argument, unless every argument names an input (an existing path)
-    and stdin is a pipe not used as an input: then stdin holds the question (`echo q | kimivl ask a.png`).
+    The question is the last argument. When that names an existing path, every argument is an
+    input and the question is read from stdin, which must then be a pipe not used as an input
+    (`echo "What is it?" | kimivl ask a.png`).
     """
     import os
 
@@ -107,7 +108,12 @@ def split_question(args: Sequence[str], stdin_is_tty: bool, read_stdin: Callable
             "no question given: the last argument '-' reads an input from stdin",
             'put the question last, e.g. kimivl ask - "What is this?"',
         )
-    if os.path.exists(args[-1]) and "-" not in args and not stdin_is_tty:
+    if os.path.exists(args[-1]):
+        if stdin_is_tty or "-" in args:
+            raise InputError(
+                f"no question given: the last argument {args[-1]} is a file",
+                'put the question last: kimivl ask FILE "QUESTION"',
+            )
         question = read_stdin().decode("utf-8", errors="replace").strip()
         if not question:
             raise InputError("no question given (stdin is empty)", 'put the question last: kimivl ask FILE "QUESTION"')
