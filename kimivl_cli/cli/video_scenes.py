@@ -31,7 +31,10 @@ def register(app: typer.Typer) -> None:
         videos: Annotated[list[str], typer.Argument(help="Video files.")],
         shots_only: Annotated[bool, typer.Option("--shots-only", help="Only detect shots; no model.")] = False,
         fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")] = "json",
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+        output: Annotated[
+            Optional[Path],
+            typer.Option("--output", "-o", help="Write to this file, or one file per video into this folder."),
+        ] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT.")] = False,
         max_frames: Annotated[int, typer.Option("--max-frames", help="Most keyframes sent to the model.", min=1)] = 32,
         fps: Annotated[float, typer.Option("--fps", help="Keyframes per second of video.", min=0.01)] = 1.0,
@@ -60,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
         Example: kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
         """
-        check_request(videos, fmt, output, force)
+        files = check_request(videos, fmt, output, force)
         if shots_only and verify_shots:
             raise InputError("--verify-shots asks the model, --shots-only runs without it", "give one of them")
         describe = (
@@ -70,9 +73,12 @@ def register(app: typer.Typer) -> None:
             DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file
         )
         lists = []
-        for video in videos:
+        for i, video in enumerate(videos):
             result = video_scenes(video, options, describe)
-            lists.append(result.scenes)
+            if files is not None:  # one file per video, written as soon as it is done
+                write_output([result.scenes], fmt, files[i], force)
+            else:
+                lists.append(result.scenes)
             if not quiet:
                 shots = result.shots
                 print(
@@ -82,6 +88,5 @@ def register(app: typer.Typer) -> None:
                 )
             for warning in result.scenes.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
-        text = write_output(lists, fmt, output, force)
-        if text is not None:
+        if files is None and (text := write_output(lists, fmt, output, force)) is not None:
             sys.stdout.write(text)

@@ -27,6 +27,7 @@ from kimivl_cli.video.shots import DetectorParams, ShotList, detect_shots, with_
 from kimivl_cli.video.timeline import SceneList
 
 MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
+EXTENSIONS = {fmt: f".{fmt}" for fmt in FORMATS} | {"chapters": ".ffmetadata.txt"}
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,40 @@ class VideoResult:
     shots: ShotList
 
 
-def check_request(videos: list[str], fmt: str, output: Path | None, force: bool) -> None:
-    """Refuse bad combinations before any decoding or model loading."""
+def check_request(videos: list[str], fmt: str, output: Path | None, force: bool) -> list[Path] | None:
+    """Refuse bad combinations before any decoding or model loading.
+
+    Returns one output file per video when `output` is a folder (`talk.mp4` -> `FOLDER/talk.srt`),
+    else None: everything goes to stdout or into the one file `output`. Formats that hold one
+    video (csv, srt, vtt, edl, chapters) need a folder for several videos.
+    """
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if output is not None and output.is_dir():
+        return per_video_files(videos, fmt, output, force)
     if len(videos) > 1 and fmt not in MULTI_VIDEO_FORMATS:
         raise InputError(
-            f"--format {fmt} holds one video", f"run once per video, or use {', '.join(MULTI_VIDEO_FORMATS)}"
+            f"--format {fmt} holds one video",
+            f"pass -o FOLDER for one file per video, or use {', '.join(MULTI_VIDEO_FORMATS)}",
         )
     if output is not None and output.exists() and not force:
         raise InputError(f"{output} already exists", "pass --force to overwrite it")
     if output is not None and not output.parent.is_dir():
         raise InputError(f"{output.parent} is not a folder", "create it first")
+    return None
+
+
+def per_video_files(videos: list[str], fmt: str, folder: Path, force: bool) -> list[Path]:
+    """FOLDER/<video stem>.<format's extension> for each video; clashes and (without --force) existing files refused."""
+    files = [folder / f"{Path(video).stem}{EXTENSIONS[fmt]}" for video in videos]
+    seen: dict[Path, str] = {}
+    for video, path in zip(videos, files, strict=True):
+        if path in seen:
+            raise InputError(f"{seen[path]} and {video} would both be written to {path}", "rename one, or run twice")
+        seen[path] = video
+        if path.exists() and not force:
+            raise InputError(f"{path} already exists", "pass --force to overwrite it")
+    return files
 
 
 def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Describe | None = None) -> VideoResult:

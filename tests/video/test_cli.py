@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kimivl_cli.errors import InputError
+from kimivl_cli.video.pipeline import check_request
 
 
 def kimivl(*args: str) -> subprocess.CompletedProcess:
@@ -60,3 +64,36 @@ def test_model_path_end_to_end(bikes_mp4: Path, tiny_checkpoint: Path) -> None:
     assert doc["frames"] == 250 and doc["fps"] == 25.0
     assert [s["start_frame"] for s in doc["scenes"]] == [0, 30, 76, 137, 187, 242]
     assert "warning: the model's answer had no usable scenes; using the detected shots" in run.stderr
+
+
+def test_several_videos_one_file_each(tmp_path: Path, synthetic_clip: Path, bikes_mp4: Path) -> None:
+    """`-o FOLDER` writes FOLDER/<stem>.<ext> per video, for formats that hold one video too (in-process)."""
+    from typer.testing import CliRunner
+
+    from kimivl_cli.cli import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["video-scenes", str(synthetic_clip), str(bikes_mp4), "--shots-only", "-f", "csv", "-o", str(out), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["bikes.csv", "synthetic.csv"]
+    rows = list(csv.reader((out / "bikes.csv").read_text().splitlines()))
+    assert [row[1] for row in rows[2:]] == ["1", "31", "77", "138", "188", "243"]  # 1-based start frames
+
+
+def test_several_videos_refusals(tmp_path: Path, synthetic_clip: Path) -> None:
+    twin = tmp_path / "other" / synthetic_clip.name
+    twin.parent.mkdir()
+    twin.write_bytes(synthetic_clip.read_bytes())
+    with pytest.raises(InputError, match="would both be written"):
+        check_request([str(synthetic_clip), str(twin)], "srt", tmp_path, force=False)
+    (tmp_path / "synthetic.srt").write_text("keep")
+    with pytest.raises(InputError, match="already exists"):
+        check_request([str(synthetic_clip)], "srt", tmp_path, force=False)
+    assert check_request([str(synthetic_clip)], "chapters", tmp_path, force=False) == [
+        tmp_path / "synthetic.ffmetadata.txt"
+    ]
+    with pytest.raises(InputError) as refused:
+        check_request([str(synthetic_clip), str(twin)], "vtt", None, force=False)
+    assert "-o FOLDER" in refused.value.one_line()
