@@ -19,16 +19,26 @@ from kimivl_cli.cli.common import (
     ThinkingBudgetOpt,
 )
 from kimivl_cli.errors import InputError
+from kimivl_cli.media.inputs import resolve_inputs
+from kimivl_cli.media.sniff import MediaKind
 from kimivl_cli.video.describe import EngineDescribe
 from kimivl_cli.video.formats import FORMATS
 from kimivl_cli.video.pipeline import VideoScenesOptions, check_request, video_scenes, write_output
 from kimivl_cli.video.shots import DetectorParams
 
 
+def video_paths(args: list[str]) -> list[str]:
+    """Video files named or found in folders (media's sniffing and messages); stdin is not seekable enough."""
+    items = resolve_inputs(args, kinds=[MediaKind.VIDEO])
+    if piped := [item.name for item in items if item.path is None]:
+        raise InputError(f"video-scenes reads video files, not {piped[0]}", "save the video to a file first")
+    return [str(item.path) for item in items]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("video-scenes")
     def _command(
-        videos: Annotated[list[str], typer.Argument(help="Video files.")],
+        videos: Annotated[list[str], typer.Argument(help="Video files, or folders of them.")],
         shots_only: Annotated[bool, typer.Option("--shots-only", help="Only detect shots; no model.")] = False,
         fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")] = "json",
         output: Annotated[
@@ -63,6 +73,7 @@ def register(app: typer.Typer) -> None:
 
         Example: kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
         """
+        videos = video_paths(videos)
         files = check_request(videos, fmt, output, force)
         if shots_only and verify_shots:
             raise InputError("--verify-shots asks the model, --shots-only runs without it", "give one of them")

@@ -43,6 +43,8 @@ import cv2
 import numpy as np
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.media.inputs import as_input
+from kimivl_cli.media.sniff import MediaKind
 
 BoundaryKind = Literal["cut", "dissolve", "fade"]
 CandidateKind = Literal["flash", "gradual", "cut"]
@@ -329,14 +331,13 @@ def with_confirmed(shots: ShotList, confirmed: Iterable[Candidate], min_len: int
 def open_video(path: str | Path) -> tuple[cv2.VideoCapture, float, int]:
     """Open a video for streaming: (capture, fps, frame count from the header, -1 when unknown).
 
-    Missing files, folders and files FFmpeg cannot open are `InputError`s; a file that opens but
-    yields no frame is caught by `stream_frames`.
+    Missing, empty and non-video files are refused by media's content sniffing (the same
+    messages as every command); files FFmpeg cannot open are `InputError`s; a file that opens
+    but yields no frame is caught by `detect_shots`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file", "check the path")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file", "give a video file")
+    item = as_input(path)
+    if item.kind is not MediaKind.VIDEO:
+        raise InputError(f"{item.name} is {item.describe()}, not a video", "files are recognised by content, not name")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own chatter is not our error message
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():

@@ -97,3 +97,13 @@ def test_several_videos_refusals(tmp_path: Path, synthetic_clip: Path) -> None:
     with pytest.raises(InputError) as refused:
         check_request([str(synthetic_clip), str(twin)], "vtt", None, force=False)
     assert "-o FOLDER" in refused.value.one_line()
+
+
+def test_video_paths_sniff_content_and_expand_folders(tmp_path: Path, synthetic_clip: Path) -> None:
+    from kimivl_cli.cli.video_scenes import video_paths
+
+    (tmp_path / "b.avi").write_bytes(synthetic_clip.read_bytes())
+    (tmp_path / "a.mp4").write_text("not a video, whatever the name says")
+    assert video_paths([str(tmp_path)]) == [str(tmp_path / "b.avi")]
+    with pytest.raises(InputError, match="not a video"):
+        video_paths([str(tmp_path / "a.mp4")])
