@@ -2,9 +2,9 @@
 
 Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token.
 Measured on AVX2 (no AVX-512/AMX; see benchmarks/moe.py): fp32 GEMMs are ~5x faster than
-bf16 ones for tens of rows, and bitsandbytes' native NF4 dequantiser (when its CPU library
-is present) decodes ~2-3 G weights/s, ~4x faster than torch ops. So each active expert is
-decoded to fp32 once per call and used for all of its rows. Work O(active experts * I * H)
+bf16 ones for tens of rows, and bitsandbytes' NF4 dequantiser beats torch ops ~4x. An expert
+with a few rows (decode) runs the native GEMV straight from the codes (kernels/native.py);
+one with more is decoded to fp32 once per call and used for all of its rows. Work O(active experts * I * H)
 decode + O(T * K * I * H) GEMM; extra memory: one expert's three fp32 matrices (~35 MB).
 
 This path loops over active experts on the host: it is the CPU path only (GPUs use the
@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from kimivl_cli.kernels import native
 from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
+
+# Rows up to which reading the codes once per row (native GEMV, ~0.7 ms per 1408x2048 matrix
+# on one AVX2 core) beats decoding the matrix once to fp32 (~6 ms) and one GEMM.
+GEMV_MAX_ROWS = 4
 
 try:  # bitsandbytes registers its native CPU dequantiser as a torch op on import
     import bitsandbytes  # noqa: F401
@@ -31,6 +36,14 @@ def dequantize_fp32(packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     if _BNB_DEQUANT is not None and packed.device.type == "cpu":
         return _BNB_DEQUANT(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
     return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32))
+
+
+def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the native GEMV from the codes for up to GEMV_MAX_ROWS rows,
+    else dequantise once to fp32 and run one GEMM (the decode cost is shared by all rows)."""
+    if x.shape[0] <= GEMV_MAX_ROWS and native.available():
+        return native.nf4_gemv(x, packed, absmax)
+    return x.float() @ dequantize_fp32(packed, absmax).t()
 
 
 def moe_cpu(
@@ -57,10 +70,10 @@ def moe_cpu(
         start += n
         token = pairs // k
         xe = xf[token]  # [n, H]
-        g = xe @ dequantize_fp32(gate[0][e], gate[1][e]).t()
-        u = xe @ dequantize_fp32(up[0][e], up[1][e]).t()
+        g = nf4_linear_cpu(xe, gate[0][e], gate[1][e])
+        u = nf4_linear_cpu(xe, up[0][e], up[1][e])
         h = torch.nn.functional.silu(g).mul_(u)  # [n, I]
-        y = h @ dequantize_fp32(down[0][e], down[1][e]).t()  # [n, H]
+        y = nf4_linear_cpu(h, down[0][e], down[1][e])  # [n, H]
         out.index_put_(
             (token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True
         )  # index_add_: 10+ ms per call here

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from kimivl_cli.kernels.moe_cpu import dequantize_fp32, moe_cpu
+from kimivl_cli.kernels.moe_cpu import dequantize_fp32, moe_cpu, nf4_linear_cpu
 from kimivl_cli.quant.nf4 import BLOCKSIZE, quantize_int8, quantize_nf4
 
 # A quantized linear, by module path (any prefix): "...layers.<i>.<one of these>".
@@ -81,6 +81,12 @@ class NF4Linear(nn.Module):
             from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
 
             return nf4_matmul(x, self.packed, self.absmax)
+        if x.device.type == "cpu":
+            return (
+                nf4_linear_cpu(x.reshape(-1, self.in_features), self.packed, self.absmax)
+                .to(x.dtype)
+                .view(*x.shape[:-1], self.out_features)
+            )
         w = dequantize_fp32(self.packed, self.absmax)
         return nn.functional.linear(x, w.to(x.dtype))
 
