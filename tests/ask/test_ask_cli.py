@@ -114,3 +114,21 @@ def test_bad_input_is_one_error_line_and_exit_2(ask, args: list[str], message: s
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:") and message in result.stderr
     assert result.stdout == ""
+
+
+def test_ctrl_c_flushes_what_was_streamed_and_exits_130(tiny_checkpoint: Path) -> None:
+    import pexpect
+
+    args = ["-m", "kimivl_cli", "ask", str(CHART), "Describe", "--model", str(tiny_checkpoint), "--jsonl"]
+    child = pexpect.spawn(sys.executable, [*args, "--max-tokens", "20000"], encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact('{"kind": "answer"')  # generation is under way
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130
+    lines = child.before.replace("^C", "").strip().splitlines()  # the terminal echoes the Ctrl-C as ^C
+    last = json.loads(lines[-1])
+    jsonschema.validate(last, EVENT_SCHEMA)
+    assert last["kind"] == "done" and last["finish_reason"] == "interrupted"
