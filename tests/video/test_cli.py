@@ -43,7 +43,6 @@ def test_output_file_needs_force(tmp_path: Path, synthetic_clip: Path) -> None:
         (["/no/such/video.mp4", "--shots-only"], 2),
         (["{clip}", "--shots-only", "--format", "xml"], 2),
         (["{clip}", "{clip}", "--shots-only", "--format", "edl"], 2),
-        (["{clip}", "--model", "/no/such/checkpoint"], 2),
         (["{clip}", "--shots-only", "--verify-shots"], 2),
     ],
 )

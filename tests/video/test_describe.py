@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from kimivl_cli.video.describe import chat_messages
+from kimivl_cli.errors import KimivlError
+from kimivl_cli.video.describe import EngineDescribe, chat_messages
 from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
 from kimivl_cli.video.scenes import TimedFrame, scenes_prompt
 from kimivl_cli.video.shots import Boundary, Candidate, ShotList, shots_from_boundaries, with_confirmed
@@ -66,3 +68,10 @@ def test_prompt_file_replaces_the_scene_prompt(bikes_mp4: Path, tmp_path: Path) 
     options = VideoScenesOptions(max_frames=2, prompt_file=custom)
     video_scenes(bikes_mp4, options, lambda frames, prompt: seen.append(prompt) or "")
     assert seen == ["Custom: 2 frames, $unknown stays."]
+
+
+def test_engine_opens_on_first_call_and_bad_models_are_user_errors() -> None:
+    describe = EngineDescribe("/no/such/checkpoint", device="cpu")  # constructing it loads nothing
+    with pytest.raises(KimivlError) as failed:
+        describe([], "prompt")
+    assert failed.value.exit_code == 2 and "/no/such/checkpoint" in failed.value.one_line()
