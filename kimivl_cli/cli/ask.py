@@ -114,9 +114,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Ask about images, PDFs, videos and text files; the question comes last (or on stdin).
 
-        Examples: kimivl ask chart.png "Which quarter grew most?"  ·  kimivl ask manual.pdf --pages 3-5
-        "Summarise"  ·  kimivl ask talk.mp4 --frames 16 "When does the demo start?"  ·
-        cat scan.png | kimivl ask - "Transcribe"  ·  echo "What is this?" | kimivl ask photo.jpg
+        \b
+        Examples:
+          kimivl ask chart.png "Which quarter grew most?"
+          kimivl ask manual.pdf --pages 3-5 "Summarise"
+          kimivl ask talk.mp4 --frames 16 "When does the demo start?"
+          cat scan.png | kimivl ask - "Transcribe" --json
+          echo "What is this?" | kimivl ask photo.jpg
         """
         from kimivl_cli.render import Output
         from kimivl_cli.tasks.ask import MediaOptions, build_prompt, read_inputs, resolve, split_question

@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
     @app.command("chat")
     def _command(
         inputs: Annotated[
-            Optional[list[str]], typer.Argument(help="Images, PDFs, videos or text files for the first question.")
+            Optional[list[str]],
+            typer.Argument(help="Images, PDFs, videos or text files for the first question.", metavar="INPUT"),
         ] = None,
         system: SystemOpt = None,
         prompt_file: PromptFileOpt = None,
@@ -85,9 +86,11 @@ def register(app: typer.Typer) -> None:
         quant: QuantOpt = "none",
         quiet: QuietOpt = False,
     ) -> None:
-        """Chat about images, PDFs and videos; /help lists the commands (/image, /pdf, /reset, /save, ...).
+        """Chat about images, PDFs and videos; /help lists the commands.
 
-        Example: kimivl chat report.pdf --pages 1-3
+        \b
+        Commands: /image PATH, /pdf PATH [PAGES], /reset, /save FILE, /thinking on|off, /help, /exit
+        Example:  kimivl chat report.pdf --pages 1-3
         """
         from kimivl_cli.render import Output, Transcript
         from kimivl_cli.tasks.ask import MediaOptions

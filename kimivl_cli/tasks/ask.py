@@ -16,6 +16,7 @@ then the question. Nothing here prints: notes for the user (which pages, why) co
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -99,8 +100,6 @@ def split_question(args: Sequence[str], stdin_is_tty: bool, read_stdin: Callable
     input and the question is read from stdin, which must then be a pipe not used as an input
     (`echo "What is it?" | kimivl ask a.png`).
     """
-    import os
-
     if not args:
         raise InputError("no question given", 'usage: kimivl ask [INPUT...] "QUESTION"')
     if args[-1] == "-":
