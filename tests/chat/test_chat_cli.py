@@ -19,7 +19,9 @@ ENV = {"PATH": "/usr/bin:/bin", "TERM": "xterm-256color", "OMP_NUM_THREADS": "1"
 
 def _spawn(checkpoint: Path) -> pexpect.spawn:
     args = ["-m", "kimivl_cli", "chat", "--model", str(checkpoint), "--max-tokens", "4", "--seed", "0"]
-    return pexpect.spawn(sys.executable, args, encoding="utf-8", timeout=120, env=ENV, dimensions=(40, 120))
+    return pexpect.spawn(
+        sys.executable, args, encoding="utf-8", codec_errors="replace", timeout=120, env=ENV, dimensions=(40, 120)
+    )
 
 
 def _command(child: pexpect.spawn, line: str, reply: str | None = None) -> None:
