@@ -121,7 +121,11 @@ def test_ctrl_c_flushes_what_was_streamed_and_exits_130(tiny_checkpoint: Path) -
 
     args = ["-m", "kimivl_cli", "ask", str(CHART), "Describe", "--model", str(tiny_checkpoint), "--jsonl"]
     child = pexpect.spawn(
-        sys.executable, [*args, "--max-tokens", "20000"], encoding="utf-8", codec_errors="replace", timeout=120
+        sys.executable,
+        [*args, "--max-tokens", "20000", "--temperature", "0"],
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=120,
     )
     try:
         child.expect_exact('{"kind": "answer"')  # generation is under way
