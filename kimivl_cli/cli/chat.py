@@ -126,18 +126,23 @@ def register(app: typer.Typer) -> None:
                 command = parse_command(line)
                 if command is None:
                     messages, images = conversation.request(line)
-                    events = engine.generate(
-                        messages,
-                        images,
-                        params,
-                        show_thinking=output.show_thinking is not False,
-                        max_context=max_context,
-                    )
                     transcript = Transcript()
                     try:
+                        events = engine.generate(
+                            messages,
+                            images,
+                            params,
+                            show_thinking=output.show_thinking is not False,
+                            max_context=max_context,
+                        )
                         output.stream(events, transcript)
                     except KeyboardInterrupt:
                         output.note("interrupted")
+                    except KimivlError:
+                        # e.g. the attachments overflow the context: drop them, or every question would fail
+                        if dropped := conversation.drop_pending():
+                            output.note(f"dropped the attachments ({', '.join(dropped)}); attach fewer pages or frames")
+                        raise
                     conversation.commit(line, transcript.thinking, transcript.answer)
                 elif command.name in ("exit", "quit"):
                     break

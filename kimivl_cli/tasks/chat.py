@@ -102,6 +102,12 @@ class Conversation:
         self.attachments.append(self.pending_names)
         self.pending, self.pending_names = [], []
 
+    def drop_pending(self) -> list[str]:
+        """Forget the attachments waiting for the next question; -> their names."""
+        names = self.pending_names
+        self.pending, self.pending_names = [], []
+        return names
+
     def reset(self) -> None:
         self.history, self.images, self.pending, self.pending_names, self.attachments = [], [], [], [], []
 

@@ -75,3 +75,5 @@ def test_bad_attachments_leave_the_pending_list_alone(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nothing to attach"):
         chat.attach([])
     assert chat.pending == [] and chat.pending_names == []
+    chat.attach([str(CHART)])
+    assert chat.drop_pending() == [str(CHART)] and chat.pending == []
