@@ -173,8 +173,8 @@ def anchor_output(bench: Path, pdf: str, page: int) -> str:
 
 def text_output(bench: Path, pdf: str, page: int) -> str:
     """Our `--method text` Markdown of one page, through the task API (no model)."""
+    from kimivl_cli.media import resolve_inputs
     from kimivl_cli.tasks.ocr import OcrOptions, plan_pages
-    from kimivl_cli.tasks.ocr._media_stopgap import resolve_inputs
     from kimivl_cli.tasks.ocr.pipeline import ocr_page
 
     options = OcrOptions(method="text", pages=str(page))

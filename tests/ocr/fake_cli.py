@@ -23,5 +23,5 @@ def fake_generate(messages: list[dict], images: list) -> str:
     return f"Here is the markdown:\n```markdown\n# Fake page {images[0].size}\nanchored={anchored}\n```"
 
 
-ocr.load_generate = lambda model, device: fake_generate
+ocr.load_generate = lambda *args, **kwargs: fake_generate
 cli.main()

@@ -18,14 +18,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.media import MediaInput, MediaKind, PdfDocument, load_images, parse_page_range
 from kimivl_cli.tasks.ocr import textlayer
-from kimivl_cli.tasks.ocr._media_stopgap import MediaInput, PdfDocument, load_images, parse_page_range
 from kimivl_cli.tasks.ocr.output import PageKey, PageRecord, PageSink
 from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE, clean_markdown
 from kimivl_cli.tasks.ocr.prompts import anchor_text, ocr_messages
@@ -61,6 +62,7 @@ class OcrOptions:
     max_side: int | None = None
     password: str | None = None
     keep_headers: bool = False
+    prompt_file: Path | None = None  # the user's instruction instead of prompts/ocr*.md
     processor: ImageProcessorConfig | None = None  # None: the official config (loaded with the model path only)
 
     def processor_config(self) -> ImageProcessorConfig:
@@ -92,7 +94,7 @@ class PageJob:
 
 
 def display_name(source: MediaInput) -> str:
-    return "stdin" if source.name == "-" else source.name
+    return "stdin" if source.path is None else source.name
 
 
 def plan_pages(sources: Sequence[MediaInput], options: OcrOptions) -> list[PageJob]:
@@ -100,7 +102,7 @@ def plan_pages(sources: Sequence[MediaInput], options: OcrOptions) -> list[PageJ
     jobs: list[PageJob] = []
     for source in sources:
         name = display_name(source)
-        if source.kind == "pdf":
+        if source.kind is MediaKind.PDF:
             doc = PdfDocument(source, password=options.password)
             indices = parse_page_range(options.pages, doc.page_count) if options.pages else range(doc.page_count)
             style: list[textlayer.DocumentStyle] = []
@@ -169,7 +171,7 @@ def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> Pa
     if method == "auto":
         rect = job.doc.page(job.index).rect
         anchors = anchor_text(words, rect.width, rect.height)
-    answer = generate(ocr_messages(anchors), [image])
+    answer = generate(ocr_messages(anchors, options.prompt_file), [image])
     result = answer if isinstance(answer, Generation) else Generation(answer)
     tokens = result.prompt_tokens + result.completion_tokens
     tokens = tokens or image_token_count(image.width, image.height, options.processor_config())

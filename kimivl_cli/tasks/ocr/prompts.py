@@ -6,16 +6,13 @@ copy exact strings and follow the reading order while it reads layout from the i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from functools import cache
 from itertools import groupby
 from pathlib import Path
 from typing import Protocol
 
-from kimivl_cli.errors import RuntimeFailure
+from kimivl_cli.prompts import load_prompt
 
-PROMPTS_DIR = Path(os.environ.get("KIMIVL_PROMPTS", Path(__file__).resolve().parents[3] / "prompts"))
 ANCHOR_CHARS = 6000  # ~1.5k tokens: a page's worth of text without crowding the image out
 
 
@@ -25,15 +22,6 @@ class WordLike(Protocol):
     text: str
     block: int
     line: int
-
-
-@cache
-def load_prompt(name: str) -> str:
-    path = PROMPTS_DIR / f"{name}.md"
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError:
-        raise RuntimeFailure(f"prompt file {path} is missing", "reinstall kimivl or set KIMIVL_PROMPTS") from None
 
 
 def anchor_text(words: Sequence[WordLike], width: float, height: float, limit: int = ANCHOR_CHARS) -> str:
@@ -58,7 +46,14 @@ def anchor_text(words: Sequence[WordLike], width: float, height: float, limit: i
     return "\n".join([head, *kept_head, "[...]", *reversed(kept_tail)])
 
 
-def ocr_messages(anchors: str | None) -> list[dict]:
-    """The chat for one page: the page image first, then the instruction (with anchors if any)."""
-    prompt = load_prompt("ocr") if anchors is None else load_prompt("ocr_anchored").replace("{anchors}", anchors)
+def ocr_messages(anchors: str | None, prompt_file: Path | None = None) -> list[dict]:
+    """The chat for one page: the page image first, then the instruction (with anchors if any).
+
+    A `--prompt-file` replaces both templates: its `{anchors}` placeholder receives the anchors,
+    or, without one, the anchors follow the user's text.
+    """
+    template = load_prompt("ocr.md" if anchors is None else "ocr_anchored.md", prompt_file).strip()
+    prompt = template
+    if anchors is not None:
+        prompt = template.replace("{anchors}", anchors) if "{anchors}" in template else f"{template}\n\n{anchors}"
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
