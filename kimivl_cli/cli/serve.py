@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -11,6 +12,10 @@ import typer
 from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuantOpt, QuietOpt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:
@@ -61,6 +66,7 @@ def register(app: typer.Typer) -> None:
             queue_size=queue_size,
             model_name=served_model_name or model,
         )
+        signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as on Ctrl-C
         print(f"serving {server.model_name} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
         try:
             server.serve_forever(poll_interval=0.2)
