@@ -1,26 +1,23 @@
-"""Run the real `kimivl` CLI in a subprocess, optionally with the fake model behind the OCR seam."""
+"""The real `kimivl` CLI in a subprocess, and the fake model the OCR tests put behind its seam."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
+import time
 from pathlib import Path
 
 FAKE_CLI = Path(__file__).with_name("fake_cli.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def fake_generate(messages: list[dict], images: list) -> str:
+    """A fenced transcription naming the image size (so post-processing runs), after `FAKE_OCR_DELAY` s."""
+    time.sleep(float(os.environ.get("FAKE_OCR_DELAY", "0")))
+    anchored = "ANCHORS:" in messages[0]["content"][-1]["text"]
+    return f"Here is the markdown:\n```markdown\n# Fake page {images[0].size}\nanchored={anchored}\n```"
+
+
 def kimivl_command(*args: str, fake_model: bool = False) -> list[str]:
     prefix = [sys.executable, str(FAKE_CLI)] if fake_model else [sys.executable, "-m", "kimivl_cli"]
     return [*prefix, *map(str, args)]
-
-
-def kimivl(*args: object, fake_model: bool = False, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        kimivl_command(*map(str, args), fake_model=fake_model),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-    )

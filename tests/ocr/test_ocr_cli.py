@@ -1,4 +1,5 @@
-"""`kimivl ocr` through the real CLI in subprocesses (the model is a fake where one is needed)."""
+"""`kimivl ocr` through the real CLI (`cli.main`), in-process except where a signal must reach a
+process; the model is a fake where one is needed (tests/ocr/test_ocr_model.py runs the real engine)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pymupdf
 import pytest
 from conftest import make_pdf
-from ocr_helpers import ROOT, kimivl, kimivl_command
+from ocr_helpers import ROOT, fake_generate, kimivl_command
 from PIL import Image
 
 from kimivl_cli.tasks.ocr.output import truncate_to_complete
@@ -32,8 +33,8 @@ def page_keys(path: Path) -> list[tuple[str, int]]:
     return [(r["file"], r["page"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
-def test_text_method_keeps_every_word_of_the_text_layer(libtasn1_pdf: Path) -> None:
-    result = kimivl("ocr", libtasn1_pdf, "--method", "text", "--keep-headers")
+def test_text_method_keeps_every_word_of_the_text_layer(run_kimivl, libtasn1_pdf: Path) -> None:
+    result = run_kimivl("ocr", libtasn1_pdf, "--method", "text", "--keep-headers")
     assert result.returncode == 0, result.stderr
     sections = re.split(r"^<!-- page: .* \d+ crc32=[0-9a-f]{8} -->$", result.stdout, flags=re.MULTILINE)[1:]
     doc = pymupdf.open(libtasn1_pdf)
@@ -42,44 +43,46 @@ def test_text_method_keeps_every_word_of_the_text_layer(libtasn1_pdf: Path) -> N
         assert words(markdown) == words(page.get_text()), f"page {page.number + 1}"
 
 
-def test_headers_and_page_numbers_dropped_by_default(libtasn1_pdf: Path) -> None:
-    result = kimivl("ocr", libtasn1_pdf, "--method", "text", "--pages", "14")
+def test_headers_and_page_numbers_dropped_by_default(run_kimivl, libtasn1_pdf: Path) -> None:
+    result = run_kimivl("ocr", libtasn1_pdf, "--method", "text", "--pages", "14")
     assert result.returncode == 0, result.stderr
     assert "Chapter 4: Function reference" not in result.stdout  # the running head
     assert not re.search(r"^12$", result.stdout, flags=re.MULTILINE)  # the page number
     assert "asn1_" in result.stdout
 
 
-def test_jsonl_pages_then_resume_does_nothing(libtasn1_pdf: Path, tmp_path: Path) -> None:
+def test_jsonl_pages_then_resume_does_nothing(run_kimivl, libtasn1_pdf: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    first = kimivl("ocr", libtasn1_pdf, "--pages", "1-3", "--jsonl", "--method", "text", "-o", out)
+    first = run_kimivl("ocr", libtasn1_pdf, "--pages", "1-3", "--jsonl", "--method", "text", "-o", out)
     assert first.returncode == 0, first.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["page"] for r in records] == [1, 2, 3]
     assert set(records[0]) == {"file", "page", "markdown", "method", "tokens", "seconds"}
     assert {r["method"] for r in records} == {"text"}
-    again = kimivl("ocr", libtasn1_pdf, "--pages", "1-3", "--jsonl", "--method", "text", "-o", out, "--resume")
+    again = run_kimivl("ocr", libtasn1_pdf, "--pages", "1-3", "--jsonl", "--method", "text", "-o", out, "--resume")
     assert again.returncode == 0, again.stderr
     assert "0 pages written" in again.stderr and "3 already there" in again.stderr
     assert len(out.read_text().splitlines()) == 3
 
 
-def test_existing_output_needs_force(libtasn1_pdf: Path, tmp_path: Path) -> None:
+def test_existing_output_needs_force(run_kimivl, libtasn1_pdf: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.md"
     out.write_text("precious\n")
-    refused = kimivl("ocr", libtasn1_pdf, "--pages", "1", "--method", "text", "-o", out)
+    refused = run_kimivl("ocr", libtasn1_pdf, "--pages", "1", "--method", "text", "-o", out)
     assert refused.returncode == 2 and "--force" in refused.stderr
     assert out.read_text() == "precious\n"
-    forced = kimivl("ocr", libtasn1_pdf, "--pages", "1", "--method", "text", "-o", out, "--force")
+    forced = run_kimivl("ocr", libtasn1_pdf, "--pages", "1", "--method", "text", "-o", out, "--force")
     assert forced.returncode == 0 and out.read_text().startswith("<!-- page: ")
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "jsonl"])
-def test_sigint_keeps_finished_pages_and_resume_completes(libtasn1_pdf: Path, tmp_path: Path, fmt: str) -> None:
+def test_sigint_keeps_finished_pages_and_resume_completes(
+    run_kimivl, libtasn1_pdf: Path, tmp_path: Path, fmt: str
+) -> None:
     out = tmp_path / f"out.{fmt}"
     args = ["ocr", libtasn1_pdf, "--pages", "5-9", "--method", "vision", "-o", out, "--dpi", "20"]
     args += ["--jsonl"] if fmt == "jsonl" else []
-    env = {**os.environ, "FAKE_OCR_DELAY": "0.7"}
+    env = {**os.environ, "FAKE_OCR_DELAY": "0.4"}
     proc = subprocess.Popen(
         kimivl_command(*map(str, args), fake_model=True), env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
@@ -93,7 +96,7 @@ def test_sigint_keeps_finished_pages_and_resume_completes(libtasn1_pdf: Path, tm
     assert proc.returncode == 130, stderr
     finished = truncate_to_complete(out, fmt)  # type: ignore[arg-type]
     assert 2 <= len(finished) < 5
-    resumed = kimivl(*args, "--resume", fake_model=True)
+    resumed = run_kimivl(*args, "--resume", generate=fake_generate)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{5 - len(finished)} pages written" in resumed.stderr
     if fmt == "jsonl":
@@ -103,7 +106,7 @@ def test_sigint_keeps_finished_pages_and_resume_completes(libtasn1_pdf: Path, tm
     assert sorted(p for _, p in keys) == [5, 6, 7, 8, 9]  # each page once
 
 
-def test_folder_of_mixed_files_in_stable_order(tmp_path: Path, ocr_bench_dir: Path) -> None:
+def test_folder_of_mixed_files_in_stable_order(run_kimivl, tmp_path: Path, ocr_bench_dir: Path) -> None:
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     shutil.copy(ocr_bench_dir / "pdfs" / "olmo2-pg4.pdf", folder / "b.pdf")
@@ -112,7 +115,7 @@ def test_folder_of_mixed_files_in_stable_order(tmp_path: Path, ocr_bench_dir: Pa
     Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)).save(folder / "c.png")
     (folder / "notes.txt").write_text("not a document")
     out = tmp_path / "out.jsonl"
-    result = kimivl("ocr", folder, "--jsonl", "-o", out, fake_model=True)
+    result = run_kimivl("ocr", folder, "--jsonl", "-o", out, generate=fake_generate)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     names = [(Path(r["file"]).relative_to(folder).as_posix(), r["page"], r["method"]) for r in records]
@@ -126,9 +129,9 @@ def test_folder_of_mixed_files_in_stable_order(tmp_path: Path, ocr_bench_dir: Pa
     assert all(r["tokens"] > 0 for r in records)
 
 
-def test_image_from_stdin_and_blank_pages(tmp_path: Path) -> None:
+def test_blank_pages_are_skipped(run_kimivl, tmp_path: Path) -> None:
     pdf = make_pdf(tmp_path / "blank.pdf", ["", "hello world"])
-    result = kimivl("ocr", pdf, "--method", "text", "--jsonl")
+    result = run_kimivl("ocr", pdf, "--method", "text", "--jsonl")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["page"], r["method"]) for r in records] == [(1, "blank"), (2, "text")]
@@ -138,7 +141,7 @@ def test_image_from_stdin_and_blank_pages(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "case", ["encrypted", "corrupt", "bad range", "range past the end", "missing file", "bad method"]
 )
-def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
+def test_bad_inputs_exit_2_with_one_line(run_kimivl, tmp_path: Path, case: str) -> None:
     pdf = make_pdf(tmp_path / "ok.pdf", ["one", "two"])
     args: list[object] = ["ocr", pdf, "--method", "text"]
     if case == "encrypted":
@@ -156,17 +159,34 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
         args[1] = tmp_path / "nope.pdf"
     else:
         args[3] = "ocr-magic"
-    result = kimivl(*args)
+    result = run_kimivl(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert result.stdout == ""
 
 
-def test_encrypted_pdf_opens_with_password(tmp_path: Path) -> None:
+def test_encrypted_pdf_opens_with_password(run_kimivl, tmp_path: Path) -> None:
     pdf = make_pdf(
         tmp_path / "locked.pdf", ["secret words"], encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="pw", owner_pw="pw"
     )
-    result = kimivl("ocr", pdf, "--method", "text", "--password", "pw")
+    result = run_kimivl("ocr", pdf, "--method", "text", "--password", "pw")
     assert result.returncode == 0, result.stderr
     assert "secret words" in result.stdout
+
+
+def test_prompt_file_replaces_the_instruction(run_kimivl, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "doc.pdf", ["anchor words here"])
+    seen: list[str] = []
+
+    def generate(messages: list[dict], images: list) -> str:
+        seen.append(messages[0]["content"][-1]["text"])
+        return "ok"
+
+    (tmp_path / "mine.md").write_text("Transcribe it my way.\n")
+    result = run_kimivl("ocr", pdf, "--prompt-file", tmp_path / "mine.md", generate=generate)
+    assert result.returncode == 0, result.stderr
+    assert seen[0].startswith("Transcribe it my way.") and "anchor words here" in seen[0]  # anchors appended
+    missing = run_kimivl("ocr", pdf, "--prompt-file", tmp_path / "nope.md", generate=generate)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read prompt file")
+    assert len(seen) == 1
