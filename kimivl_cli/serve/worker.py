@@ -81,6 +81,13 @@ class Worker:
                     self.running = False
                     self.served += 1
             job.outbox.put(END)
+        while True:  # stopping: whoever still waits gets an answer, not a hang
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            job.outbox.put(RuntimeFailure("the server is shutting down"))
+            job.outbox.put(END)
 
     def _run(self, job: Job) -> None:
         req = job.request

@@ -332,3 +332,18 @@ def test_threads_do_not_leak(start_server) -> None:
     for _ in range(5):
         assert http("POST", server.url + "/chat/completions", _body())[0] == 200
     assert threading.active_count() <= before + 3  # serve loop + worker (+ a handler finishing)
+
+
+def test_waiting_requests_are_answered_when_the_worker_stops() -> None:
+    from kimivl_cli.serve.protocol import parse_request
+    from kimivl_cli.serve.worker import Worker
+
+    backend = ScriptedBackend(answer="a b c", delay=0.1)
+    worker = Worker(backend, queue_size=2)
+    request = parse_request(_body(), allow_local_files=False)
+    running = worker.submit(request)
+    _wait(lambda: worker.running)
+    waiting = worker.submit(request)
+    worker.close()
+    assert [type(item).__name__ for item in waiting.items()] == ["RuntimeFailure"]
+    assert all(not isinstance(item, Exception) for item in running.items())  # ends, no hang
