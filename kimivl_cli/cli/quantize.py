@@ -16,8 +16,10 @@ _MODES = ("nf4", "int8")
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize(
-        src: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (bf16, official format).")],
-        dst: Annotated[Path, typer.Argument(help="Folder to write the quantized checkpoint to.")],
+        src: Annotated[
+            str, typer.Argument(metavar="SRC", help="Checkpoint folder or Hub repo id (bf16, official format).")
+        ],
+        dst: Annotated[Path, typer.Argument(metavar="DST", help="Folder to write the quantized checkpoint to.")],
         quant: Annotated[str, typer.Option("--quant", help="nf4 (4-bit) or int8.", case_sensitive=False)] = "nf4",
         force: Annotated[bool, typer.Option("--force", help="Replace the weights already in DST.")] = False,
     ) -> None:

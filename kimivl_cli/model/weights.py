@@ -356,7 +356,9 @@ def load_model(
     try:
         quantize_linears_(model.language_model, stored if stored != "none" else quant, device)
     except ValueError as exc:  # NF4 needs inner dims in multiples of its 64-weight blocks
-        raise CheckpointError(f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8 or none") from None
+        raise CheckpointError(
+            f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8, or no quantization"
+        ) from None
     materialize(model, dtype, device)
     load_checkpoint(model, folder)
     return model.eval(), config
