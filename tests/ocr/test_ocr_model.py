@@ -90,3 +90,31 @@ def _ink_image() -> Image.Image:
         for y in range(20, 60):
             image.putpixel((x, y), (0, 0, 0))
     return image
+
+
+def test_load_generate_keeps_the_answer_and_the_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seam over the engine: reasoning dropped, answer joined, token counts from Done.usage,
+    the command's sampling options passed on."""
+    from kimivl_cli.cli import ocr
+    from kimivl_cli.engine.events import AnswerDelta, Done, ThinkingDelta, Usage
+    from kimivl_cli.engine.sampling import SamplingParams
+    from kimivl_cli.tasks import backend
+
+    class StubEngine:
+        defaults = SamplingParams()
+
+        def generate(self, messages, images, params, show_thinking=True):
+            self.params = params
+            yield ThinkingDelta("let me look")
+            yield AnswerDelta("# Title")
+            yield AnswerDelta("\nbody")
+            yield Done(usage=Usage(prompt_tokens=120, image_tokens=80, thinking_tokens=5, answer_tokens=4))
+
+    engine = StubEngine()
+    opened: list[tuple] = []
+    monkeypatch.setattr(backend, "open_engine", lambda *args: opened.append(args) or engine)
+    generate = ocr.load_generate("ckpt", "cpu", "nf4", max_tokens=7, temperature=0.0, thinking_budget=3)
+    result = generate([{"role": "user", "content": [{"type": "image"}]}], [Image.new("RGB", (8, 8))])
+    assert result == Generation("# Title\nbody", 120, 9)
+    assert opened == [("ckpt", "cpu", "nf4")]
+    assert (engine.params.max_new_tokens, engine.params.temperature, engine.params.thinking_budget) == (7, 0.0, 3)
