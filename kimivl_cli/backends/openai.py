@@ -22,7 +22,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kimivl_cli.backends import ChatOptions
@@ -237,14 +237,16 @@ class OpenAIBackend:
                 self._sleep(self._delay(attempt, getattr(exc, "delay", None)))
 
     def _first_model(self) -> str:
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while True:
             try:
                 conn, response = self._open("GET", "/models", None)
                 try:
                     data = json.loads(response.read())
                 finally:
                     conn.close()
-                models = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+                listed = data.get("data") if isinstance(data, dict) else None
+                models = [m.get("id") for m in listed or [] if isinstance(m, dict)]
                 if not models or not isinstance(models[0], str):
                     raise RuntimeFailure(f"{self.api_base}/models lists no model", "pass --model NAME")
                 return models[0]
@@ -252,7 +254,7 @@ class OpenAIBackend:
                 if attempt == self.max_retries:
                     raise RuntimeFailure(f"cannot list the models of {self.api_base}: {exc}") from None
                 self._sleep(self._delay(attempt, getattr(exc, "delay", None)))
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _open(
         self, method: str, path: str, body: bytes | None
@@ -276,9 +278,8 @@ class OpenAIBackend:
             raise
         conn.close()
         self._raise_for_status(response, path, text)
-        raise AssertionError("unreachable")
 
-    def _raise_for_status(self, response: http.client.HTTPResponse, path: str, text: bytes) -> None:
+    def _raise_for_status(self, response: http.client.HTTPResponse, path: str, text: bytes) -> NoReturn:
         status = response.status
         message = _error_message(text)
         where = f"{self.api_base}{path}"
