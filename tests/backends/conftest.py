@@ -78,7 +78,7 @@ class FakeServer:
                 self.close_connection = True
                 for i, chunk in enumerate(step.chunks):
                     if step.cut_after is not None and i == step.cut_after:
-                        self.wfile.write(b"data: {\"choi")  # half an event, then the connection goes
+                        self.wfile.write(b'data: {"choi')  # half an event, then the connection goes
                         return
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     self.wfile.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import time
 
 import jsonschema
@@ -17,7 +18,6 @@ from kimivl_cli.backends.openai import OpenAIBackend, _DeltaParser
 from kimivl_cli.engine.events import AnswerDelta, Done, ThinkingDelta
 from kimivl_cli.engine.stream import split_thinking_text
 from kimivl_cli.errors import InputError, RuntimeFailure
-
 from tests.backends.conftest import Step, sse_chunks
 
 # The documented shape of a chat-completions request (platform.openai.com API reference), limited
@@ -57,7 +57,10 @@ CHAT_REQUEST_SCHEMA = {
                                                     "type": "object",
                                                     "required": ["url"],
                                                     "properties": {
-                                                        "url": {"type": "string", "pattern": "^data:image/[a-z]+;base64,[A-Za-z0-9+/]+=*$"},
+                                                        "url": {
+                                                            "type": "string",
+                                                            "pattern": "^data:image/[a-z]+;base64,[A-Za-z0-9+/]+=*$",
+                                                        },
                                                         "detail": {"enum": ["auto", "low", "high"]},
                                                     },
                                                     "additionalProperties": False,
@@ -229,7 +232,7 @@ def _parse(deltas: list[dict]) -> tuple[str, str]:
 def test_markers_in_content_split_as_the_engine_does(thinking: str, answer: str, cuts: list[int]) -> None:
     text = f"◁think▷{thinking}◁/think▷{answer}"
     points = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [{"content": text[a:b]} for a, b in zip(points, points[1:])]
+    pieces = [{"content": text[a:b]} for a, b in itertools.pairwise(points)]
     assert _parse(pieces) == split_thinking_text(text)
 
 
