@@ -17,6 +17,7 @@ from kimivl_cli.cli.common import (
     DeviceOpt,
     MaxTokensOpt,
     ModelOpt,
+    PasswordOpt,
     QuantOpt,
     QuietOpt,
     TemperatureOpt,
@@ -100,7 +101,7 @@ def register(app: typer.Typer) -> None:
         max_side: Annotated[
             Optional[int], typer.Option("--max-side", help="Render PDF pages with this longest side (pixels).", min=28)
         ] = None,
-        password: Annotated[Optional[str], typer.Option("--password", help="Password of encrypted PDFs.")] = None,
+        password: PasswordOpt = None,
         keep_headers: Annotated[
             bool, typer.Option("--keep-headers", help="Keep running headers, footers, page numbers.")
         ] = False,
