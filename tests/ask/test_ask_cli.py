@@ -29,7 +29,7 @@ def ask(tiny_checkpoint: Path):
     def run(*args: str, stdin: bytes | None = b"") -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "kimivl_cli", "ask", *args, "--model", str(tiny_checkpoint)]
         env = {"PATH": "/usr/bin:/bin", "NO_COLOR": "", "TERM": "xterm", "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, input=stdin, capture_output=True, timeout=180, env=env)
+        result = subprocess.run(command, input=stdin, capture_output=True, timeout=300, env=env)
         return subprocess.CompletedProcess(
             result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
         )
@@ -125,7 +125,7 @@ def test_ctrl_c_flushes_what_was_streamed_and_exits_130(tiny_checkpoint: Path) -
         [*args, "--max-tokens", "20000", "--temperature", "0"],
         encoding="utf-8",
         codec_errors="replace",
-        timeout=120,
+        timeout=300,
     )
     try:
         child.expect_exact('{"kind": "answer"')  # generation is under way

@@ -20,7 +20,7 @@ ENV = {"PATH": "/usr/bin:/bin", "TERM": "xterm-256color", "OMP_NUM_THREADS": "1"
 def _spawn(checkpoint: Path) -> pexpect.spawn:
     args = ["-m", "kimivl_cli", "chat", "--model", str(checkpoint), "--max-tokens", "4", "--seed", "0"]
     return pexpect.spawn(
-        sys.executable, args, encoding="utf-8", codec_errors="replace", timeout=120, env=ENV, dimensions=(40, 120)
+        sys.executable, args, encoding="utf-8", codec_errors="replace", timeout=300, env=ENV, dimensions=(40, 120)
     )
 
 
@@ -90,7 +90,7 @@ def test_piped_lines_give_plain_answers_and_a_failed_step_sets_the_exit_code(
         ],
         input=script.encode(),
         capture_output=True,
-        timeout=180,
+        timeout=300,
         env={**ENV, "NO_COLOR": "1"},
     )
     stdout, stderr = result.stdout.decode(), result.stderr.decode()
