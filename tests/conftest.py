@@ -16,6 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KIMIVL_SHARED", ROOT.parent / "shared"))
 
+# Without a GPU the Triton kernels run under the interpreter. The switch must be on before
+# anything imports triton: `import triton` decorates its own library functions (tl.sigmoid...)
+# once, and a kernel calling a compiled one fails. Other test modules import triton indirectly
+# (transformers, bitsandbytes), so this lives in the first conftest pytest loads.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)

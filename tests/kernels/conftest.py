@@ -1,17 +1,12 @@
 """Kernel tests run the real Triton kernels: on a GPU if present, else under the Triton interpreter.
 
-TRITON_INTERPRET must be set before Triton compiles anything, hence at import time here.
+The interpreter switch (TRITON_INTERPRET) is set in the root conftest, before anything imports triton.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
