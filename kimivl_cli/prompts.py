@@ -1,7 +1,8 @@
 """Prompt templates live as Markdown files in the repository's `prompts/` folder.
 
-Users override one with `--prompt-file` (per command) or point `KIMIVL_PROMPTS` at a
-folder of their own. Lookup order: `KIMIVL_PROMPTS`, then the checkout's `prompts/`.
+The package reaches them through `kimivl_cli/prompt_templates` (a link to `prompts/`, copied
+into wheels as package data). Users override one with `--prompt-file` (per command) or point
+`KIMIVL_PROMPTS` at a folder of their own. Lookup order: `KIMIVL_PROMPTS`, then the bundled ones.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from pathlib import Path
 
 from kimivl_cli.errors import InputError, RuntimeFailure
 
-REPO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompt_templates"
 
 
 def prompts_dir() -> Path:
-    return Path(os.environ.get("KIMIVL_PROMPTS") or REPO_PROMPTS)
+    return Path(os.environ.get("KIMIVL_PROMPTS") or BUNDLED_PROMPTS)
 
 
 def load_prompt(name: str, override: str | Path | None = None) -> str:
