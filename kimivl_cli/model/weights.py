@@ -45,6 +45,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja"]
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANT_MODES = ("none", "nf4", "int8")
+# --quant auto keeps bf16 while the weights take at most this share of the device's memory
+# (the rest is for activations, the cache and, on CPU, everything else running); beyond it, nf4.
+AUTO_WEIGHT_SHARE = 0.7
 QUANT_METADATA_KEY = "kimivl_quant"  # safetensors `__metadata__` entry of a pre-quantized checkpoint
 SHARD_BYTES = 4 << 30  # shard size `save_quantized` writes
 
@@ -328,6 +331,33 @@ def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
                 del tensor
 
 
+def device_memory_bytes(device: torch.device | str) -> int:
+    """Memory weights may use on `device`: a GPU's total memory, or the host's available memory for CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: total physical memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_quant(config: KimiVLConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[str, str]:
+    """`--quant auto`: ("none", why) when the unquantized model fits `AUTO_WEIGHT_SHARE` of the
+    device's memory, else ("nf4", why). Kimi-VL A3B (16.4B, 33 GB in bf16) is nf4 on a 24 GB GPU or
+    a 24 GB host and bf16 on an 80 GB GPU. O(parameters) on the meta device, no memory used."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in KimiVL(config).parameters())
+    weight_bytes = params * dtype.itemsize
+    budget = device_memory_bytes(device)
+    gib = f"{weight_bytes / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights"
+    if weight_bytes <= AUTO_WEIGHT_SHARE * budget:
+        return "none", f"{gib} fit in {budget / 2**30:.1f} GiB ({torch.device(device).type})"
+    return "nf4", f"{gib} do not fit in {budget / 2**30:.1f} GiB ({torch.device(device).type}): quantizing to nf4"
+
+
 def load_model(
     path_or_repo: str | Path,
     *,
@@ -338,14 +368,17 @@ def load_model(
     """Build `KimiVL` from a checkpoint folder or Hub repo id, weights cast to `dtype` on `device`.
 
     quant "nf4" | "int8": the language model's linears (and, for nf4, its routed experts) are
-    quantized tensor by tensor while loading (see the module doc). A pre-quantized checkpoint loads
-    in the format it was saved in; asking for another one is a `CheckpointError`.
+    quantized tensor by tensor while loading (see the module doc); "auto": see `choose_quant`.
+    A pre-quantized checkpoint loads in the format it was saved in; asking for another one is a
+    `CheckpointError`.
     """
-    if quant not in QUANT_MODES:
-        raise InputError(f"unknown quantization {quant!r}", f"use one of {', '.join(QUANT_MODES)}")
+    if quant not in (*QUANT_MODES, "auto"):
+        raise InputError(f"unknown quantization {quant!r}", f"use one of auto, {', '.join(QUANT_MODES)}")
     folder = resolve_checkpoint(path_or_repo)
     config = KimiVLConfig.from_file(folder / "config.json")
     stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
+    if quant == "auto":
+        quant = stored if stored != "none" else choose_quant(config, dtype, device)[0]
     if stored != "none" and quant not in ("none", stored):
         raise CheckpointError(
             f"{folder} is pre-quantized as {stored}; it cannot be loaded as {quant}",
