@@ -3,13 +3,15 @@
 Both speak one interface, `ChatBackend.chat(messages, images, options) -> Iterator[Event]`, with
 the engine's events (`engine.events`): messages in the `processor.chat` format (one
 `{"type": "image"}` item per entry of `images`, in order), PIL images, thinking already split
-out. Tasks take a backend (or a callable built from one with `collect`) and never care which.
+out. Streaming tasks (ask, chat) take a backend; batch tasks (ocr, video-scenes) take an
+`AnswerOnly` over one, and never care which.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta
@@ -30,6 +32,7 @@ class ChatOptions:
     seed: int | None = None
     thinking_budget: int | None = None
     show_thinking: bool = True
+    max_context: int | None = None  # prompt + reply tokens; the local engine only (a server has its own limit)
 
 
 class ChatBackend(Protocol):
@@ -65,3 +68,32 @@ def collect(events: Iterable[Event]) -> Completion:
     if done is None:
         raise ValueError("the event stream ended without a Done event")
     return Completion("".join(thinking), "".join(answer), done)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A batch task's reply: the answer text and the request's token counts (0 when unknown)."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class AnswerOnly:
+    """`(messages, images) -> Generation` over a backend: one whole completion, reasoning dropped.
+
+    The one path from batch tasks to a model, local or remote. A Thinking model's reasoning
+    still counts in `completion_tokens`. At most `limit` requests run at once however many
+    threads call it (the others wait), so nested pools never exceed `--concurrency`.
+    """
+
+    def __init__(self, backend: ChatBackend, options: ChatOptions = ChatOptions(), limit: int = 1) -> None:
+        self.backend = backend
+        self.options = replace(options, show_thinking=False)
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def __call__(self, messages: Sequence[Message], images: Sequence[Image.Image]) -> Generation:
+        with self._slots:
+            reply = collect(self.backend.chat(messages, images, self.options))
+        usage = reply.done.usage
+        return Generation(reply.answer, usage.prompt_tokens, usage.completion_tokens)

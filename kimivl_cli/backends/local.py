@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from kimivl_cli.backends import ChatOptions
@@ -16,10 +17,31 @@ if TYPE_CHECKING:
 
 
 class LocalBackend:
-    """An `Engine` in this process: options become `SamplingParams` overrides of the checkpoint defaults."""
+    """An `Engine` in this process: options become `SamplingParams` overrides of the checkpoint defaults.
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    Give it an engine, or (`LocalBackend.lazy`) a function that opens one: then the weights load
+    on first use, so runs that never reach the model (`ocr --method text`, `--resume` with
+    everything done, early input errors) never pay for them. One engine runs one request at a
+    time: batch commands run it with concurrency 1.
+    """
+
+    def __init__(self, engine: Engine | None = None, *, opener: Callable[[], Engine] | None = None) -> None:
+        if (engine is None) == (opener is None):
+            raise TypeError("give an engine or an opener")
+        self._engine = engine
+        self._opener = opener
+        self._lock = threading.Lock()
+
+    @classmethod
+    def lazy(cls, opener: Callable[[], Engine]) -> LocalBackend:
+        return cls(opener=opener)
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._opener()
+            return self._engine
 
     @property
     def name(self) -> str:
@@ -28,11 +50,14 @@ class LocalBackend:
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ChatOptions()
     ) -> Iterator[Event]:
-        params = self.engine.defaults.with_overrides(
+        engine = self.engine
+        params = engine.defaults.with_overrides(
             max_new_tokens=options.max_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
             thinking_budget=options.thinking_budget,
         )
-        return self.engine.generate(messages, images, params, show_thinking=options.show_thinking)
+        return engine.generate(
+            messages, images, params, show_thinking=options.show_thinking, max_context=options.max_context
+        )

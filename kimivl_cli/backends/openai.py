@@ -20,6 +20,7 @@ import http.client
 import io
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -130,7 +131,7 @@ class OpenAIBackend:
     seconds the connection may stay silent (connect, or between two reads) before the attempt
     fails. `max_retries` retries after the first attempt, waiting `backoff` x 2^n seconds
     (full jitter, at most `max_backoff`). Safe to share between threads (nothing is shared
-    between requests but the model name).
+    between requests but the model name, looked up under a lock).
     """
 
     def __init__(
@@ -160,12 +161,15 @@ class OpenAIBackend:
         self.image_format = image_format
         self._sleep = sleep
         self._model = model
+        self._model_lock = threading.Lock()
 
     @property
     def name(self) -> str:
-        if self._model is None:
-            self._model = self._first_model()
-        return self._model
+        """The model asked for: `model`, else the server's first, listed once (not once per thread)."""
+        with self._model_lock:
+            if self._model is None:
+                self._model = self._first_model()
+            return self._model
 
     # --- requests ----------------------------------------------------------------------------
 

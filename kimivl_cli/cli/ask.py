@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.common import (
-    DEFAULT_MODEL,
-    DeviceOpt,
     JsonOpt,
-    MaxTokensOpt,
-    ModelOpt,
     PasswordOpt,
-    QuantOpt,
     QuietOpt,
-    SeedOpt,
     ShowThinkingOpt,
-    TemperatureOpt,
-    ThinkingBudgetOpt,
-    TopPOpt,
+    backend_options,
+    fold_options,
+    sampling_options,
 )
 from kimivl_cli.errors import InputError
 
 if TYPE_CHECKING:
-    from kimivl_cli.engine.engine import Engine
-    from kimivl_cli.engine.sampling import SamplingParams
-    from kimivl_cli.tasks.ask import Budget
+    from kimivl_cli.processor.image import ImageProcessorConfig
+    from kimivl_cli.processor.tokenizer import Tokenizer
+    from kimivl_cli.tasks.ask import Budget, MediaOptions
 
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: prompts/ask.md).")]
 PromptFileOpt = Annotated[
@@ -55,34 +51,52 @@ def system_prompt(system: str | None, prompt_file: Path | None) -> str:
     return system if system is not None else load_prompt("ask.md", prompt_file).strip()
 
 
-def sampling(
-    engine: Engine,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    thinking_budget: int | None,
-) -> SamplingParams:
-    """The checkpoint's defaults with the options the user gave."""
-    return engine.defaults.with_overrides(
-        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, thinking_budget=thinking_budget
-    )
+def _media_options(**flags: object) -> MediaOptions:
+    from kimivl_cli.tasks.ask import MediaOptions
+
+    return MediaOptions(**flags)  # type: ignore[arg-type]
 
 
-def context_budget(engine: Engine, params: SamplingParams, max_context: int | None) -> Budget:
-    """The tokens a prompt may use: the model's context or --max-context, minus room for the reply."""
+media_options = fold_options(
+    "media",
+    {"pages": (PagesOpt, None), "password": (PasswordOpt, None), "frames": (FramesOpt, None), "fps": (FpsOpt, None)},
+    _media_options,
+)
+"""Adds --pages/--password/--frames/--fps (how ask and chat read inputs); the command gets `media: MediaOptions`."""
+
+
+def prompt_fitting(
+    backend: ChatBackend, sampling: ChatOptions, max_context: int | None
+) -> tuple[ImageProcessorConfig, Tokenizer | None, Budget | None]:
+    """How prompts are sized for `backend`: its image processor, and the tokenizer and budget to fit PDFs.
+
+    The local engine counts tokens exactly, against its context or --max-context less room for
+    the reply. A server has no tokenizer here: images go at the official processor's size and
+    the server applies its own context limit (a prompt too long comes back as a clear error).
+    """
+    from kimivl_cli.backends.local import LocalBackend
+    from kimivl_cli.processor.image import ImageProcessorConfig
     from kimivl_cli.tasks.ask import Budget
 
+    if not isinstance(backend, LocalBackend):
+        if max_context is not None:
+            raise InputError("--max-context needs --backend local", "the server applies its own context limit")
+        return ImageProcessorConfig.official(), None, None
+    engine = backend.engine
+    reply = engine.defaults.with_overrides(max_new_tokens=sampling.max_tokens).max_new_tokens
     model_limit = engine.config.text.max_position_embeddings
     if max_context is not None and max_context < model_limit:
         limit, source = max_context, f"--max-context {max_context:,}"
     else:
         limit, source = model_limit, "the model's context"
-    return Budget(limit, min(params.max_new_tokens, limit // 4), source)
+    return engine.image_config, engine.tokenizer, Budget(limit, min(reply, limit // 4), source)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("ask")
+    @backend_options
+    @sampling_options
+    @media_options
     def _command(
         args: Annotated[
             Optional[list[str]],
@@ -94,23 +108,15 @@ def register(app: typer.Typer) -> None:
         ] = None,
         system: SystemOpt = None,
         prompt_file: PromptFileOpt = None,
-        pages: PagesOpt = None,
-        password: PasswordOpt = None,
-        frames: FramesOpt = None,
-        fps: FpsOpt = None,
-        max_tokens: MaxTokensOpt = None,
-        temperature: TemperatureOpt = None,
-        top_p: TopPOpt = None,
-        seed: SeedOpt = None,
-        thinking_budget: ThinkingBudgetOpt = None,
         show_thinking: ShowThinkingOpt = None,
         json: JsonOpt = False,
         jsonl: JsonlOpt = False,
         max_context: MaxContextOpt = None,
-        model: ModelOpt = DEFAULT_MODEL,
-        device: DeviceOpt = "auto",
-        quant: QuantOpt = "none",
         quiet: QuietOpt = False,
+        *,
+        backend: ChatBackend,
+        sampling: ChatOptions,
+        media: MediaOptions,
     ) -> None:
         """Ask about images, PDFs, videos and text files; the question comes last (or on stdin).
 
@@ -121,31 +127,21 @@ def register(app: typer.Typer) -> None:
           kimivl ask talk.mp4 --frames 16 "When does the demo start?"
           cat scan.png | kimivl ask - "Transcribe" --json
           echo "What is this?" | kimivl ask photo.jpg
+          kimivl ask scan.png "Transcribe" --backend openai --api-base http://gpu:8000/v1
         """
         from kimivl_cli.render import Output
-        from kimivl_cli.tasks.ask import MediaOptions, build_prompt, read_inputs, resolve, split_question
-        from kimivl_cli.tasks.backend import open_engine
+        from kimivl_cli.tasks.ask import build_prompt, read_inputs, resolve, split_question
 
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
-        options = MediaOptions(pages=pages, password=password, frames=frames, fps=fps)
         inputs, question = split_question(args or [], sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
         items = resolve(inputs)
         system_text = system_prompt(system, prompt_file)
-        engine = open_engine(model, device, quant)
-        params = sampling(engine, max_tokens, temperature, top_p, seed, thinking_budget)
-        assert engine.tokenizer is not None  # Engine.load always has one
-        with read_inputs(items, options, engine.image_config) as segments:
+        image_config, tokenizer, budget = prompt_fitting(backend, sampling, max_context)
+        with read_inputs(items, media, image_config) as segments:
             prompt = build_prompt(
-                segments,
-                question,
-                system=system_text,
-                tokenizer=engine.tokenizer,
-                image_config=engine.image_config,
-                budget=context_budget(engine, params, max_context),
+                segments, question, system=system_text, tokenizer=tokenizer, image_config=image_config, budget=budget
             )
         for note in prompt.notes:
             output.note(note)
-        events = engine.generate(
-            prompt.messages, prompt.images, params, show_thinking=show_thinking is not False, max_context=max_context
-        )
-        output.stream(events)
+        options = replace(sampling, show_thinking=show_thinking is not False, max_context=max_context)
+        output.stream(backend.chat(prompt.messages, prompt.images, options))

@@ -11,36 +11,26 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.ask import (
-    FpsOpt,
-    FramesOpt,
     MaxContextOpt,
-    PagesOpt,
     PromptFileOpt,
     SystemOpt,
-    sampling,
+    media_options,
+    prompt_fitting,
     system_prompt,
 )
-from kimivl_cli.cli.common import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    MaxTokensOpt,
-    ModelOpt,
-    PasswordOpt,
-    QuantOpt,
-    QuietOpt,
-    SeedOpt,
-    ShowThinkingOpt,
-    TemperatureOpt,
-    ThinkingBudgetOpt,
-    TopPOpt,
-)
+from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sampling_options
 from kimivl_cli.errors import InputError, KimivlError
+
+if TYPE_CHECKING:
+    from kimivl_cli.tasks.ask import MediaOptions
 
 PROMPT = "› "
 
@@ -63,6 +53,9 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("chat")
+    @backend_options
+    @sampling_options
+    @media_options
     def _command(
         inputs: Annotated[
             Optional[list[str]],
@@ -70,21 +63,13 @@ def register(app: typer.Typer) -> None:
         ] = None,
         system: SystemOpt = None,
         prompt_file: PromptFileOpt = None,
-        pages: PagesOpt = None,
-        password: PasswordOpt = None,
-        frames: FramesOpt = None,
-        fps: FpsOpt = None,
-        max_tokens: MaxTokensOpt = None,
-        temperature: TemperatureOpt = None,
-        top_p: TopPOpt = None,
-        seed: SeedOpt = None,
-        thinking_budget: ThinkingBudgetOpt = None,
         show_thinking: ShowThinkingOpt = None,
         max_context: MaxContextOpt = None,
-        model: ModelOpt = DEFAULT_MODEL,
-        device: DeviceOpt = "auto",
-        quant: QuantOpt = "none",
         quiet: QuietOpt = False,
+        *,
+        backend: ChatBackend,
+        sampling: ChatOptions,
+        media: MediaOptions,
     ) -> None:
         """Chat about images, PDFs and videos; /help lists the commands.
 
@@ -93,23 +78,19 @@ def register(app: typer.Typer) -> None:
         Example:  kimivl chat report.pdf --pages 1-3
         """
         from kimivl_cli.render import Output, Transcript
-        from kimivl_cli.tasks.ask import MediaOptions
-        from kimivl_cli.tasks.backend import open_engine
         from kimivl_cli.tasks.chat import HELP, Conversation, parse_command
 
         output = Output(show_thinking=show_thinking, quiet=quiet)
-        options = MediaOptions(pages=pages, password=password, frames=frames, fps=fps)
         system_text = system_prompt(system, prompt_file)
         interactive = sys.stdin.isatty()
         if "-" in (inputs or []) and not interactive:
             raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
-        engine = open_engine(model, device, quant)
-        params = sampling(engine, max_tokens, temperature, top_p, seed, thinking_budget)
-        conversation = Conversation(system_text, engine.image_config, options)
+        image_config = prompt_fitting(backend, sampling, max_context)[0]
+        conversation = Conversation(system_text, image_config, media)
         if inputs:
             output.note(conversation.attach(inputs))
         if interactive and not quiet:
-            output.note(f"kimivl chat with {engine.name} · /help for commands, /exit or Ctrl-D to leave")
+            output.note(f"kimivl chat with {backend.name} · /help for commands, /exit or Ctrl-D to leave")
         read = _line_reader(interactive)
         failure: KimivlError | None = None
         while True:
@@ -128,14 +109,10 @@ def register(app: typer.Typer) -> None:
                     messages, images = conversation.request(line)
                     transcript = Transcript()
                     try:
-                        events = engine.generate(
-                            messages,
-                            images,
-                            params,
-                            show_thinking=output.show_thinking is not False,
-                            max_context=max_context,
+                        options = replace(
+                            sampling, show_thinking=output.show_thinking is not False, max_context=max_context
                         )
-                        output.stream(events, transcript)
+                        output.stream(backend.chat(messages, images, options), transcript)
                     except KeyboardInterrupt:
                         output.note("interrupted")
                     except KimivlError:
@@ -161,7 +138,7 @@ def register(app: typer.Typer) -> None:
                 elif command.name in ("save", "save!"):
                     if len(command.args) != 1:
                         raise InputError(f"usage: /{command.name} FILE")
-                    path = conversation.save(Path(command.args[0]), engine.name, overwrite=command.name == "save!")
+                    path = conversation.save(Path(command.args[0]), backend.name, overwrite=command.name == "save!")
                     output.note(f"saved {len(conversation.history) // 2} exchanges to {path}")
                 elif command.name == "thinking":
                     if command.args not in (("on",), ("off",)):

@@ -1,12 +1,22 @@
-"""Options shared by every command, so each flag means the same everywhere."""
+"""Options shared by every command, so each flag means the same everywhere.
+
+Single options are `Annotated` aliases. The two groups every model command takes, where the
+model runs (`--backend`, `--api-base`, `--api-key`, `--model`, `--device`, `--quant`) and how it
+samples (`--max-tokens`, `--temperature`, `--top-p`, `--seed`, `--thinking-budget`), are added by
+the decorators `backend_options` and `sampling_options`: the command declares one parameter,
+`backend: ChatBackend` or `sampling: ChatOptions`, and receives it built from the flags.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-DEFAULT_MODEL = "moonshotai/Kimi-VL-A3B-Thinking-2506"
+from kimivl_cli.tasks.backend import DEFAULT_MODEL
 
 ModelOpt = Annotated[
     str,
@@ -32,3 +42,114 @@ QuantOpt = Annotated[
 PasswordOpt = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.", min=0.0, max=1.0)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        envvar="KIMIVL_BACKEND",
+        help="local (the model on this machine) or openai (an OpenAI-compatible server: vLLM, SGLang, kimivl serve).",
+        case_sensitive=False,
+    ),
+]
+ApiBaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-base", envvar="KIMIVL_API_BASE", help="Server URL for --backend openai, e.g. http://host:8000/v1."
+    ),
+]
+ApiKeyOpt = Annotated[
+    Optional[str], typer.Option("--api-key", envvar="KIMIVL_API_KEY", help="API key for --backend openai.")
+]
+BackendModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="KIMIVL_MODEL",
+        help=f"Checkpoint folder or Hub repo id [default: {DEFAULT_MODEL}]; with --backend openai, the served "
+        "model name [default: the server's first].",
+    ),
+]
+ConcurrencyOpt = Annotated[
+    int,
+    typer.Option("--concurrency", "-j", help="Requests in flight at once (--backend openai; local runs 1).", min=1),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fold_options(target: str, flags: dict[str, tuple[Any, Any]], build: Callable[..., Any]) -> Callable[[F], F]:
+    """Replace the command's parameter `target` by the options `flags` (name -> (annotation, default));
+    Typer sees the options, the command gets `build(**their values)` as `target`."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command)
+        if target not in signature.parameters:
+            raise TypeError(f"{command.__name__} has no parameter {target!r} to fill")
+        # Typer needs the options' `Annotated` objects, not the strings `from __future__ import
+        # annotations` leaves; the target's own type may be an import for type checkers only.
+        namespace = command.__globals__
+        kept = [
+            p.replace(annotation=_evaluated(p.annotation, namespace))
+            for p in signature.parameters.values()
+            if p.name != target
+        ]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in flags.items()
+        ]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[target] = build(**{name: kwargs.pop(name) for name in flags})
+            return command(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in [*kept, *added]}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
+    return eval(annotation, namespace) if isinstance(annotation, str) else annotation  # annotations of our own commands
+
+
+def _open_backend(**flags: Any) -> Any:
+    from kimivl_cli.tasks import backend
+
+    return backend.open_backend(**flags)  # looked up at call time: tests put a fake model here
+
+
+def _chat_options(**flags: Any) -> Any:
+    from kimivl_cli.backends import ChatOptions
+
+    return ChatOptions(**flags)
+
+
+backend_options = fold_options(
+    "backend",
+    {
+        "backend": (BackendOpt, "local"),
+        "api_base": (ApiBaseOpt, None),
+        "api_key": (ApiKeyOpt, None),
+        "model": (BackendModelOpt, None),
+        "device": (DeviceOpt, "auto"),
+        "quant": (QuantOpt, "none"),
+    },
+    _open_backend,
+)
+"""Adds --backend/--api-base/--api-key/--model/--device/--quant; the command gets `backend: ChatBackend`."""
+
+sampling_options = fold_options(
+    "sampling",
+    {
+        "max_tokens": (MaxTokensOpt, None),
+        "temperature": (TemperatureOpt, None),
+        "top_p": (TopPOpt, None),
+        "seed": (SeedOpt, None),
+        "thinking_budget": (ThinkingBudgetOpt, None),
+    },
+    _chat_options,
+)
+"""Adds --max-tokens/--temperature/--top-p/--seed/--thinking-budget; the command gets `sampling: ChatOptions`."""

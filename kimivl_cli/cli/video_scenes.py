@@ -8,20 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from kimivl_cli.cli.common import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    MaxTokensOpt,
-    ModelOpt,
-    QuantOpt,
-    QuietOpt,
-    TemperatureOpt,
-    ThinkingBudgetOpt,
-)
+from kimivl_cli.backends import AnswerOnly, ChatBackend, ChatOptions
+from kimivl_cli.cli.common import ConcurrencyOpt, QuietOpt, backend_options, sampling_options
 from kimivl_cli.errors import InputError
 from kimivl_cli.media.inputs import resolve_inputs
 from kimivl_cli.media.sniff import MediaKind
-from kimivl_cli.video.describe import EngineDescribe
+from kimivl_cli.tasks.backend import batch_concurrency
+from kimivl_cli.tasks.pool import ordered_map
+from kimivl_cli.video.describe import describe_with
 from kimivl_cli.video.formats import FORMATS
 from kimivl_cli.video.pipeline import VideoScenesOptions, check_request, video_scenes, write_output
 from kimivl_cli.video.shots import DetectorParams
@@ -37,6 +31,8 @@ def video_paths(args: list[str]) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("video-scenes")
+    @backend_options
+    @sampling_options
     def _command(
         videos: Annotated[list[str], typer.Argument(help="Video files, or folders of them.")],
         shots_only: Annotated[bool, typer.Option("--shots-only", help="Only detect shots; no model.")] = False,
@@ -61,31 +57,34 @@ def register(app: typer.Typer) -> None:
             Optional[Path],
             typer.Option("--prompt-file", help="Use this scene prompt instead of prompts/video_scenes.md."),
         ] = None,
-        model: ModelOpt = DEFAULT_MODEL,
-        device: DeviceOpt = "auto",
-        quant: QuantOpt = "none",
-        max_tokens: MaxTokensOpt = None,
-        temperature: TemperatureOpt = None,
-        thinking_budget: ThinkingBudgetOpt = None,
+        concurrency: ConcurrencyOpt = 1,
         quiet: QuietOpt = False,
+        *,
+        backend: ChatBackend,
+        sampling: ChatOptions,
     ) -> None:
         """Split videos into shots (--shots-only) or described scenes, as JSON, CSV, subtitles, EDL or chapters.
 
-        Example: kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
+        \b
+        Examples:
+          kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
+          kimivl video-scenes archive/ -o scenes/ --backend openai --api-base http://gpu:8000/v1 -j 8
         """
         videos = video_paths(videos)
         files = check_request(videos, fmt, output, force)
         if shots_only and verify_shots:
             raise InputError("--verify-shots asks the model, --shots-only runs without it", "give one of them")
-        describe = (
-            None if shots_only else EngineDescribe(model, device, quant, max_tokens, temperature, thinking_budget)
-        )
+        if not shots_only:
+            concurrency, note = batch_concurrency(backend, concurrency)
+            if note and not quiet:
+                print(f"note: {note}", file=sys.stderr)
+        describe = None if shots_only else describe_with(AnswerOnly(backend, sampling, limit=concurrency))
         options = VideoScenesOptions(
-            DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file
+            DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file, concurrency
         )
         lists = []
-        for i, video in enumerate(videos):
-            result = video_scenes(video, options, describe)
+        results = ordered_map(lambda video: video_scenes(video, options, describe), videos, concurrency)
+        for i, (video, result) in enumerate(zip(videos, results, strict=True)):
             if files is not None:  # one file per video, written as soon as it is done
                 write_output([result.scenes], fmt, files[i], force)
             else:

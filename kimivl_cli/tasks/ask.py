@@ -222,23 +222,25 @@ def build_prompt(
     question: str,
     *,
     system: str | None,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     image_config: ImageProcessorConfig,
-    budget: Budget,
+    budget: Budget | None,
     min_page_tokens: int = MIN_PAGE_TOKENS,
 ) -> Prompt:
     """The user turn, with PDF pages sized or chosen so the whole prompt fits `budget`.
 
     Images and video frames go at their natural cost; PDF pages share what is left
     (`documents.plan_pages`). Pages are rendered here, only the ones sent, each once.
+    Without a tokenizer or a budget (a remote server counts its own tokens) every page is sent
+    at the default render.
     """
     from kimivl_cli.processor.image import image_token_count
 
     pages = [s for s in segments if isinstance(s, PdfPage)]
     notes: list[str] = []
-    keep: set[int] = set()
+    keep: set[int] = {id(p) for p in pages}
     cap = None
-    if pages:
+    if pages and tokenizer is not None and budget is not None:
         fixed = sum(image_token_count(s.width, s.height, image_config) for s in segments if isinstance(s, Image.Image))
         others = [s for s in segments if not isinstance(s, PdfPage)]
         used = text_tokens(_messages(content_items(others, question), system), tokenizer) + fixed + budget.reserve

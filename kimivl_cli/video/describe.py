@@ -1,15 +1,16 @@
-"""The engine behind the `Describe` seam: timestamped keyframes in, the model's answer text out."""
+"""A model behind the `Describe` seam: timestamped keyframes in, the model's answer text out."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kimivl_cli.video.scenes import TimedFrame
+from kimivl_cli.video.scenes import Describe, TimedFrame
 
 if TYPE_CHECKING:
-    from kimivl_cli.engine.engine import Engine
+    from PIL import Image
+
+    from kimivl_cli.backends import Generation
 
 
 def chat_messages(frames: Sequence[TimedFrame], prompt: str) -> list[dict[str, Any]]:
@@ -21,33 +22,14 @@ def chat_messages(frames: Sequence[TimedFrame], prompt: str) -> list[dict[str, A
     return [{"role": "user", "content": content}]
 
 
-@dataclass
-class EngineDescribe:
-    """A `Describe` that opens the engine on its first call, so `--shots-only` and early input
-    errors never pay for loading weights. The reasoning trace is dropped: callers parse answers."""
+def describe_with(answer: Callable[[list[dict[str, Any]], list[Image.Image]], Generation]) -> Describe:
+    """A `Describe` over `answer` (a `backends.AnswerOnly`: local engine or server, reasoning dropped).
 
-    model: str
-    device: str = "auto"
-    quant: str = "none"
-    max_tokens: int | None = None
-    temperature: float | None = None
-    thinking_budget: int | None = None
-    _engine: Engine | None = field(default=None, init=False, repr=False)
+    A lazily opened local engine loads on the first call, so `--shots-only` and early input
+    errors never pay for the weights.
+    """
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            from kimivl_cli.tasks.backend import open_engine
+    def describe(frames: Sequence[TimedFrame], prompt: str) -> str:
+        return answer(chat_messages(frames, prompt), [frame.image for frame in frames]).text
 
-            self._engine = open_engine(self.model, self.device, self.quant)
-        return self._engine
-
-    def __call__(self, frames: Sequence[TimedFrame], prompt: str) -> str:
-        from kimivl_cli.engine.events import AnswerDelta
-
-        engine = self.engine
-        params = engine.defaults.with_overrides(
-            max_new_tokens=self.max_tokens, temperature=self.temperature, thinking_budget=self.thinking_budget
-        )
-        events = engine.generate(chat_messages(frames, prompt), [f.image for f in frames], params, show_thinking=False)
-        return "".join(event.text for event in events if isinstance(event, AnswerDelta))
+    return describe

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.formats import FORMATS, render_many
 from kimivl_cli.video.scenes import (
     Describe,
+    Keyframe,
     choose_keyframes,
     parse_scenes,
     parse_verdict,
@@ -23,7 +25,7 @@ from kimivl_cli.video.scenes import (
     verify_keyframes,
     verify_prompt,
 )
-from kimivl_cli.video.shots import DetectorParams, ShotList, detect_shots, with_confirmed
+from kimivl_cli.video.shots import Candidate, DetectorParams, ShotList, detect_shots, with_confirmed
 from kimivl_cli.video.timeline import SceneList
 
 MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
@@ -41,6 +43,8 @@ class VideoScenesOptions:
     """Ask the model about each candidate the detector was unsure of (needs `describe`)."""
     prompt_file: Path | None = None
     """The user's replacement for prompts/video_scenes.md."""
+    concurrency: int = 1
+    """`--verify-shots` questions asked at once (`describe` must then be thread-safe)."""
 
 
 @dataclass
@@ -90,7 +94,7 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
     shots = detect_shots(video, options.detector)
     warnings = list(shots.warnings)
     if describe is not None and options.verify_shots and shots.uncertain:
-        shots, note = verify_shots(video, shots, describe, options.detector.min_scene_len)
+        shots, note = verify_shots(video, shots, describe, options.detector.min_scene_len, options.concurrency)
         warnings.append(note)
     if describe is None:
         scenes = shot_scenes(shots.shots, shots.fps, shots.frames)
@@ -103,21 +107,28 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
     return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)
 
 
-def verify_shots(video: str | Path, shots: ShotList, describe: Describe, min_len: int) -> tuple[ShotList, str]:
+def verify_shots(
+    video: str | Path, shots: ShotList, describe: Describe, min_len: int, concurrency: int = 1
+) -> tuple[ShotList, str]:
     """The detector proposes, the model confirms: one yes/no question per uncertain candidate.
 
     All candidates' frames are decoded in one streaming pass. An unclear answer counts as "no"
-    (the detector's choice stands). Cost: one model call of four frames per candidate.
+    (the detector's choice stands). Cost: one model call of four frames per candidate, up to
+    `concurrency` of them at once.
     """
     per_candidate = [verify_keyframes(c, shots.fps, shots.frames) for c in shots.uncertain]
     decoded = {f.frame: f for f in read_keyframes(video, [k for keys in per_candidate for k in keys])}
-    confirmed = []
-    for candidate, keys in zip(shots.uncertain, per_candidate, strict=True):
+
+    def confirms(pair: tuple[Candidate, list[Keyframe]]) -> bool:
+        candidate, keys = pair
         frames = [decoded[k.frame] for k in keys if k.frame in decoded]
         before = sum(k.frame < candidate.span[0] for k in keys if k.frame in decoded)
         prompt = verify_prompt(candidate, shots.fps, before, len(frames) - before)
-        if frames and parse_verdict(describe(frames, prompt)):
-            confirmed.append(candidate)
+        return bool(frames) and parse_verdict(describe(frames, prompt))
+
+    pairs = list(zip(shots.uncertain, per_candidate, strict=True))
+    verdicts = ordered_map(confirms, pairs, concurrency)
+    confirmed = [candidate for (candidate, _), yes in zip(pairs, verdicts, strict=True) if yes]
     checked = with_confirmed(shots, confirmed, min_len)
     added = len(checked.boundaries) - len(shots.boundaries)
     note = f"--verify-shots: the model confirmed {len(confirmed)} of {len(shots.uncertain)} uncertain shot changes"

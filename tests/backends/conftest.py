@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -123,3 +124,51 @@ def fake_server() -> Iterator:
     for server in servers:
         server.httpd.shutdown()
         server.httpd.server_close()
+
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def kimivl_server(tiny_checkpoint):
+    """`kimivl serve` in this process over the tiny checkpoint (key `API_KEY`), shared by the session.
+    Its queue holds 16 requests, so concurrency 4 never sees a 503."""
+    from kimivl_cli.backends.local import LocalBackend
+    from kimivl_cli.serve import ChatServer
+    from kimivl_cli.tasks.backend import open_engine
+
+    server = ChatServer(LocalBackend(open_engine(str(tiny_checkpoint), "cpu")), "127.0.0.1", 0, api_key=API_KEY)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def kimivl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`kimivl ARGS` in this process through `cli.main` (one-line errors, exit codes), output
+    captured at the file-descriptor level; no subprocess start-up per run."""
+    from kimivl_cli import cli
+
+    for name in ("KIMIVL_BACKEND", "KIMIVL_API_BASE", "KIMIVL_API_KEY", "KIMIVL_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: object) -> Result:
+        monkeypatch.setattr(sys, "argv", ["kimivl", *map(str, args)])
+        capfd.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return run

@@ -42,14 +42,15 @@ class Result:
 @pytest.fixture
 def run_kimivl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
     """`kimivl ARGS` in this process through `cli.main` (the same one-line errors and exit codes as
-    the console script), output captured at the file-descriptor level. `generate=` replaces the
-    engine behind the OCR seam. Saves the ~2 s of a subprocess where the process boundary adds nothing."""
+    the console script), output captured at the file-descriptor level. `generate=` answers for the
+    backend the CLI opens. Saves the ~2 s of a subprocess where the process boundary adds nothing."""
+    from ocr_helpers import use_fake_model
+
     from kimivl_cli import cli
-    from kimivl_cli.cli import ocr
 
     def run(*args: object, generate=None) -> Result:
         if generate is not None:
-            monkeypatch.setattr(ocr, "load_generate", lambda *a, **k: generate)
+            use_fake_model(generate, monkeypatch.setattr)
         monkeypatch.setattr(sys, "argv", ["kimivl", *map(str, args)])
         capfd.readouterr()
         try:

@@ -11,10 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ocr_helpers import fake_generate
+from ocr_helpers import fake_generate, use_fake_model
 
 from kimivl_cli import cli
-from kimivl_cli.cli import ocr
 
-ocr.load_generate = lambda *args, **kwargs: fake_generate
+use_fake_model(fake_generate)
 cli.main()

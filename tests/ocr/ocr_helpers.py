@@ -18,6 +18,32 @@ def fake_generate(messages: list[dict], images: list) -> str:
     return f"Here is the markdown:\n```markdown\n# Fake page {images[0].size}\nanchored={anchored}\n```"
 
 
+class FakeBackend:
+    """A `ChatBackend` whose answer is `generate(messages, images)` (a str or a `Generation`):
+    what the OCR tests put where the CLI opens its backend."""
+
+    name = "fake"
+
+    def __init__(self, generate) -> None:
+        self.generate = generate
+
+    def chat(self, messages, images, options=None):
+        from kimivl_cli.backends import Generation
+        from kimivl_cli.engine.events import AnswerDelta, Done, Usage
+
+        reply = self.generate(messages, images)
+        reply = reply if isinstance(reply, Generation) else Generation(reply)
+        yield AnswerDelta(reply.text)
+        yield Done(usage=Usage(prompt_tokens=reply.prompt_tokens, answer_tokens=reply.completion_tokens))
+
+
+def use_fake_model(generate, setattr=setattr) -> None:
+    """Make every backend the CLI opens a `FakeBackend` over `generate` (`setattr`: e.g. monkeypatch's)."""
+    from kimivl_cli.tasks import backend
+
+    setattr(backend, "open_backend", lambda *args, **kwargs: FakeBackend(generate))
+
+
 def kimivl_command(*args: str, fake_model: bool = False) -> list[str]:
     prefix = [sys.executable, str(FAKE_CLI)] if fake_model else [sys.executable, "-m", "kimivl_cli"]
     return [*prefix, *map(str, args)]

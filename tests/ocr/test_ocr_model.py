@@ -92,10 +92,10 @@ def _ink_image() -> Image.Image:
     return image
 
 
-def test_load_generate_keeps_the_answer_and_the_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_answer_only_keeps_the_answer_and_the_usage(monkeypatch: pytest.MonkeyPatch) -> None:
     """The seam over the engine: reasoning dropped, answer joined, token counts from Done.usage,
-    the command's sampling options passed on."""
-    from kimivl_cli.cli import ocr
+    the command's sampling options passed on, the engine opened on the first page only."""
+    from kimivl_cli.backends import AnswerOnly, ChatOptions
     from kimivl_cli.engine.events import AnswerDelta, Done, ThinkingDelta, Usage
     from kimivl_cli.engine.sampling import SamplingParams
     from kimivl_cli.tasks import backend
@@ -103,7 +103,7 @@ def test_load_generate_keeps_the_answer_and_the_usage(monkeypatch: pytest.Monkey
     class StubEngine:
         defaults = SamplingParams()
 
-        def generate(self, messages, images, params, show_thinking=True):
+        def generate(self, messages, images, params, show_thinking=True, max_context=None):
             self.params = params
             yield ThinkingDelta("let me look")
             yield AnswerDelta("# Title")
@@ -113,7 +113,9 @@ def test_load_generate_keeps_the_answer_and_the_usage(monkeypatch: pytest.Monkey
     engine = StubEngine()
     opened: list[tuple] = []
     monkeypatch.setattr(backend, "open_engine", lambda *args: opened.append(args) or engine)
-    generate = ocr.load_generate("ckpt", "cpu", "nf4", max_tokens=7, temperature=0.0, thinking_budget=3)
+    local = backend.open_backend("local", "ckpt", "cpu", "nf4")
+    generate = AnswerOnly(local, ChatOptions(max_tokens=7, temperature=0.0, thinking_budget=3))
+    assert opened == []
     result = generate([{"role": "user", "content": [{"type": "image"}]}], [Image.new("RGB", (8, 8))])
     assert result == Generation("# Title\nbody", 120, 9)
     assert opened == [("ckpt", "cpu", "nf4")]

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kimivl_cli.backends import AnswerOnly
 from kimivl_cli.errors import KimivlError
-from kimivl_cli.video.describe import EngineDescribe, chat_messages
+from kimivl_cli.tasks.backend import open_backend
+from kimivl_cli.video.describe import chat_messages, describe_with
 from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
 from kimivl_cli.video.scenes import TimedFrame, scenes_prompt
 from kimivl_cli.video.shots import Boundary, Candidate, ShotList, shots_from_boundaries, with_confirmed
@@ -71,7 +73,7 @@ def test_prompt_file_replaces_the_scene_prompt(bikes_mp4: Path, tmp_path: Path) 
 
 
 def test_engine_opens_on_first_call_and_bad_models_are_user_errors() -> None:
-    describe = EngineDescribe("/no/such/checkpoint", device="cpu")  # constructing it loads nothing
+    describe = describe_with(AnswerOnly(open_backend("local", "/no/such/checkpoint", "cpu")))  # loads nothing yet
     with pytest.raises(KimivlError) as failed:
         describe([], "prompt")
     assert failed.value.exit_code == 2 and "/no/such/checkpoint" in failed.value.one_line()

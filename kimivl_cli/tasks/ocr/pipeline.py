@@ -2,8 +2,9 @@
 
 The model is a seam: `Generate` is any callable `(messages, images) -> str | Generation`,
 where `messages` is an OpenAI-style chat (`processor.chat` format, one `{"type": "image"}`
-item per entry of `images`). The lead wires the engine in; tests pass a fake. `--method text`
-never calls it.
+item per entry of `images`). The CLI passes `backends.AnswerOnly` over the local engine or a
+server; tests pass a fake. `--method text` never calls it. It may be called from several
+threads at once (`run_pages(concurrency=N)`); the documents are only read in the caller's.
 
 Per page, by method:
 - `text`: Markdown from the text layer; pages without one fall back to the model (`vision`).
@@ -24,12 +25,14 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 from PIL import Image
 
+from kimivl_cli.backends import Generation
 from kimivl_cli.errors import InputError
 from kimivl_cli.media import MediaInput, MediaKind, PdfDocument, load_images, parse_page_range
 from kimivl_cli.tasks.ocr import textlayer
 from kimivl_cli.tasks.ocr.output import PageKey, PageRecord, PageSink
 from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE, clean_markdown
 from kimivl_cli.tasks.ocr.prompts import anchor_text, ocr_messages
+from kimivl_cli.tasks.pool import ordered_map
 
 if TYPE_CHECKING:
     from kimivl_cli.processor.image import ImageProcessorConfig
@@ -39,15 +42,6 @@ BLANK_NOTE = "<!-- blank page: skipped -->"
 BLANK_DPI = 24
 BLANK_STD = 4.0  # grey-level standard deviation (0-255) below which a page is uniform
 BLANK_INK = 0.002  # share of pixels clearly darker than the background
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What a generate callable may return instead of a plain string, with its token counts."""
-
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class Generate(Protocol):
@@ -144,41 +138,67 @@ def render_page(job: PageJob, options: OcrOptions) -> Image.Image:
     return resize_to_token_budget(image, budget, cfg)
 
 
-def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> PageRecord:
-    """One page to a record; the model runs only when the method and the page need it."""
+@dataclass
+class PreparedPage:
+    """A page made ready in the calling thread (PyMuPDF is not thread-safe): either finished
+    already (`record`) or waiting for the model with its `messages` and `image`."""
+
+    job: PageJob
+    start: float
+    record: PageRecord | None = None
+    messages: list[dict] = field(default_factory=list)
+    image: Image.Image | None = None
+    method: str = "vision"
+
+    def finish(self, generate: Generate | None, options: OcrOptions) -> PageRecord:
+        """The record: the model's answer, cleaned (thread-safe: touches no document)."""
+        if self.record is not None:
+            return self.record
+        job, image = self.job, self.image
+        if generate is None:
+            raise InputError(
+                f"{job.file} page {job.page} has no text layer and needs the model", "load a model or use a text PDF"
+            )
+        from kimivl_cli.processor.image import image_token_count
+
+        answer = generate(self.messages, [image])
+        result = answer if isinstance(answer, Generation) else Generation(answer)
+        tokens = result.prompt_tokens + result.completion_tokens
+        tokens = tokens or image_token_count(image.width, image.height, options.processor_config())
+        markdown = clean_markdown(result.text) or EMPTY_PAGE_NOTE
+        return PageRecord(job.file, job.page, markdown, self.method, tokens, _since(self.start))
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def prepare_page(job: PageJob, options: OcrOptions) -> PreparedPage:
+    """Everything that reads the document: blank and text-layer pages finish here, others are rendered."""
     start = time.perf_counter()
     words = job.doc.words(job.index) if job.doc is not None else []
     method = options.method
     if not words:
         thumbnail = job.image if job.image is not None else job.doc.render(job.index, dpi=BLANK_DPI)
         if is_blank(thumbnail):
-            return PageRecord(job.file, job.page, BLANK_NOTE, "blank", 0, round(time.perf_counter() - start, 3))
+            return PreparedPage(job, start, PageRecord(job.file, job.page, BLANK_NOTE, "blank", 0, _since(start)))
         method = "vision"
     elif method == "text":
-        page = job.doc.page(job.index)
-        markdown = textlayer.page_markdown(page, _style(job), keep_headers=options.keep_headers)
-        return PageRecord(
-            job.file, job.page, markdown or EMPTY_PAGE_NOTE, "text", 0, round(time.perf_counter() - start, 3)
+        markdown = textlayer.page_markdown(job.doc.page(job.index), _style(job), keep_headers=options.keep_headers)
+        return PreparedPage(
+            job, start, PageRecord(job.file, job.page, markdown or EMPTY_PAGE_NOTE, "text", 0, _since(start))
         )
-    if generate is None:
-        raise InputError(
-            f"{job.file} page {job.page} has no text layer and needs the model", "load a model or use a text PDF"
-        )
-    from kimivl_cli.processor.image import image_token_count
-
-    image = render_page(job, options)
     anchors = None
     if method == "auto":
         rect = job.doc.page(job.index).rect
         anchors = anchor_text(words, rect.width, rect.height)
-    answer = generate(ocr_messages(anchors, options.prompt_file), [image])
-    result = answer if isinstance(answer, Generation) else Generation(answer)
-    tokens = result.prompt_tokens + result.completion_tokens
-    tokens = tokens or image_token_count(image.width, image.height, options.processor_config())
-    markdown = clean_markdown(result.text) or EMPTY_PAGE_NOTE
-    return PageRecord(
-        job.file, job.page, markdown, "anchored" if anchors else "vision", tokens, round(time.perf_counter() - start, 3)
-    )
+    messages = ocr_messages(anchors, options.prompt_file)
+    return PreparedPage(job, start, None, messages, render_page(job, options), "anchored" if anchors else "vision")
+
+
+def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> PageRecord:
+    """One page to a record; the model runs only when the method and the page need it."""
+    return prepare_page(job, options).finish(generate, options)
 
 
 def run_pages(
@@ -188,13 +208,17 @@ def run_pages(
     generate: Generate | None = None,
     done: set[PageKey] | frozenset[PageKey] = frozenset(),
     on_page: Callable[[PageRecord], None] | None = None,
+    concurrency: int = 1,
 ) -> int:
-    """OCR the pages not in `done`, writing each to `sink` as soon as it is finished; returns the count."""
+    """OCR the pages not in `done` and write each to `sink` in page order; returns the count.
+
+    With `concurrency` N, up to N pages wait on `generate` at once (pages are read and rendered
+    here, one at a time, just ahead of need); a page is written as soon as it and all pages
+    before it are finished. Pages in `done` are never prepared nor sent.
+    """
+    todo = (prepare_page(job, options) for job in jobs if job.key not in done)
     count = 0
-    for job in jobs:
-        if job.key in done:
-            continue
-        record = ocr_page(job, options, generate)
+    for record in ordered_map(lambda page: page.finish(generate, options), todo, concurrency):
         sink.write(record)
         count += 1
         if on_page:
