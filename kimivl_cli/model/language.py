@@ -22,6 +22,35 @@ from kimivl_cli.model.config import RopeScaling, TextConfig
 
 Trace = dict[str, Any]
 
+# CPUs without native half-precision math (AVX2) run a bf16 GEMM of more than a few rows 5-8x slower
+# than upcasting its weight and running it in fp32 (measured here: 1024 rows x 1024->5632, 605 ms
+# vs 89 ms; 96 rows through one 1024->1408 expert, 32 ms vs 6 ms; the upcast is ~0.1 ms per MB).
+# From this many rows the CPU computes in fp32. GEMVs (decode) stay in the weight's dtype: they are
+# bound by reading the weight, and an fp32 copy would read twice the bytes.
+UPCAST_MIN_ROWS = 4
+
+
+def _upcasts(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weightᵀ -> [..., N] in x's dtype. Half precision on CPU with >= UPCAST_MIN_ROWS rows
+    computes in fp32: the same products and fp32 accumulation as the half GEMM, one rounding at the end."""
+    if _upcasts(x) and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+        return F.linear(x.float(), weight.float()).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """Bias-free `nn.Linear` through `linear`; quantization swaps it like any nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight)
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x²) + eps) in fp32, cast back, then scaled (the reference's order)."""
@@ -100,9 +129,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter)
+        self.up_proj = Linear(dim, inter)
+        self.down_proj = Linear(inter, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -126,15 +155,15 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q_out = self.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, q_out)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # the reference ignores rms_norm_eps here
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(self.rank, eps=1e-6)  # likewise 1e-6, as in the reference
-        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.kv_b_proj = Linear(self.rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.scale = cfg.qk_head_dim**-0.5
         if cfg.rope_scaling is not None and cfg.rope_scaling.mscale_all_dim:
             self.scale *= _yarn_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
@@ -143,24 +172,31 @@ class MLAttention(nn.Module):
         # Absorb while that is cheaper (chunks of up to 169 tokens for the real model).
         absorbed_extra = 2 * self.rank - self.nope_dim - self.v_dim
         self.absorb_max_tokens = max(1, self.rank * (self.nope_dim + self.v_dim) // max(absorbed_extra, 1) - 1)
-        self._kv_b_dense: Tensor | None = None  # see `_kv_b_weight`
+        self._absorbed_weights: tuple[Tensor, Tensor] | None = None  # see `_absorb_weights`
 
-    def _kv_b_weight(self, dtype: torch.dtype) -> Tensor:
-        """kv_b_proj's weight [H*(Dn+Dv), R] for the absorbed path.
+    def _absorb_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """kv_b_proj's weight split for the absorbed path: w_uk [H, Dn, R], w_uv [H, Dv, R] in `dtype`.
 
-        A plain Linear's weight is returned as is. A quantized kv_b_proj (NF4/int8 modules expose a
-        dequantising `.weight`) is dequantised once, on the first absorbed step after loading, and
-        kept: decode would otherwise dequantise H*(Dn+Dv)*R weights per layer per token (56.6M per
-        token for the real model, ~25 ms on CPU). Cost: those weights in the model dtype, 113 MB for
-        the real model (1% of its 9.95 GB NF4 footprint). Keeping kv_b_proj unquantised instead
-        would put the computed footprint at 10.03 GB, over the 10 GB budget, and slow prefill's
-        expanded path on nothing. The cache assumes weights are not reloaded after the first step.
+        A plain Linear whose weight is already in `dtype` gives views (no copy). Otherwise (a
+        quantized kv_b_proj, whose `.weight` dequantises, or bf16 weights computed in fp32 on CPU)
+        the split is made once, on the first absorbed step after loading, and kept: decode would
+        otherwise dequantise H*(Dn+Dv)*R weights per layer per token (56.6M per token for the real
+        model, ~25 ms on CPU). Cost: those weights once in `dtype`, 113 MB in bf16 for the real model
+        (1% of its 9.95 GB NF4 footprint), twice that in fp32 on CPU. Keeping kv_b_proj unquantised
+        instead would put the computed footprint at 10.03 GB, over the 10 GB budget, and slow
+        prefill's expanded path on nothing. The cache assumes weights are not reloaded after the first step.
         """
-        if isinstance(self.kv_b_proj, nn.Linear):
-            return self.kv_b_proj.weight
-        if self._kv_b_dense is None:
-            self._kv_b_dense = self.kv_b_proj.weight.to(dtype)
-        return self._kv_b_dense
+        weight = self.kv_b_proj.weight
+        if isinstance(self.kv_b_proj, nn.Linear) and weight.dtype == dtype:
+            return self._split_kv_b(weight)
+        if self._absorbed_weights is None or self._absorbed_weights[0].dtype != dtype:
+            w_uk, w_uv = self._split_kv_b(weight.to(dtype))
+            self._absorbed_weights = (w_uk.contiguous(), w_uv.contiguous())
+        return self._absorbed_weights
+
+    def _split_kv_b(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        w = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _query(self, x: Tensor) -> Tensor:
         if hasattr(self, "q_proj"):
@@ -212,15 +248,20 @@ class MLAttention(nn.Module):
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """q·k = (q_nope W_uk)·c + q_pe·k_pe and attn·v = (attn·c) W_uvᵀ: attend over cache rows."""
+        """q·k = (q_nope W_uk)·c + q_pe·k_pe and attn·v = (attn·c) W_uvᵀ: attend over cache rows.
+
+        Half precision on CPU computes this in fp32 (small strided bf16 bmms are ~3x slower than
+        fp32 ones on AVX2, and it saves rounding q and the output twice): work O(H·T·(Dn·R + L·W)).
+        """
         B, T, H, _ = q_nope.shape
-        w = self._kv_b_weight(q_nope.dtype).view(H, self.nope_dim + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, Dn, R], [H, Dv, R]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
-        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1).reshape(B, 1, H * T, -1)  # all heads share keys
+        dtype = torch.float32 if _upcasts(q_nope) else q_nope.dtype
+        w_uk, w_uv = self._absorb_weights(dtype)  # [H, Dn, R], [H, Dv, R]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope.to(dtype), w_uk)
+        q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, 1, H * T, -1)  # heads share keys
         rows_pos = q_pos[:, None, :].expand(B, H, T).reshape(B, H * T)
-        o = attend(q, keys[:, None], keys[:, None, :, : self.rank], rows_pos, k_pos, self.scale)  # [B, 1, H*T, R]
-        return torch.einsum("bhtr,hvr->bthv", o.view(B, H, T, self.rank), w_uv)
+        keys = keys.to(dtype)[:, None]
+        o = attend(q, keys, keys[..., : self.rank], rows_pos, k_pos, self.scale)  # [B, 1, H*T, R]
+        return torch.einsum("bhtr,hvr->bthv", o.view(B, H, T, self.rank), w_uv).to(q_nope.dtype)
 
 
 class Router(nn.Module):
@@ -299,7 +340,7 @@ class RoutedExperts(nn.Module):
         return self._grouped(x, idx, weights)
 
     def _expert(self, e: int | Tensor, x: Tensor) -> Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+        return linear(F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e]), self.down_proj[e])
 
     def _grouped(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
@@ -406,7 +447,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderStack(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
