@@ -75,12 +75,13 @@ def test_existing_output_needs_force(run_kimivl, libtasn1_pdf: Path, tmp_path: P
     assert forced.returncode == 0 and out.read_text().startswith("<!-- page: ")
 
 
-@pytest.mark.parametrize("fmt", ["markdown", "jsonl"])
+@pytest.mark.parametrize(("fmt", "jobs"), [("markdown", 1), ("jsonl", 1), ("jsonl", 3)])
 def test_sigint_keeps_finished_pages_and_resume_completes(
-    run_kimivl, libtasn1_pdf: Path, tmp_path: Path, fmt: str
+    run_kimivl, libtasn1_pdf: Path, tmp_path: Path, fmt: str, jobs: int
 ) -> None:
+    """Also with --concurrency 3: requests still running are abandoned, written pages stay whole."""
     out = tmp_path / f"out.{fmt}"
-    args = ["ocr", libtasn1_pdf, "--pages", "5-9", "--method", "vision", "-o", out, "--dpi", "20"]
+    args = ["ocr", libtasn1_pdf, "--pages", "5-9", "--method", "vision", "-o", out, "--dpi", "20", "-j", jobs]
     args += ["--jsonl"] if fmt == "jsonl" else []
     env = {**os.environ, "FAKE_OCR_DELAY": "0.4"}
     proc = subprocess.Popen(
