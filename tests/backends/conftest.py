@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible server (stdlib) for client tests: each request gets the next step."""
+"""Servers for client tests: a scripted OpenAI-compatible one (stdlib; each request gets the next
+step), `kimivl serve` over the tiny checkpoint, and the CLI run in-process."""
 
 from __future__ import annotations
 
@@ -44,8 +45,12 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class FakeServer:
-    def __init__(self, steps: list[Step]) -> None:
+    """Each POST takes the next of `steps`, each GET /models the next of `model_steps` (default:
+    answer); the last step repeats."""
+
+    def __init__(self, steps: list[Step], model_steps: list[Step] | None = None) -> None:
         self.steps = list(steps)
+        self.model_steps = list(model_steps or [Step()])
         self.requests: list[dict[str, Any]] = []  # {"method", "path", "headers", "body"}
         self._lock = threading.Lock()
         owner = self
@@ -57,20 +62,15 @@ class FakeServer:
                 pass
 
             def do_GET(self) -> None:
-                owner._record(self, None)
+                if self._failed(owner._record(self, None)):
+                    return
                 payload = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
                 self._reply(200, payload, "application/json")
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 step = owner._record(self, body)
-                time.sleep(step.delay)
-                if step.drop:
-                    self.close_connection = True
-                    return  # no response at all: the client sees the connection close
-                if step.status != 200:
-                    error = {"error": {"message": f"scripted {step.status}", "type": "x"}}
-                    self._reply(step.status, json.dumps(error).encode(), "application/json", step.headers)
+                if self._failed(step):
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -84,6 +84,18 @@ class FakeServer:
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")
+
+            def _failed(self, step: Step) -> bool:
+                """Wait `step.delay`, then drop the connection or send the error status, if the step says so."""
+                time.sleep(step.delay)
+                if step.drop:
+                    self.close_connection = True
+                    return True  # no response at all: the client sees the connection close
+                if step.status != 200:
+                    error = {"error": {"message": f"scripted {step.status}", "type": "x"}}
+                    self._reply(step.status, json.dumps(error).encode(), "application/json", step.headers)
+                    return True
+                return False
 
             def _reply(self, status: int, payload: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
@@ -102,7 +114,8 @@ class FakeServer:
             self.requests.append(
                 {"method": handler.command, "path": handler.path, "headers": dict(handler.headers), "body": body}
             )
-            return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+            steps = self.steps if body is not None else self.model_steps
+            return steps.pop(0) if len(steps) > 1 else steps[0]
 
     @property
     def posts(self) -> list[dict[str, Any]]:
@@ -114,8 +127,8 @@ def fake_server() -> Iterator:
     """`fake_server(steps)` starts a scripted server on a free loopback port; all stop after the test."""
     servers: list[FakeServer] = []
 
-    def start(steps: list[Step]) -> FakeServer:
-        server = FakeServer(steps)
+    def start(steps: list[Step], model_steps: list[Step] | None = None) -> FakeServer:
+        server = FakeServer(steps, model_steps)
         threading.Thread(target=server.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server

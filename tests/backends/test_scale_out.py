@@ -4,14 +4,11 @@ checkpoint, random weights: garbage text), against a flaky stub, and with a refu
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import API_KEY, _QuietServer, sse_chunks
+from conftest import API_KEY, Step, sse_chunks
 
 
 def _openai(server_url: str, key: str | None = API_KEY) -> list[str]:
@@ -68,87 +65,23 @@ def test_openai_without_api_base_is_a_usage_error(kimivl, tmp_path: Path) -> Non
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "--api-base" in run.stderr
 
 
-class FlakyServer:
-    """A stub OpenAI server whose first two requests to each route fail (`failure`: a status, or
-    "drop" to close the connection unanswered); later ones get a canned page."""
-
-    ANSWER = "# Page\n\nflaky but fine"
-
-    def __init__(self, failure: int | str) -> None:
-        self.seen: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if not owner.fail(self):
-                    self.reply(200, {"object": "list", "data": [{"id": "flaky-model", "object": "model"}]})
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                if owner.fail(self):
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                for chunk in sse_chunks({"content": owner.ANSWER}, usage={"prompt_tokens": 7, "completion_tokens": 4}):
-                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                self.wfile.write(b"data: [DONE]\n\n")
-
-            def reply(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.failure = failure
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def fail(self, handler: BaseHTTPRequestHandler) -> bool:
-        """Fail this request if it is among the first two to its route; True when it was failed."""
-        with self.lock:
-            self.seen[handler.path] += 1
-            if self.seen[handler.path] > 2:
-                return False
-        if self.failure == "drop":
-            handler.close_connection = True
-        else:
-            headers = {"Retry-After": "0"} if self.failure == 429 else {}
-            handler.reply(self.failure, {"error": {"message": f"flaky {self.failure}"}}, headers)  # type: ignore[attr-defined]
-        return True
-
-
-@pytest.mark.parametrize("failure", [500, 429, "drop"])
-def test_flaky_server_is_retried_and_the_job_completes(kimivl, tmp_path: Path, failure: int | str) -> None:
-    server = FlakyServer(failure)
-    threading.Thread(target=server.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        images = []
-        for i in range(3):
-            images.append(tmp_path / f"scan{i}.png")
-            _ink_png(images[-1])
-        out = tmp_path / "out.jsonl"
-        run = kimivl("ocr", *images, "--jsonl", "-o", out, "-j", "2", *_openai(server.url, None))
-        assert run.returncode == 0, run.stderr
-        records = [json.loads(line) for line in out.read_text().splitlines()]
-        assert [r["file"] for r in records] == [str(p) for p in images]
-        assert all(r["markdown"] == FlakyServer.ANSWER and r["tokens"] == 11 for r in records)
-        assert server.seen == {"/v1/models": 3, "/v1/chat/completions": 5}  # 2 failures + 3 pages
-    finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+@pytest.mark.parametrize("failure", [Step(500), Step(429, headers={"Retry-After": "0"}), Step(drop=True)])
+def test_flaky_server_is_retried_and_the_job_completes(kimivl, fake_server, tmp_path: Path, failure: Step) -> None:
+    """The first two requests to each route fail (a status, or the connection dropped), then it answers."""
+    answer = "# Page\n\nflaky but fine"
+    ok = Step(chunks=sse_chunks({"content": answer}, usage={"prompt_tokens": 7, "completion_tokens": 4}))
+    server = fake_server([failure, failure, ok], model_steps=[failure, failure, Step()])
+    images = [tmp_path / f"scan{i}.png" for i in range(3)]
+    for image in images:
+        _ink_png(image)
+    out = tmp_path / "out.jsonl"
+    run = kimivl("ocr", *images, "--jsonl", "-o", out, "-j", "2", *_openai(server.url, None))
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in records] == [str(p) for p in images]
+    assert all(r["markdown"] == answer and r["tokens"] == 11 for r in records)
+    paths = Counter(r["path"] for r in server.requests)
+    assert paths == {"/v1/models": 3, "/v1/chat/completions": 5}  # 2 failures each, then 1 listing + 3 pages
 
 
 def _ink_png(path: Path) -> None:
