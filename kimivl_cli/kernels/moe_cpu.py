@@ -1,11 +1,14 @@
-"""MoE on CPU with NF4 experts: dequantise only the experts that received tokens, fp32 GEMMs.
+"""MoE on CPU with NF4 experts: only the experts that received tokens, straight from the codes.
 
 Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token.
-Measured on AVX2 (no AVX-512/AMX; see benchmarks/moe.py): fp32 GEMMs are ~5x faster than
-bf16 ones for tens of rows, and bitsandbytes' NF4 dequantiser beats torch ops ~4x. An expert
-with a few rows (decode) runs the native GEMV straight from the codes (kernels/native.py);
-one with more is decoded to fp32 once per call and used for all of its rows. Work O(active experts * I * H)
-decode + O(T * K * I * H) GEMM; extra memory: one expert's three fp32 matrices (~35 MB).
+- One token (batch-1 decode): one native call for the whole step (`native.nf4_moe_decode`,
+  int8 activations, ~1.7% of the output norm off the exact result against NF4's own ~15%);
+  at real size ~1 ms on 2 AVX2 cores, memory-bound (see benchmarks/moe.py).
+- More tokens, exact fp32 per active expert: an expert with a few rows runs the native exact
+  GEMV; one with more is decoded to fp32 once per call and used for all of its rows. Measured on
+  AVX2 (no AVX-512/AMX): fp32 GEMMs are ~5x faster than bf16 ones for tens of rows, and
+  bitsandbytes' NF4 dequantiser beats torch ops ~4x. Work O(active experts * I * H) decode +
+  O(T * K * I * H) GEMM; extra memory: one expert's three fp32 matrices (~35 MB).
 
 This path loops over active experts on the host: it is the CPU path only (GPUs use the
 sync-free Triton kernels in `moe_triton.py`).
@@ -38,11 +41,12 @@ def dequantize_fp32(packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32))
 
 
-def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the native GEMV from the codes for up to GEMV_MAX_ROWS rows,
-    else dequantise once to fp32 and run one GEMM (the decode cost is shared by all rows)."""
+def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the native GEMV from the codes for up to GEMV_MAX_ROWS rows
+    (one row, i.e. batch-1 decode, with int8 activations unless `exact`), else dequantise once to fp32
+    and run one GEMM (the decode cost is shared by all rows)."""
     if x.shape[0] <= GEMV_MAX_ROWS and native.available():
-        return native.nf4_gemv(x, packed, absmax)
+        return native.nf4_gemv(x, packed, absmax, int8=x.shape[0] == 1 and not exact)
     return x.float() @ dequantize_fp32(packed, absmax).t()
 
 
@@ -54,7 +58,12 @@ def moe_cpu(
     up: tuple[torch.Tensor, torch.Tensor],
     down: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Same contract as `moe_triton.fused_moe_nf4`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype."""
+    """Same contract as `moe_triton.fused_moe_nf4`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype.
+
+    One token with the native kernels: the fused int8-activation step; else exact fp32 per expert.
+    """
+    if x.shape[0] == 1 and native.available():
+        return native.nf4_moe_decode(x[0], idx[0], weights[0], gate, up, down).to(x.dtype).view(1, -1)
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
@@ -70,10 +79,10 @@ def moe_cpu(
         start += n
         token = pairs // k
         xe = xf[token]  # [n, H]
-        g = nf4_linear_cpu(xe, gate[0][e], gate[1][e])
-        u = nf4_linear_cpu(xe, up[0][e], up[1][e])
+        g = nf4_linear_cpu(xe, gate[0][e], gate[1][e], exact=True)
+        u = nf4_linear_cpu(xe, up[0][e], up[1][e], exact=True)
         h = torch.nn.functional.silu(g).mul_(u)  # [n, I]
-        y = nf4_linear_cpu(h, down[0][e], down[1][e])  # [n, H]
+        y = nf4_linear_cpu(h, down[0][e], down[1][e], exact=True)  # [n, H]
         out.index_put_(
             (token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True
         )  # index_add_: 10+ ms per call here

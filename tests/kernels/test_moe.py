@@ -35,7 +35,8 @@ def test_fused_moe_matches_reference(make_experts, random_routing, device, t, k,
     ref = fused_moe_reference(x, idx, w, *experts.dense)
     assert _rel(fused_moe_nf4(x, idx, w, *experts.packed), ref) < 1e-3
     if device == "cpu":
-        assert _rel(moe_cpu(x, idx, w, *experts.packed), ref) < 1e-5
+        # One token: the native int8-activation step (~2% here; its exact math: tests/kernels/test_native.py)
+        assert _rel(moe_cpu(x, idx, w, *experts.packed), ref) < (3e-2 if t == 1 else 1e-5)
 
 
 def test_prefill_tiles_with_many_rows_per_expert(make_experts, random_routing, device) -> None:
