@@ -57,6 +57,11 @@ def _media_options(**flags: object) -> MediaOptions:
     return MediaOptions(**flags)  # type: ignore[arg-type]
 
 
+system_options = fold_options(
+    "system", {"system": (SystemOpt, None), "prompt_file": (PromptFileOpt, None)}, system_prompt
+)
+"""Adds --system/--prompt-file; the command gets `system: str`, the system prompt to use."""
+
 media_options = fold_options(
     "media",
     {"pages": (PagesOpt, None), "password": (PasswordOpt, None), "frames": (FramesOpt, None), "fps": (FpsOpt, None)},
@@ -97,6 +102,7 @@ def register(app: typer.Typer) -> None:
     @backend_options
     @sampling_options
     @media_options
+    @system_options
     def _command(
         args: Annotated[
             Optional[list[str]],
@@ -106,8 +112,6 @@ def register(app: typer.Typer) -> None:
                 show_default=False,
             ),
         ] = None,
-        system: SystemOpt = None,
-        prompt_file: PromptFileOpt = None,
         show_thinking: ShowThinkingOpt = None,
         json: JsonOpt = False,
         jsonl: JsonlOpt = False,
@@ -117,6 +121,7 @@ def register(app: typer.Typer) -> None:
         backend: ChatBackend,
         sampling: ChatOptions,
         media: MediaOptions,
+        system: str,
     ) -> None:
         """Ask about images, PDFs, videos and text files; the question comes last (or on stdin).
 
@@ -135,11 +140,10 @@ def register(app: typer.Typer) -> None:
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
         inputs, question = split_question(args or [], sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
         items = resolve(inputs)
-        system_text = system_prompt(system, prompt_file)
         image_config, tokenizer, budget = prompt_fitting(backend, sampling, max_context)
         with read_inputs(items, media, image_config) as segments:
             prompt = build_prompt(
-                segments, question, system=system_text, tokenizer=tokenizer, image_config=image_config, budget=budget
+                segments, question, system=system, tokenizer=tokenizer, image_config=image_config, budget=budget
             )
         for note in prompt.notes:
             output.note(note)

@@ -20,11 +20,9 @@ import typer
 from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.ask import (
     MaxContextOpt,
-    PromptFileOpt,
-    SystemOpt,
     media_options,
     prompt_fitting,
-    system_prompt,
+    system_options,
 )
 from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sampling_options
 from kimivl_cli.errors import InputError, KimivlError
@@ -56,13 +54,12 @@ def register(app: typer.Typer) -> None:
     @backend_options
     @sampling_options
     @media_options
+    @system_options
     def _command(
         inputs: Annotated[
             Optional[list[str]],
             typer.Argument(help="Images, PDFs, videos or text files for the first question.", metavar="INPUT"),
         ] = None,
-        system: SystemOpt = None,
-        prompt_file: PromptFileOpt = None,
         show_thinking: ShowThinkingOpt = None,
         max_context: MaxContextOpt = None,
         quiet: QuietOpt = False,
@@ -70,6 +67,7 @@ def register(app: typer.Typer) -> None:
         backend: ChatBackend,
         sampling: ChatOptions,
         media: MediaOptions,
+        system: str,
     ) -> None:
         """Chat about images, PDFs and videos; /help lists the commands.
 
@@ -81,12 +79,11 @@ def register(app: typer.Typer) -> None:
         from kimivl_cli.tasks.chat import HELP, Conversation, parse_command
 
         output = Output(show_thinking=show_thinking, quiet=quiet)
-        system_text = system_prompt(system, prompt_file)
         interactive = sys.stdin.isatty()
         if "-" in (inputs or []) and not interactive:
             raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
         image_config = prompt_fitting(backend, sampling, max_context)[0]
-        conversation = Conversation(system_text, image_config, media)
+        conversation = Conversation(system, image_config, media)
         if inputs:
             output.note(conversation.attach(inputs))
         if interactive and not quiet:

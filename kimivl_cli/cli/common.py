@@ -87,7 +87,7 @@ def fold_options(target: str, flags: dict[str, tuple[Any, Any]], build: Callable
         if target not in signature.parameters:
             raise TypeError(f"{command.__name__} has no parameter {target!r} to fill")
         # Typer needs the options' `Annotated` objects, not the strings `from __future__ import
-        # annotations` leaves; the target's own type may be an import for type checkers only.
+        # annotations` leaves.
         namespace = command.__globals__
         kept = [
             p.replace(annotation=_evaluated(p.annotation, namespace))
@@ -112,7 +112,14 @@ def fold_options(target: str, flags: dict[str, tuple[Any, Any]], build: Callable
 
 
 def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
-    return eval(annotation, namespace) if isinstance(annotation, str) else annotation  # annotations of our own commands
+    """A string annotation of one of our commands as the object; an import for type checkers only
+    stays a string (it is another decorator's target, gone before Typer reads the signature)."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, namespace)
+    except NameError:
+        return annotation
 
 
 def _open_backend(**flags: Any) -> Any:

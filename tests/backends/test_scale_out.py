@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, Step, sse_chunks
+
+from tests.backends.conftest import API_KEY, Step, sse_chunks
 
 
 def _openai(server_url: str, key: str | None = API_KEY) -> list[str]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pymupdf
 import pytest
-from conftest import make_pdf
 from ocr_helpers import ROOT, fake_generate, kimivl_command
 from PIL import Image
 
 from kimivl_cli.tasks.ocr.output import truncate_to_complete
+from tests.ocr.conftest import make_pdf
 
 
 def words(text: str) -> Counter[str]:
