@@ -3,6 +3,7 @@ checkpoint, random weights: garbage text), against a flaky stub, and with a refu
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,16 @@ def test_ask_through_kimivl_serve(kimivl, kimivl_server, libtasn1_pdf: Path) -> 
     answer = json.loads(run.stdout)
     assert answer["model"] == kimivl_server.model_name
     assert answer["usage"]["prompt_tokens"] > 0 and 1 <= answer["usage"]["completion_tokens"] <= 5
+
+
+def test_chat_through_kimivl_serve(kimivl, kimivl_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A piped two-question chat over HTTP (plain line mode): both answered, exit 0."""
+    image = tmp_path / "ink.png"
+    _ink_png(image)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is written here?\nAnd again?\n"))
+    run = kimivl("chat", image, "--max-tokens", "3", "--temperature", "0", *_openai(kimivl_server.url))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and "error" not in run.stderr
 
 
 def test_ocr_concurrency_4_keeps_page_order(kimivl, kimivl_server, libtasn1_pdf: Path, tmp_path: Path) -> None:
