@@ -193,9 +193,10 @@ class Engine:
         return self.lm.logits(hidden[:, -1])
 
     def decode_step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: LatentCache, kv_len: int
+        self, tokens: torch.Tensor, positions: torch.Tensor | int, cache: LatentCache, kv_len: int
     ) -> torch.Tensor:
-        """tokens, positions [B, T] -> fp32 logits [B, V] of the last token; writes T cache rows.
+        """tokens [B, T], positions [B, T] (or the int start of all rows) -> fp32 logits [B, V] of
+        the last token; writes T cache rows.
 
         No host-device sync on CUDA for T=1 (the MoE takes its gathered path), and with
         `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
@@ -303,9 +304,11 @@ class Engine:
                 if stats.generated_tokens >= max_new:
                     break  # the last token needs no forward pass
                 T = tokens.shape[1]
-                kv_len = cache.capacity if self.static_decode else pos + T
-                positions = torch.arange(pos, pos + T, device=self.device)[None]
-                logits = self.decode_step(tokens, positions, cache, kv_len)
+                if self.static_decode:
+                    positions = torch.arange(pos, pos + T, device=self.device)[None]
+                    logits = self.decode_step(tokens, positions, cache, cache.capacity)
+                else:  # a Python start: the cache write is a slice copy instead of a scatter
+                    logits = self.decode_step(tokens, pos, cache, pos + T)
                 pos += T
             stats.finish_reason = "length"
         except GeneratorExit:

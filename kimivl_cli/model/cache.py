@@ -94,3 +94,23 @@ def attend(
         mask = k_pos[:, None, None, :] <= q_pos[:, None, s : s + block, None]  # [B, 1, tb, L]
         outs.append(F.scaled_dot_product_attention(q[:, :, s : s + block], k, v, attn_mask=mask, scale=scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def attend_shared(
+    q: torch.Tensor, keys: torch.Tensor, n_values: int, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of many query rows over one shared key head whose values are the keys'
+    first `n_values` dims (absorbed MLA: every head attends over the cache rows themselves).
+
+    q [B, Tq, W], keys [B, L, W], q_pos [B, Tq], k_pos [B or 1, L] -> [B, Tq, n_values].
+    Plain matmul-softmax-matmul in query blocks of O(block x L) scores: with one key head this is
+    ~2x faster than SDPA on CPU (no head broadcast, no value copy) and has no host-device sync.
+    """
+    values = keys[..., :n_values]
+    block = max(1, ATTN_BLOCK_ELEMENTS // keys.shape[1])
+    outs = []
+    for s in range(0, q.shape[1], block):
+        scores = torch.matmul(q[:, s : s + block], keys.transpose(1, 2)).mul_(scale)  # [B, tb, L]
+        scores.masked_fill_(k_pos[:, None, :] > q_pos[:, s : s + block, None], float("-inf"))
+        outs.append(torch.matmul(scores.softmax(-1), values))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kimivl_cli.model.cache import LatentCache, attend
+from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import RopeScaling, TextConfig
 
 Trace = dict[str, Any]
@@ -61,8 +61,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -218,9 +217,11 @@ class MLAttention(nn.Module):
         cos, sin = rope
         q = self._query(x).view(B, T, self.n_heads, -1)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # [B, T, H, Dr]
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        rows = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [B, T, W]
+        # the shared rope key rotates with the query heads as one more head: [B, T, H+1, Dr]
+        pe = apply_rope(torch.cat((q_pe, k_pe[:, :, None]), dim=2), cos[:, :, None], sin[:, :, None])
+        q_pe = pe[:, :, : self.n_heads]
+        rows = torch.cat((self.kv_a_layernorm(latent), pe[:, :, self.n_heads]), dim=-1)  # [B, T, W]
         if cache is None:
             keys, k_pos = rows, positions
         else:
@@ -257,10 +258,9 @@ class MLAttention(nn.Module):
         dtype = torch.float32 if _upcasts(q_nope) else q_nope.dtype
         w_uk, w_uv = self._absorb_weights(dtype)  # [H, Dn, R], [H, Dv, R]
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope.to(dtype), w_uk)
-        q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, 1, H * T, -1)  # heads share keys
+        q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, H * T, -1)  # heads share keys
         rows_pos = q_pos[:, None, :].expand(B, H, T).reshape(B, H * T)
-        keys = keys.to(dtype)[:, None]
-        o = attend(q, keys, keys[..., : self.rank], rows_pos, k_pos, self.scale)  # [B, 1, H*T, R]
+        o = attend_shared(q, keys.to(dtype), self.rank, rows_pos, k_pos, self.scale)  # [B, H*T, R]
         return torch.einsum("bhtr,hvr->bthv", o.view(B, H, T, self.rank), w_uv).to(q_nope.dtype)
 
 
@@ -335,12 +335,20 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
-        if x.device.type != "cpu" and idx.numel() <= self.gate_proj.shape[0]:
+        if x.device.type == "cpu":
+            return self._single(x, idx, weights) if x.shape[0] == 1 else self._grouped(x, idx, weights)
+        if idx.numel() <= self.gate_proj.shape[0]:
             return self._gathered(x, idx, weights)
         return self._grouped(x, idx, weights)
 
     def _expert(self, e: int | Tensor, x: Tensor) -> Tensor:
         return linear(F.silu(linear(x, self.gate_proj[e])) * linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def _single(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+        """One token on CPU (batch-1 decode): its K experts one after another, no sorting or
+        scatter; each expert's weights are read once, in place (a GEMV is bound by that read)."""
+        y = torch.stack([self._expert(e, x) for e in idx[0].tolist()])  # [K, 1, D]
+        return torch.einsum("k,kd->d", weights[0], y[:, 0].float())[None]
 
     def _grouped(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
