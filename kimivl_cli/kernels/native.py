@@ -4,10 +4,10 @@ Why native: at a few tokens the CPU MoE is bound by decoding weights. Any torch 
 (dequantise to fp32 then GEMV) writes and rereads 4 bytes per weight (~6 ms per 1408x2048
 expert matrix here); the C kernels read the 0.56-byte codes once.
 
-Two entry points over them:
+Two entry points over them (times: one 1408x2048 matrix, 2 AVX2 cores, weights in cache):
 - `nf4_gemv(x, packed, absmax)`: exact fp32 for a few rows (same sums as dequantise-then-matmul,
-  another order); `nf4_gemv(..., int8=True)` for one row, the int8-activation dot (~0.5% error,
-  several times faster).
+  another order; ~0.3 ms); `nf4_gemv(..., int8=True)` for one row, the int8-activation dot
+  (~0.07 ms; 0.84% of the output norm off the exact result).
 - `nf4_moe_decode(...)`: a whole routed-expert step for one token (gate, up, SiLU·mul, down,
   routing weights, sum over experts) in one native call, instead of three GEMVs per expert.
 
