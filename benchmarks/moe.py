@@ -2,10 +2,11 @@
 
 64 routed experts (2048 -> 1408 -> 2048), top-6, 2 shared experts (intermediate 2816),
 random weights. Times the routed + shared experts for 1 and 512 tokens (median of runs, each
-starting with the weights out of the cache), and compares weight memory. Errors: against the bf16 loop (`rel_err_*`: mostly NF4 itself) and,
+starting with the weights out of the cache unless `--warm`), and compares weight memory.
+Errors, as norm(diff) / norm(ref): against the bf16 loop (`rel_err_*`: mostly NF4 itself) and,
 for 1 token, against the exact fp32 NF4 result (`rel_err_vs_exact_nf4_1tok`: what the int8
-activations of the decode kernels cost), as norm(diff) / norm(ref). `--json` prints one JSON object; `--quick` uses fewer runs
-and 128 instead of 512 tokens.
+activations of the decode kernels cost). `--json` prints one JSON object; `--quick` uses fewer
+runs and 128 instead of 512 tokens.
 
     .venv/bin/python benchmarks/moe.py [--json] [--quick] [--warm]
 """
