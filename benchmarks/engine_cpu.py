@@ -4,9 +4,12 @@
     python benchmarks/engine_cpu.py --long-context 32768   one long prompt, peak RSS (kimivl only)
 
 Builds (once, cached) the `mid` random checkpoint: ~1.1B parameters, hidden 1024, 8 layers,
-64 experts top-6 + 2 shared, bf16. Measures prefill tokens/s on a 1024-token prompt and decode
-tokens/s over 128 greedy tokens, for both engines, repeats interleaved (the CPU may be shared)
-and medians reported. Also measures memory bandwidth with a large bf16 GEMV and reports each
+64 experts top-6 + 2 shared, bf16, and (once, cached beside it) its NF4 quantization. Measures
+prefill tokens/s on a 1024-token prompt and decode tokens/s over 128 greedy tokens for kimivl
+(bf16 and NF4) and for transformers in each of its CPU configurations (attention sdpa | eager x
+experts grouped_mm | eager; batched_mm was 3-5x slower than both here), repeats interleaved (the
+CPU may be shared), medians reported; ratios are against transformers' best configuration per
+phase, named in the report. Also measures memory bandwidth with a large GEMV and reports each
 engine's decode as a share of the bandwidth limit: active weight bytes per token x tokens/s /
 bandwidth (batch-1 decode reads every active weight once per token, so this is its roofline).
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,26 +89,34 @@ def transformers_twin(lm: LanguageModel, cfg: TextConfig):
     return model.to(DTYPE).eval()  # the router is fp32 in both (HF keeps it fp32 by design)
 
 
-def active_decode_bytes(cfg: TextConfig, itemsize: int) -> int:
-    """Weight bytes one batch-1 decode step must read: all non-expert weights (one embedding row),
-    the shared experts and K of E routed experts per MoE layer, the fp32 router, the LM head."""
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    attn = (
-        d * h * cfg.qk_head_dim
-        + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        + h * cfg.v_head_dim * d
-    )
-    total = cfg.vocab_size * d + d  # LM head + embedding row
-    router = 0
-    for layer in range(cfg.num_hidden_layers):
-        total += attn
-        if cfg.is_moe_layer(layer):
-            total += 3 * d * cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
-            router += cfg.n_routed_experts * d
-        else:
-            total += 3 * d * cfg.intermediate_size
-    return total * itemsize + router * 4
+def active_decode_bytes(lm: LanguageModel) -> int:
+    """Weight bytes one batch-1 decode step must read, from the loaded tensors (so quantized codes
+    and scales count as stored): one embedding row, K of E routed experts, everything else once."""
+    cfg = lm.config
+    total = 0
+    for name, tensor in (*lm.named_parameters(), *lm.named_buffers()):
+        nbytes = tensor.numel() * tensor.element_size()
+        if "embed_tokens" in name and not cfg.tie_word_embeddings:
+            nbytes //= tensor.shape[0]
+        elif ".mlp.experts." in name:
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.n_routed_experts
+        total += nbytes
+    return total
+
+
+def nf4_checkpoint(folder: Path) -> Path:
+    """`folder` quantized to NF4 once and kept beside it (quantizing while loading takes minutes here)."""
+    from kimivl_cli.model.weights import save_quantized
+
+    final = folder.with_name(folder.name + "-nf4")
+    if not (final / "config.json").exists():
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=folder.parent))
+        save_quantized(folder, work, "nf4", dtype=DTYPE, force=True)
+        try:
+            work.rename(final)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(work, ignore_errors=True)
+    return final
 
 
 def bandwidth_gbs(quick: bool) -> dict[str, float]:
@@ -152,37 +165,47 @@ def run_transformers(model, prompt: torch.Tensor, new: int) -> tuple[float, floa
     return prompt.shape[1] / (t1 - t0), new / (t2 - t1)
 
 
+# transformers' CPU configurations: (attention implementation, experts implementation)
+HF_CONFIGS = [(attn, experts) for attn in ("sdpa", "eager") for experts in ("grouped_mm", "eager")]
+ENGINES = ("kimivl", "kimivl_nf4")
+
+
 def compare(quick: bool) -> dict:
     t0 = time.perf_counter()
     folder = cached_checkpoint("mid", dtype="bf16")
-    engine = Engine.load(folder, dtype=DTYPE)
-    cfg = engine.config.text
+    engines = {
+        "kimivl": Engine.load(folder, dtype=DTYPE),
+        "kimivl_nf4": Engine.load(nf4_checkpoint(folder), dtype=DTYPE),
+    }
+    cfg = engines["kimivl"].config.text
     t1 = time.perf_counter()
-    hf = transformers_twin(engine.lm, cfg)
-    print(f"loaded kimivl in {t1 - t0:.1f}s, transformers twin in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
-    prompt_len, new, repeats = (256, 16, 1) if quick else (1024, 128, 3)
+    hf = transformers_twin(engines["kimivl"].lm, cfg)
+    print(
+        f"loaded kimivl bf16 + nf4 in {t1 - t0:.1f}s, transformers in {time.perf_counter() - t1:.1f}s", file=sys.stderr
+    )
+    prompt_len, new, repeats = (128, 16, 1) if quick else (1024, 128, 3)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size - 256, (1, prompt_len), generator=g)
-    # transformers' default experts kernel (grouped_mm) and its per-expert loop (eager) differ a
-    # lot on CPU; both are measured and the ratios use the better one per phase.
-    hf_impls = {"transformers": "grouped_mm", "transformers_eager_experts": "eager"}
+    hf_names = {f"transformers_{attn}_{experts}": (attn, experts) for attn, experts in HF_CONFIGS}
 
     def run(name: str) -> tuple[float, float]:
-        if name == "kimivl":
-            return run_kimivl(engine, prompt, new)
-        hf.set_experts_implementation(hf_impls[name])
+        if name in engines:
+            return run_kimivl(engines[name], prompt, new)
+        attn, experts = hf_names[name]
+        hf.set_attn_implementation(attn)
+        hf.set_experts_implementation(experts)
         return run_transformers(hf, prompt, new)
 
-    names = ["kimivl", *hf_impls]
-    run_kimivl(engine, prompt[:, :32], 4)  # warm-up: first-call allocations, thread pools
+    for engine in engines.values():  # warm-up: first-call allocations, thread pools, kernel builds
+        run_kimivl(engine, prompt[:, :32], 4)
     run_transformers(hf, prompt[:, :32], 4)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in (*ENGINES, *hf_names)}
     for _ in range(repeats):  # interleaved, so a noisy neighbour hits every engine alike
-        for name in names:
+        for name in results:
             results[name].append(run(name))
     bandwidth = bandwidth_gbs(quick)
     bw = bandwidth["bandwidth_gbs"]
-    active = active_decode_bytes(cfg, DTYPE.itemsize)
+    active = {name: active_decode_bytes(e.lm) for name, e in engines.items()}
     report: dict = {
         "model": folder.name,
         "dtype": "bf16",
@@ -191,19 +214,23 @@ def compare(quick: bool) -> dict:
         "new_tokens": new,
         "repeats": repeats,
         **bandwidth,
-        "active_bytes_per_token": active,
+        "active_bytes_per_token": active["kimivl"],
+        "active_bytes_per_token_nf4": active["kimivl_nf4"],
     }
     for name, runs in results.items():
-        prefill = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
         report[name] = {
-            "prefill_tok_s": round(prefill, 1),
+            "prefill_tok_s": round(statistics.median(r[0] for r in runs), 1),
             "decode_tok_s": round(decode, 2),
-            "decode_bandwidth_share": round(active * decode / (bw * 1e9), 3),
+            "decode_bandwidth_share": round(active.get(name, active["kimivl"]) * decode / (bw * 1e9), 3),
         }
     for metric in ("decode", "prefill"):
-        best = max(report[name][f"{metric}_tok_s"] for name in hf_impls)
-        report[f"{metric}_ratio"] = round(report["kimivl"][f"{metric}_tok_s"] / best, 2)
+        best = max(hf_names, key=lambda name: report[name][f"{metric}_tok_s"])
+        report[f"transformers_best_{metric}"] = best
+        for engine, suffix in (("kimivl", ""), ("kimivl_nf4", "_nf4")):
+            ratio = report[engine][f"{metric}_tok_s"] / report[best][f"{metric}_tok_s"]
+            report[f"{metric}_ratio{suffix}"] = round(ratio, 2)
+    report["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return report
 
 
@@ -256,17 +283,20 @@ def main() -> int:
     )
     print(
         f"memory bandwidth {report['bandwidth_gbs']} GB/s (GEMV bf16 {report['gemv_bf16_gbs']}, "
-        f"fp32 {report['gemv_fp32_gbs']}); {report['active_bytes_per_token'] / 1e6:.0f} MB read per token"
+        f"fp32 {report['gemv_fp32_gbs']}); {report['active_bytes_per_token'] / 1e6:.0f} MB read per token "
+        f"({report['active_bytes_per_token_nf4'] / 1e6:.0f} MB in NF4)"
     )
-    for name in ("kimivl", "transformers", "transformers_eager_experts"):
+    for name in (*ENGINES, *(f"transformers_{attn}_{experts}" for attn, experts in HF_CONFIGS)):
         r = report[name]
         print(
-            f"{name:>26}: prefill {r['prefill_tok_s']:8.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
+            f"{name:>32}: prefill {r['prefill_tok_s']:8.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
             f"({r['decode_bandwidth_share']:.0%} of the bandwidth limit)"
         )
     print(
-        f"ratios vs the better transformers setting: decode {report['decode_ratio']}x, "
-        f"prefill {report['prefill_ratio']}x (targets 2x, 1.3x)"
+        f"ratios vs transformers' best (decode: {report['transformers_best_decode']}, prefill: "
+        f"{report['transformers_best_prefill']}): bf16 decode {report['decode_ratio']}x, prefill "
+        f"{report['prefill_ratio']}x (targets 2x, 1.3x); nf4 decode {report['decode_ratio_nf4']}x (target 4x), "
+        f"prefill {report['prefill_ratio_nf4']}x; {report['elapsed_s']} s"
     )
     return 0
 
