@@ -27,6 +27,7 @@ from PIL import Image
 
 from kimivl_cli.engine.context import plan_context
 from kimivl_cli.engine.events import Done, Event, Timings, Usage
+from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
 from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
 from kimivl_cli.engine.stream import ThinkingBudget, ThinkingSplitter
 from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
@@ -119,8 +120,10 @@ class Engine:
         self.dtype = lm.model.embed_tokens.weight.dtype
         self.device = lm.model.embed_tokens.weight.device
         # On CUDA every step attends over the whole preallocated cache (masked by position) so the
-        # step has static shapes and can be captured in a graph; on CPU only the filled slots.
+        # step has static shapes and is captured in a graph (`graph.py`); on CPU only the filled slots.
         self.static_decode = self.device.type == "cuda"
+        self.cuda_graphs = self.static_decode
+        self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
 
     @classmethod
     def load(
@@ -270,9 +273,15 @@ class Engine:
             stats.vision_s = time.perf_counter() - t0
         t1 = time.perf_counter()
 
-        cache = LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
+        graph = self._decode_graph(cache_len)
+        cache = graph.cache if graph else LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
         stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
-        logits = self.prefill(ids.to(self.device), features, cache)
+        try:
+            logits = self.prefill(ids.to(self.device), features, cache)
+        except BaseException:
+            if graph is not None:
+                graph.in_use = False
+            raise
         generator = make_generator(params.seed, self.device)
         pos = ids.shape[1]
         # Prompt + generated ids for the repetition penalty, -1 = not yet: a static shape.
@@ -291,7 +300,7 @@ class Engine:
                 else:
                     token = sample(logits, params, generator, history)  # [1]
                     if stream.logits is not None:
-                        stream.logits.append(logits[0])
+                        stream.logits.append(logits[0].clone())  # a graph reuses its buffer
                     tid = int(token)  # the one host sync per step: streaming needs the id
                     if tid in stop:
                         stats.finish_reason = "stop"
@@ -304,7 +313,9 @@ class Engine:
                 if stats.generated_tokens >= max_new:
                     break  # the last token needs no forward pass
                 T = tokens.shape[1]
-                if self.static_decode:
+                if graph is not None and T == 1:
+                    logits = graph(tokens, pos)
+                elif self.static_decode:
                     positions = torch.arange(pos, pos + T, device=self.device)[None]
                     logits = self.decode_step(tokens, positions, cache, cache.capacity)
                 else:  # a Python start: the cache write is a slice copy instead of a scatter
@@ -316,6 +327,22 @@ class Engine:
             raise
         finally:
             stats.decode_s = time.perf_counter() - t2
+            if graph is not None:
+                graph.in_use = False
+
+    def _decode_graph(self, cache_len: int) -> DecodeGraph | None:
+        """The captured decode step over a cache of at least `cache_len` slots (CUDA only), marked in
+        use; None on CPU, or while another unfinished request holds it (that one gets its own cache).
+        A request whose bucket differs replaces the kept graph (and frees its cache) first."""
+        if not self.cuda_graphs or (self._graph is not None and self._graph.in_use):
+            return None
+        bucket = cache_bucket(cache_len, self.config.text.max_position_embeddings)
+        if self._graph is None or self._graph.cache.capacity != bucket:
+            self._graph = None
+            cache = LatentCache(self.config.text, 1, bucket, self.dtype, self.device)
+            self._graph = DecodeGraph(self.decode_step, cache)
+        self._graph.in_use = True
+        return self._graph
 
     # --- chat-level generation ---------------------------------------------------------------
 

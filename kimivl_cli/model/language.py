@@ -335,10 +335,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
-        if x.device.type == "cpu":
-            return self._single(x, idx, weights) if x.shape[0] == 1 else self._grouped(x, idx, weights)
-        if idx.numel() <= self.gate_proj.shape[0]:
-            return self._gathered(x, idx, weights)
+        if idx.numel() <= self.gate_proj.shape[0] and (x.device.type != "cpu" or torch.compiler.is_compiling()):
+            return self._gathered(x, idx, weights)  # sync-free: CUDA graphs, compiled steps
+        if x.device.type == "cpu" and x.shape[0] == 1:
+            return self._single(x, idx, weights)
         return self._grouped(x, idx, weights)
 
     def _expert(self, e: int | Tensor, x: Tensor) -> Tensor:
