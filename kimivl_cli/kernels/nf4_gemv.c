@@ -5,17 +5,19 @@
  * Built and loaded by kernels/native.py. Threads: OpenMP when built with -fopenmp (the process's
  * libgomp.so.1, torch's own, so its warm thread team and set_num_threads apply), else one thread.
  *
- * Two kernels:
- * - exact fp32 (`nf4_gemv_rows`): the caller splits x into its even and odd elements so each
- *   byte's two codes meet contiguous activations. AVX2: 16 weights per step, the 16 levels
- *   looked up with two in-register permutes. Compute-bound (~0.7 ms per 1408x2048 matrix).
- * - int8 dot (`q8_quantize` + `nf4_q8_*`), for batch-1 decode: the activation is quantized once
- *   to int8 per 64-block (scale = block absmax / 127), the NF4 levels are int8 (round(127 L)),
- *   and a block's 64 products are summed exactly in integers, then scaled by absmax * x_scale.
- *   AVX2: 64 weights per ~18 instructions (one byte shuffle looks up 32 levels; maddubs/madd
- *   multiply-accumulate), ~5x fewer than the fp32 loop, enough to be bound by memory.
- *   Error: the int8 rounding of levels and activations, ~0.5% of the output norm (measured and
- *   bounded in tests/kernels/test_native.py), well under NF4's own ~10%.
+ * Entry points at the end of the file:
+ * - `nf4_gemv`, exact fp32 for a few rows: the caller splits x into its even and odd elements so
+ *   each byte's two codes meet contiguous activations. AVX2: 16 weights per step, the 16 levels
+ *   looked up with two in-register permutes. Compute-bound (~0.6 ms per 1408x2048 matrix per core).
+ * - `nf4_q8_gemv` (one row) and `nf4_moe_decode` (one token's routed experts in one call), for
+ *   batch-1 decode: the activation is quantized once to int8 per 64-block (scale = block absmax
+ *   / 127), the NF4 levels are int8 (round(127 L)), and a block's 64 products are summed exactly
+ *   in integers, then scaled by absmax * x_scale / 127. AVX2: 64 weights per ~18 instructions
+ *   (one byte shuffle looks up 32 levels; maddubs/madd multiply-accumulate), ~5x fewer than the
+ *   fp32 loop, so memory-bound (~0.13 ms per 1408x2048 matrix per core).
+ *   Error (the int8 rounding of levels and activations; bounded in tests/kernels/test_native.py):
+ *   0.84% of the output norm for one product, ~1.7% for the MoE step (two roundings, three
+ *   products), against ~10% and ~15% for NF4 itself.
  *
  * Without AVX2 both kernels fall back to portable scalar loops; the int8 one computes the same
  * integer block sums, so both builds agree to float rounding.
@@ -102,7 +104,7 @@ static void q8_quantize(const float* x, int8_t* q, float* s, int64_t k) {
   }
 }
 
-/* R rows at once (R a small constant at each call, so the loops unroll into registers): out[i] = row i . x_i,
+/* R <= 4 rows at once (R a small constant at each call, so the loops unroll into registers): out[i] = row i . x_i,
  * the sum over blocks of absmax[b] * s[b] / 127 * (integer dot of the block's int8 levels and q).
  * Rows share the code-to-level constants and interleave their independent chains. */
 static inline void dot_rows(const int r, const uint8_t* const* p, const float* const* am, const int8_t* const* q,
