@@ -110,7 +110,7 @@ def attend_shared(
     block = max(1, ATTN_BLOCK_ELEMENTS // keys.shape[1])
     outs = []
     for s in range(0, q.shape[1], block):
-        scores = torch.matmul(q[:, s : s + block], keys.transpose(1, 2)).mul_(scale)  # [B, tb, L]
+        scores = torch.bmm(q[:, s : s + block], keys.transpose(1, 2)).mul_(scale)  # [B, tb, L]
         scores.masked_fill_(k_pos[:, None, :] > q_pos[:, s : s + block, None], float("-inf"))
-        outs.append(torch.matmul(scores.softmax(-1), values))
+        outs.append(torch.bmm(scores.softmax(-1), values))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -174,7 +174,7 @@ class MLAttention(nn.Module):
         self._absorbed_weights: tuple[Tensor, Tensor] | None = None  # see `_absorb_weights`
 
     def _absorb_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """kv_b_proj's weight split for the absorbed path: w_uk [H, Dn, R], w_uv [H, Dv, R] in `dtype`.
+        """kv_b_proj's weight split for the absorbed path: w_uk [H, Dn, R], w_uvᵀ [H, R, Dv] in `dtype`.
 
         A plain Linear whose weight is already in `dtype` gives views (no copy). Otherwise (a
         quantized kv_b_proj, whose `.weight` dequantises, or bf16 weights computed in fp32 on CPU)
@@ -195,7 +195,7 @@ class MLAttention(nn.Module):
 
     def _split_kv_b(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         w = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)
-        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+        return w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
 
     def _query(self, x: Tensor) -> Tensor:
         if hasattr(self, "q_proj"):
@@ -256,12 +256,12 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         dtype = torch.float32 if _upcasts(q_nope) else q_nope.dtype
-        w_uk, w_uv = self._absorb_weights(dtype)  # [H, Dn, R], [H, Dv, R]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope.to(dtype), w_uk)
+        w_uk, w_uv_t = self._absorb_weights(dtype)  # [H, Dn, R], [H, R, Dv]
+        q_lat = torch.matmul(q_nope.to(dtype).transpose(1, 2), w_uk)  # [B, H, T, R]
         q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, H * T, -1)  # heads share keys
         rows_pos = q_pos[:, None, :].expand(B, H, T).reshape(B, H * T)
         o = attend_shared(q, keys.to(dtype), self.rank, rows_pos, k_pos, self.scale)  # [B, H*T, R]
-        return torch.einsum("bhtr,hvr->bthv", o.view(B, H, T, self.rank), w_uv).to(q_nope.dtype)
+        return torch.matmul(o.view(B, H, T, self.rank), w_uv_t).transpose(1, 2).to(q_nope.dtype)  # [B, T, H, Dv]
 
 
 class Router(nn.Module):
