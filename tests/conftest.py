@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,34 @@ def tiny_checkpoint() -> Path:
     from kimivl_cli.testing.checkpoint import cached_checkpoint
 
     return cached_checkpoint("tiny", seed=0)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def kimivl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`kimivl ARGS` in this process through `cli.main` (the console script's one-line errors and
+    exit codes), output captured at the file-descriptor level: no ~2 s subprocess start-up per run.
+    The user's KIMIVL_* defaults are cleared so they cannot leak into the run."""
+    from kimivl_cli import cli
+
+    for name in ("KIMIVL_BACKEND", "KIMIVL_API_BASE", "KIMIVL_API_KEY", "KIMIVL_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: object) -> Result:
+        monkeypatch.setattr(sys, "argv", ["kimivl", *map(str, args)])
+        capfd.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return run

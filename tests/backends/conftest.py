@@ -4,7 +4,6 @@ step), `kimivl serve` over the tiny checkpoint, and the CLI run in-process."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -155,33 +154,3 @@ def kimivl_server(tiny_checkpoint):
     yield server
     server.shutdown()
     server.server_close()
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def kimivl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    """`kimivl ARGS` in this process through `cli.main` (one-line errors, exit codes), output
-    captured at the file-descriptor level; no subprocess start-up per run."""
-    from kimivl_cli import cli
-
-    for name in ("KIMIVL_BACKEND", "KIMIVL_API_BASE", "KIMIVL_API_KEY", "KIMIVL_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-
-    def run(*args: object) -> Result:
-        monkeypatch.setattr(sys, "argv", ["kimivl", *map(str, args)])
-        capfd.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capfd.readouterr()
-        return Result(code, out, err)
-
-    return run

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pymupdf
 import pytest
 
-SHARED = Path(os.environ.get("KIMIVL_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+from tests.conftest import shared_path
 
 
 @pytest.fixture(scope="session")
 def ocr_bench_dir() -> Path:
-    path = SHARED / "ocr-bench"
-    if not path.exists():
-        pytest.skip(f"shared data not found: {path} (set KIMIVL_SHARED)")
-    return path
+    return shared_path("ocr-bench")
 
 
 def make_pdf(path: Path, pages: list[str], **save_options: object) -> Path:
@@ -32,33 +26,14 @@ def make_pdf(path: Path, pages: list[str], **save_options: object) -> Path:
     return path
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def run_kimivl(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    """`kimivl ARGS` in this process through `cli.main` (the same one-line errors and exit codes as
-    the console script), output captured at the file-descriptor level. `generate=` answers for the
-    backend the CLI opens. Saves the ~2 s of a subprocess where the process boundary adds nothing."""
+def run_kimivl(kimivl, monkeypatch: pytest.MonkeyPatch):
+    """The in-process `kimivl` runner (root conftest); `generate=` answers for the backend the CLI opens."""
     from ocr_helpers import use_fake_model
 
-    from kimivl_cli import cli
-
-    def run(*args: object, generate=None) -> Result:
+    def run(*args: object, generate=None):
         if generate is not None:
             use_fake_model(generate, monkeypatch.setattr)
-        monkeypatch.setattr(sys, "argv", ["kimivl", *map(str, args)])
-        capfd.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capfd.readouterr()
-        return Result(code, out, err)
+        return kimivl(*args)
 
     return run
