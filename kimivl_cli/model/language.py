@@ -455,7 +455,8 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderStack(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        # plain: the engine projects one row per step (a GEMV), and loaders expect an nn.Linear here
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
