@@ -37,7 +37,12 @@ ThinkingBudgetOpt = Annotated[
     Optional[int], typer.Option("--thinking-budget", help="End the reasoning after N tokens and answer.", min=0)
 ]
 QuantOpt = Annotated[
-    str, typer.Option("--quant", help="Language-model weights: nf4 (4-bit), int8 or none (bf16).", case_sensitive=False)
+    str,
+    typer.Option(
+        "--quant",
+        help="Language-model weights: nf4 (4-bit), int8, none (bf16), or auto (bf16 if it fits the device, else nf4).",
+        case_sensitive=False,
+    ),
 ]
 PasswordOpt = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.", min=0.0, max=1.0)]
@@ -142,7 +147,7 @@ backend_options = fold_options(
         "api_key": (ApiKeyOpt, None),
         "model": (BackendModelOpt, None),
         "device": (DeviceOpt, "auto"),
-        "quant": (QuantOpt, "none"),
+        "quant": (QuantOpt, "auto"),
     },
     _open_backend,
 )

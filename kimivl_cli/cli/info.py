@@ -200,8 +200,24 @@ def gather(model: str, device: str) -> dict[str, Any]:
         "device": devices,
         "bitsandbytes": _probe(lambda: _bitsandbytes(has_gpu)),
         "triton": _probe(lambda: _triton(has_gpu)),
-        "model": model_location(model),
+        "model": {**(found := model_location(model)), **_auto_quant(found, devices["selected"])},
     }
+
+
+def _auto_quant(found: dict[str, Any], device: str) -> dict[str, Any]:
+    """What `--quant auto` picks for a model on disk, and why (config only, nothing loaded)."""
+    if not found.get("ready") or device not in ("cpu", "cuda"):
+        return {}
+    try:
+        import torch
+
+        from kimivl_cli.model.config import KimiVLConfig
+        from kimivl_cli.model.weights import choose_quant
+
+        mode, why = choose_quant(KimiVLConfig.from_file(Path(found["path"]) / "config.json"), torch.bfloat16, device)
+    except Exception as exc:  # a broken config is reported, not fatal to `info`
+        return {"quant_auto_problem": f"{type(exc).__name__}: {exc}"}
+    return {"quant_auto": mode, "quant_auto_reason": why}
 
 
 def _text(info: dict[str, Any]) -> str:
@@ -225,6 +241,8 @@ def _text(info: dict[str, Any]) -> str:
     where = model.get("path") or model.get("problem", "")
     state = "ready" if model["ready"] else "not ready"
     lines.append(f"model: {model['model']} ({model['source']}, {state}): {where}")
+    if "quant_auto" in model:
+        lines.append(f"--quant auto: {model['quant_auto']} ({model['quant_auto_reason']})")
     if model.get("hub_cache"):
         lines.append(f"hub cache: {model['hub_cache']} (HF_HOME={model['hf_home']})")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     def _command(
         model: ModelOpt = DEFAULT_MODEL,
         device: DeviceOpt = "auto",
-        quant: QuantOpt = "none",
+        quant: QuantOpt = "auto",
         host: Annotated[
             str, typer.Option("--host", help="Address to bind (loopback unless you mean it).")
         ] = "127.0.0.1",

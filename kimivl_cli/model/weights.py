@@ -352,7 +352,7 @@ def choose_quant(config: KimiVLConfig, dtype: torch.dtype, device: torch.device 
         params = sum(p.numel() for p in KimiVL(config).parameters())
     weight_bytes = params * dtype.itemsize
     budget = device_memory_bytes(device)
-    gib = f"{weight_bytes / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights"
+    gib = f"{weight_bytes / 2**30:.2f} GiB of {str(dtype).removeprefix('torch.')} weights"
     if weight_bytes <= AUTO_WEIGHT_SHARE * budget:
         return "none", f"{gib} fit in {budget / 2**30:.1f} GiB ({torch.device(device).type})"
     return "nf4", f"{gib} do not fit in {budget / 2**30:.1f} GiB ({torch.device(device).type}): quantizing to nf4"

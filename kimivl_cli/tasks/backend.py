@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from kimivl_cli.backends import ChatBackend
     from kimivl_cli.engine.engine import Engine
 
-QUANT_MODES = ("nf4", "int8", "none")
+QUANT_MODES = ("auto", "nf4", "int8", "none")
 BACKENDS = ("local", "openai")
 DEFAULT_MODEL = "moonshotai/Kimi-VL-A3B-Thinking-2506"
 
@@ -31,10 +31,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def open_engine(model: str, device: str = "auto", quant: str = "none") -> Engine:
+def open_engine(model: str, device: str = "auto", quant: str = "auto") -> Engine:
     """Load the checkpoint `model` (folder or Hub id) into an Engine on the chosen device.
 
-    Weights are bf16; `quant` nf4/int8 quantizes the language model's linears while loading.
+    Weights are bf16; `quant` nf4/int8 quantizes the language model's linears while loading, auto
+    does so only when bf16 would not fit the device (`model.weights.choose_quant`).
     """
     import torch
 
@@ -42,16 +43,15 @@ def open_engine(model: str, device: str = "auto", quant: str = "none") -> Engine
 
     quant = quant.lower()
     if quant not in QUANT_MODES:
-        raise InputError(f"unknown --quant {quant!r}", "use nf4, int8 or none")
-    kwargs = {"quant": quant} if quant != "none" else {}
-    return Engine.load(model, dtype=torch.bfloat16, device=resolve_device(device), **kwargs)
+        raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
+    return Engine.load(model, dtype=torch.bfloat16, device=resolve_device(device), quant=quant)
 
 
 def open_backend(
     backend: str = "local",
     model: str | None = None,
     device: str = "auto",
-    quant: str = "none",
+    quant: str = "auto",
     api_base: str | None = None,
     api_key: str | None = None,
 ) -> ChatBackend:
@@ -66,7 +66,7 @@ def open_backend(
         from kimivl_cli.backends.local import LocalBackend
 
         if quant.lower() not in QUANT_MODES:  # checked now: a typo should not wait for the first page
-            raise InputError(f"unknown --quant {quant!r}", "use nf4, int8 or none")
+            raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
         return LocalBackend.lazy(lambda: open_engine(model or DEFAULT_MODEL, device, quant))
     if backend == "openai":
         from kimivl_cli.backends.openai import OpenAIBackend

@@ -59,3 +59,14 @@ def test_text_report_and_bad_device() -> None:
         assert label in result.stdout
     bad = kimivl("info", "--device", "tpu")
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown --device")
+
+
+def test_reports_what_quant_auto_picks(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from kimivl_cli.cli.info import gather
+
+    model = gather(str(tiny_checkpoint), "cpu")["model"]
+    assert model["quant_auto"] == "none" and "fit in" in model["quant_auto_reason"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert "quant_auto_problem" in gather(str(broken), "cpu")["model"]
