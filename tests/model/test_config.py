@@ -64,6 +64,11 @@ def test_unreadable_or_missing_config(tmp_path: Path) -> None:
 
 def test_yarn_scaling_is_parsed() -> None:
     raw = KimiVLConfig().to_dict()["text_config"]
-    raw["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "mscale_all_dim": 1.0}
+    raw["rope_scaling"] = {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+        "mscale_all_dim": 1.0,
+    }
     text = TextConfig.from_dict(raw)
     assert text.rope_scaling is not None and text.rope_scaling.factor == 4.0
