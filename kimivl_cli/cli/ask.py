@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
           echo "What is this?" | kimivl ask photo.jpg
           kimivl ask scan.png "Transcribe" --backend openai --api-base http://gpu:8000/v1
         """
-        from kimivl_cli.render import Output
+        from kimivl_cli.render import Output, Transcript
         from kimivl_cli.tasks.ask import build_prompt, read_inputs, resolve, split_question
 
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
@@ -148,4 +148,4 @@ def register(app: typer.Typer) -> None:
         for note in prompt.notes:
             output.note(note)
         options = replace(sampling, show_thinking=show_thinking is not False, max_context=max_context)
-        output.stream(backend.chat(prompt.messages, prompt.images, options))
+        output.stream(backend.chat(prompt.messages, prompt.images, options), Transcript(model=backend.name))

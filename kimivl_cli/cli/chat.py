@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
                 command = parse_command(line)
                 if command is None:
                     messages, images = conversation.request(line)
-                    transcript = Transcript()
+                    transcript = Transcript(model=backend.name)
                     try:
                         options = replace(
                             sampling, show_thinking=output.show_thinking is not False, max_context=max_context

@@ -51,6 +51,7 @@ class Transcript:
     thinking_parts: list[str] = field(default_factory=list)
     answer_parts: list[str] = field(default_factory=list)
     done: Done | None = None
+    model: str = ""  # named in the 'interrupted' Done when the stream stops before its own
 
     @property
     def thinking(self) -> str:
@@ -70,7 +71,7 @@ class Transcript:
 
     def final(self) -> Done:
         """The `Done` event, or an 'interrupted' one when the stream stopped early."""
-        return self.done or Done(finish_reason="interrupted")
+        return self.done or Done(finish_reason="interrupted", model=self.model)
 
     def to_json(self) -> dict[str, Any]:
         done = self.final().to_dict()

@@ -194,10 +194,10 @@ def test_json_object_validates_and_matches(captured, stream) -> None:
 def test_json_after_ctrl_c_is_a_valid_interrupted_object(streams, captured) -> None:
     cap = captured(terminal=False, json=True)
     with pytest.raises(KeyboardInterrupt):
-        cap.output.stream(interrupted_after(streams["thinking"], 10))
+        cap.output.stream(interrupted_after(streams["thinking"], 10), Transcript(model="org/model"))
     obj = json.loads(cap.out.getvalue())
     ANSWER.validate(obj)
-    assert obj["finish_reason"] == "interrupted"
+    assert obj["finish_reason"] == "interrupted" and obj["model"] == "org/model"
 
 
 def test_jsonl_lines_parse_validate_and_round_trip(captured, stream) -> None:
