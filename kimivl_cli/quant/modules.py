@@ -40,17 +40,35 @@ def should_quantize(name: str) -> bool:
     )
 
 
-class NF4Linear(nn.Module):
-    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
+class _QuantizedLinear(nn.Module):
+    """What NF4Linear and Int8Linear share: the loader hooks for the official `weight` [N, K] key,
+    which the subclass quantizes in `load_weight`, and fp32 side buffers (absmax, scales)."""
 
-    param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
+    param_dtype = torch.float32  # model/weights.materialize: scales stay fp32 whatever the model dtype
     quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def checkpoint_tensors(self) -> dict[str, torch.Size]:
+        """Loader hook (model/weights.py): this module takes the official `weight` key itself."""
+        return {"weight": torch.Size((self.out_features, self.in_features))}
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.load_weight(tensor)
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class NF4Linear(_QuantizedLinear):
+    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         if in_features % BLOCKSIZE:
             raise ValueError(f"NF4Linear needs in_features divisible by {BLOCKSIZE}, got {in_features}")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features)
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer(
             "absmax", torch.empty(out_features, in_features // BLOCKSIZE, dtype=torch.float32, device=device)
@@ -62,13 +80,6 @@ class NF4Linear(nn.Module):
         module = cls(weight.shape[1], weight.shape[0], device or weight.device)
         module.load_weight(weight)
         return module
-
-    def checkpoint_tensors(self) -> dict[str, torch.Size]:
-        """Loader hook (model/weights.py): this module takes the official `weight` key itself."""
-        return {"weight": torch.Size((self.out_features, self.in_features))}
-
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.load_weight(tensor)
 
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -103,23 +114,13 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_QuantizedLinear):
     """y = (x Q^T) * scale with Q int8 [N, K] and a per-row fp32 scale [N] (`--quant int8`)."""
 
-    param_dtype = torch.float32
-    quantized = True
-
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features)
         self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
-
-    def checkpoint_tensors(self) -> dict[str, torch.Size]:
-        return {"weight": torch.Size((self.out_features, self.in_features))}
-
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.load_weight(tensor)
 
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
