@@ -36,54 +36,20 @@ from kimivl_cli.engine.sampling import SamplingParams
 from kimivl_cli.model.config import TextConfig
 from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.testing.checkpoint import cached_checkpoint
+from kimivl_cli.testing.transformers_twin import deepseek_v3_config, fuse_experts
 
 DTYPE = torch.bfloat16
 
 
 def transformers_twin(lm: LanguageModel, cfg: TextConfig):
     """`DeepseekV3ForCausalLM` holding the same weights (shared storage except the fused experts)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
-    hf_cfg = DeepseekV3Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
-        n_shared_experts=cfg.n_shared_experts,
-        n_routed_experts=cfg.n_routed_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor,
-        kv_lora_rank=cfg.kv_lora_rank,
-        q_lora_rank=cfg.q_lora_rank,
-        qk_rope_head_dim=cfg.qk_rope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim,
-        n_group=cfg.n_group,
-        topk_group=cfg.topk_group,
-        num_experts_per_tok=cfg.num_experts_per_tok,
-        first_k_dense_replace=cfg.first_k_dense_replace,
-        norm_topk_prob=cfg.norm_topk_prob,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rope_interleave=True,  # our RoPE layout (adjacent pairs, de-interleaved)
-        tie_word_embeddings=False,
-        num_mtp_layers=0,
-    )
+    hf_cfg = deepseek_v3_config(cfg)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(hf_cfg)
-    state = {}
-    for name, tensor in lm.state_dict().items():
-        if ".mlp.experts.gate_proj" in name:
-            state[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
-                (tensor, lm.state_dict()[name.replace("gate_proj", "up_proj")]), dim=1
-            )
-        elif ".mlp.experts.up_proj" not in name:
-            state[name] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(fuse_experts(lm.state_dict()), strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"weight mapping: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.model.rotary_emb = DeepseekV3RotaryEmbedding(hf_cfg)  # computed buffers, not in the state dict

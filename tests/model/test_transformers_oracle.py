@@ -1,7 +1,8 @@
 """An independent second oracle: transformers' own `DeepseekV3ForCausalLM` with the same tiny weights.
 
-transformers is a test dependency only (never imported by kimivl_cli). Its DeepSeek-V3 stores the
-routed experts fused (`gate_up_proj` [E, 2I, D]); the key mapping lives here, in the test.
+transformers is a test dependency only (the CLI never imports it). Its DeepSeek-V3 stores the
+routed experts fused (`gate_up_proj` [E, 2I, D]); the config and the fusing are shared with the CPU
+benchmark (`kimivl_cli.testing.transformers_twin`), the official keys are read straight from the file here.
 """
 
 from __future__ import annotations
@@ -16,55 +17,22 @@ from safetensors.torch import load_file
 from kimivl_cli.model.config import RopeScaling, TextConfig
 from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.model.weights import load_model, materialize
+from kimivl_cli.testing.transformers_twin import deepseek_v3_config, fuse_experts
 
 transformers = pytest.importorskip("transformers")
 
 
-def hf_config(t: TextConfig):
-    return transformers.DeepseekV3Config(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        moe_intermediate_size=t.moe_intermediate_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_attention_heads,
-        n_shared_experts=t.n_shared_experts,
-        n_routed_experts=t.n_routed_experts,
-        routed_scaling_factor=t.routed_scaling_factor,
-        kv_lora_rank=t.kv_lora_rank,
-        q_lora_rank=t.q_lora_rank,
-        qk_rope_head_dim=t.qk_rope_head_dim,
-        qk_nope_head_dim=t.qk_nope_head_dim,
-        v_head_dim=t.v_head_dim,
-        n_group=t.n_group,
-        topk_group=t.topk_group,
-        num_experts_per_tok=t.num_experts_per_tok,
-        first_k_dense_replace=t.first_k_dense_replace,
-        norm_topk_prob=t.norm_topk_prob,
-        rms_norm_eps=t.rms_norm_eps,
-        max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-        rope_interleave=True,
-        tie_word_embeddings=False,
-        attention_bias=False,
-    )
-
-
 def hf_state_dict(official: dict[str, torch.Tensor], t: TextConfig) -> dict[str, torch.Tensor]:
-    """Official `language_model.*` keys -> transformers 5 keys (fused, stacked experts)."""
+    """Official `language_model.*` keys -> transformers 5 keys: the per-expert weights stacked here,
+    from the file (not through our loader), then fused as transformers stores them."""
     out = {k.removeprefix("language_model."): v for k, v in official.items() if k.startswith("language_model.")}
     for layer in range(t.num_hidden_layers):
         if not t.is_moe_layer(layer):
             continue
         p = f"model.layers.{layer}.mlp.experts"
-        expert = {
-            proj: torch.stack([out.pop(f"{p}.{e}.{proj}.weight") for e in range(t.n_routed_experts)])
-            for proj in ("gate_proj", "up_proj", "down_proj")
-        }
-        out[f"{p}.gate_up_proj"] = torch.cat((expert["gate_proj"], expert["up_proj"]), dim=1)
-        out[f"{p}.down_proj"] = expert["down_proj"]
-    return out
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{p}.{proj}"] = torch.stack([out.pop(f"{p}.{e}.{proj}.weight") for e in range(t.n_routed_experts)])
+    return fuse_experts(out)
 
 
 @pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])
@@ -73,7 +41,7 @@ def test_language_model_matches_transformers_deepseek_v3(name: str, golden_dir: 
     folder = golden_dir / name
     model, cfg = load_model(folder, dtype=torch.float32)
     golden = load_file(str(folder / "golden.safetensors"))
-    hf = transformers.DeepseekV3ForCausalLM(hf_config(cfg.text)).eval()
+    hf = transformers.DeepseekV3ForCausalLM(deepseek_v3_config(cfg.text)).eval()
     missing, unexpected = hf.load_state_dict(
         hf_state_dict(load_file(str(folder / "model.safetensors")), cfg.text), strict=False
     )
@@ -98,18 +66,7 @@ def test_yarn_rope_matches_transformers(golden_dir: Path) -> None:
         ours = LanguageModel(text)
     materialize(ours, torch.float32, "cpu")
     ours.load_state_dict(model.language_model.state_dict())
-    hf_cfg = hf_config(text)
-    hf_cfg.rope_parameters = {
-        "rope_type": "yarn",
-        "rope_theta": text.rope_theta,
-        "factor": scaling.factor,
-        "original_max_position_embeddings": scaling.original_max_position_embeddings,
-        "beta_fast": scaling.beta_fast,
-        "beta_slow": scaling.beta_slow,
-        "mscale": scaling.mscale,
-        "mscale_all_dim": scaling.mscale_all_dim,
-    }
-    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    hf = transformers.DeepseekV3ForCausalLM(deepseek_v3_config(text)).eval()  # rope_type yarn
     hf.load_state_dict(hf_state_dict(load_file(str(folder / "model.safetensors")), text), strict=False)
     ids = torch.randint(0, 979, (1, 60), generator=torch.Generator().manual_seed(0))
     embeds = ours.embed(ids)
@@ -141,7 +98,7 @@ def test_q_lora_path_matches_transformers(golden_dir: Path) -> None:
         state.update(extra)
         official.update({f"language_model.{k}": v for k, v in extra.items()})
     ours.load_state_dict(state)
-    hf = transformers.DeepseekV3ForCausalLM(hf_config(text)).eval()
+    hf = transformers.DeepseekV3ForCausalLM(deepseek_v3_config(text)).eval()
     missing, unexpected = hf.load_state_dict(hf_state_dict(official, text), strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
     embeds = ours.embed(torch.randint(0, 979, (1, 30), generator=g))
