@@ -2,6 +2,8 @@
 
 Models load once per session in fp32; tests that change engine settings build a fresh `Engine`
 around the same model (cheap: the engine holds no per-request state but its feature cache).
+One torch thread comes from the root conftest (OpenMP workers spinning against other processes
+on a shared 2-core box made tiny decode steps ~25x slower).
 """
 
 from __future__ import annotations
@@ -14,27 +16,11 @@ from PIL import Image
 
 from kimivl_cli.engine.engine import Engine
 from kimivl_cli.model.weights import load_model
-from kimivl_cli.testing.checkpoint import cached_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: OpenMP workers spinning against other processes made
-    decode steps ~25x slower than one thread. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt() -> Path:
-    return cached_checkpoint("tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_engine(tiny_ckpt: Path) -> Engine:
-    return Engine.load(tiny_ckpt, dtype=torch.float32)
+def tiny_engine(tiny_checkpoint: Path) -> Engine:
+    return Engine.load(tiny_checkpoint, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def test_cache_bucket_is_the_next_power_of_two_within_the_context(needed: int, l
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_decode_equals_eager_decode_and_is_reused(tiny_ckpt: Path) -> None:
-    engine = Engine.load(tiny_ckpt, dtype=torch.float32, device="cuda")
+def test_cuda_graph_decode_equals_eager_decode_and_is_reused(tiny_checkpoint: Path) -> None:
+    engine = Engine.load(tiny_checkpoint, dtype=torch.float32, device="cuda")
     prompt = list(range(30, 70))
     params = SamplingParams(temperature=0.0, max_new_tokens=24)
 
