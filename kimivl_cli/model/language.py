@@ -11,7 +11,7 @@ R kv_lora_rank, W = R + Dr cache row, E experts, K experts per token, I expert i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,16 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Chunk(NamedTuple):
+    """Where the tokens of one forward sit, the same for every layer (`LanguageModel` builds it once)."""
+
+    rope: tuple[Tensor, Tensor]  # cos, sin [B, T, Dr/2]
+    positions: Tensor  # [B, T]
+    start: int | None  # the start position when the chunk is contiguous (cheaper cache write), else None
+    cache: LatentCache | None
+    kv_len: int  # attention sees cache slots [0, kv_len)
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention.
 
@@ -202,19 +212,10 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        positions: Tensor,
-        start: int | None,
-        cache: LatentCache | None,
-        kv_len: int,
-    ) -> Tensor:
-        """x [B, T, D], rope cos/sin [B, T, Dr/2], positions [B, T]; `start` is the Python start
-        position when the chunk is contiguous (cheaper cache write), else None. -> [B, T, D]."""
+    def forward(self, x: Tensor, chunk: Chunk) -> Tensor:
+        """x [B, T, D] at `chunk`'s positions -> [B, T, D]."""
         B, T, _ = x.shape
-        cos, sin = rope
+        (cos, sin), positions, start, cache, kv_len = chunk
         q = self._query(x).view(B, T, self.n_heads, -1)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
@@ -422,17 +423,8 @@ class DecoderLayer(nn.Module):
             MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        positions: Tensor,
-        start: int | None,
-        cache: LatentCache | None,
-        kv_len: int,
-        trace: Trace | None,
-    ) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, positions, start, cache, kv_len)
+    def forward(self, x: Tensor, chunk: Chunk, trace: Trace | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), chunk)
         normed = self.post_attention_layernorm(h)
         return h + (self.mlp(normed, trace) if isinstance(self.mlp, MoE) else self.mlp(normed))
 
@@ -490,13 +482,13 @@ class LanguageModel(nn.Module):
         else:
             start, pos = None, positions
             kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
-        rope = self.rotary(pos)
+        chunk = Chunk(self.rotary(pos), pos, start, cache, kv_len)
         hidden_states = trace.setdefault("hidden_states", []) if trace is not None else None
         h = embeds
         for layer in self.model.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
-            h = layer(h, rope, pos, start, cache, kv_len, trace)
+            h = layer(h, chunk, trace)
         h = self.model.norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
