@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 
 from kimivl_cli.tasks.backend import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from kimivl_cli.backends import AnswerOnly, ChatBackend, ChatOptions
 
 ModelOpt = Annotated[
     str,
@@ -75,6 +79,7 @@ BackendModelOpt = Annotated[
         "model name [default: the server's first].",
     ),
 ]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT.")]
 ConcurrencyOpt = Annotated[
     int,
     typer.Option("--concurrency", "-j", help="Requests in flight at once (--backend openai; local runs 1).", min=1),
@@ -165,3 +170,17 @@ sampling_options = fold_options(
     _chat_options,
 )
 """Adds --max-tokens/--temperature/--top-p/--seed/--thinking-budget; the command gets `sampling: ChatOptions`."""
+
+
+def batch_answerer(
+    backend: ChatBackend, sampling: ChatOptions, concurrency: int, quiet: bool
+) -> tuple[AnswerOnly, int]:
+    """The answer-only view of `backend` for a batch command and the concurrency it allows: the
+    asked one, or 1 for the local engine (said on stderr unless `quiet`)."""
+    from kimivl_cli.backends import AnswerOnly
+    from kimivl_cli.tasks.backend import batch_concurrency
+
+    concurrency, note = batch_concurrency(backend, concurrency)
+    if note and not quiet:
+        print(f"note: {note}", file=sys.stderr)
+    return AnswerOnly(backend, sampling, limit=concurrency), concurrency

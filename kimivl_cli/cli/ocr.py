@@ -14,7 +14,15 @@ from typing import Annotated, Optional
 import typer
 
 from kimivl_cli.backends import ChatBackend, ChatOptions
-from kimivl_cli.cli.common import ConcurrencyOpt, PasswordOpt, QuietOpt, backend_options, sampling_options
+from kimivl_cli.cli.common import (
+    ConcurrencyOpt,
+    ForceOpt,
+    PasswordOpt,
+    QuietOpt,
+    backend_options,
+    batch_answerer,
+    sampling_options,
+)
 from kimivl_cli.errors import InputError
 
 
@@ -25,7 +33,7 @@ def register(app: typer.Typer) -> None:
     def _command(
         inputs: Annotated[list[str], typer.Argument(help="PDFs, images or folders ('-' reads stdin).")],
         output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-        force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT.")] = False,
+        force: ForceOpt = False,
         resume: Annotated[
             bool, typer.Option("--resume", help="Skip the pages already in OUT, append the rest.")
         ] = False,
@@ -61,10 +69,8 @@ def register(app: typer.Typer) -> None:
           kimivl ocr scan.pdf --pages 1-10 -o scan.md
           kimivl ocr archive/ --backend openai --api-base http://gpu:8000/v1 -j 16 --jsonl -o all.jsonl --resume
         """
-        from kimivl_cli.backends import AnswerOnly
         from kimivl_cli.media import MediaKind, resolve_inputs
         from kimivl_cli.prompts import load_prompt
-        from kimivl_cli.tasks.backend import batch_concurrency
         from kimivl_cli.tasks.ocr import OcrOptions, open_sink, plan_pages, run_pages
 
         if method not in ("auto", "vision", "text"):
@@ -77,10 +83,7 @@ def register(app: typer.Typer) -> None:
         jobs = plan_pages(resolve_inputs(inputs, kinds={MediaKind.IMAGE, MediaKind.PDF}), options)
         sink, done = open_sink(output, "jsonl" if jsonl else "markdown", force=force, resume=resume)
         todo = sum(job.key not in done for job in jobs)
-        concurrency, note = batch_concurrency(backend, concurrency)
-        if note and not quiet:
-            print(f"note: {note}", file=sys.stderr)
-        generate = AnswerOnly(backend, sampling, limit=concurrency)
+        generate, concurrency = batch_answerer(backend, sampling, concurrency, quiet)
         interrupted = False
         try:
             if quiet or not sys.stderr.isatty():

@@ -8,12 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from kimivl_cli.backends import AnswerOnly, ChatBackend, ChatOptions
-from kimivl_cli.cli.common import ConcurrencyOpt, QuietOpt, backend_options, sampling_options
+from kimivl_cli.backends import ChatBackend, ChatOptions
+from kimivl_cli.cli.common import ConcurrencyOpt, ForceOpt, QuietOpt, backend_options, batch_answerer, sampling_options
 from kimivl_cli.errors import InputError
 from kimivl_cli.media.inputs import resolve_inputs
 from kimivl_cli.media.sniff import MediaKind
-from kimivl_cli.tasks.backend import batch_concurrency
 from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.describe import describe_with
 from kimivl_cli.video.formats import FORMATS
@@ -41,7 +40,7 @@ def register(app: typer.Typer) -> None:
             Optional[Path],
             typer.Option("--output", "-o", help="Write to this file, or one file per video into this folder."),
         ] = None,
-        force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT.")] = False,
+        force: ForceOpt = False,
         max_frames: Annotated[int, typer.Option("--max-frames", help="Most keyframes sent to the model.", min=1)] = 32,
         fps: Annotated[float, typer.Option("--fps", help="Keyframes per second of video.", min=0.01)] = 1.0,
         threshold: Annotated[
@@ -74,11 +73,10 @@ def register(app: typer.Typer) -> None:
         files = check_request(videos, fmt, output, force)
         if shots_only and verify_shots:
             raise InputError("--verify-shots asks the model, --shots-only runs without it", "give one of them")
+        describe = None
         if not shots_only:
-            concurrency, note = batch_concurrency(backend, concurrency)
-            if note and not quiet:
-                print(f"note: {note}", file=sys.stderr)
-        describe = None if shots_only else describe_with(AnswerOnly(backend, sampling, limit=concurrency))
+            answerer, concurrency = batch_answerer(backend, sampling, concurrency, quiet)
+            describe = describe_with(answerer)
         options = VideoScenesOptions(
             DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file, concurrency
         )
