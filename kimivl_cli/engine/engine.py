@@ -122,7 +122,7 @@ class Engine:
         # On CUDA every step attends over the whole preallocated cache (masked by position) so the
         # step has static shapes and is captured in a graph (`graph.py`); on CPU only the filled slots.
         self.static_decode = self.device.type == "cuda"
-        self.cuda_graphs = self.static_decode
+        self.cuda_graphs = self.static_decode  # off: the static step runs eagerly (tests compare the two)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
 
     @classmethod
