@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from kimivl_cli.prompts import load_prompt
-from kimivl_cli.video.shots import Candidate, Shot, open_video
+from kimivl_cli.video.reader import open_video
+from kimivl_cli.video.shots import Candidate, Shot
 from kimivl_cli.video.timeline import Scene, clock, scenes_from_starts, stamp
 
 

@@ -1,0 +1,130 @@
+"""The chunk-parallel video reader gives exactly what one sequential decoder gives, whatever happens."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from kimivl_cli.video import reader
+from kimivl_cli.video.reader import FrameReader, plan_chunks
+from kimivl_cli.video.shots import detect_shots
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of ~40 frames, so the short test clips are cut at many seams."""
+    monkeypatch.setattr(reader, "CHUNK_FRAMES", 40)
+    monkeypatch.setattr(reader, "MIN_CHUNK_FRAMES", 8)
+
+
+def read_all(path: Path, workers: int, stride: int = 1, max_side: int = 64) -> list[tuple[int, np.ndarray]]:
+    with FrameReader(path, workers) as r:
+        return list(r.frames(max_side, stride))
+
+
+def assert_same(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]) -> None:
+    assert [i for i, _ in a] == [i for i, _ in b]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+def decoder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kimivl-decode")]
+
+
+def count_seeks(monkeypatch: pytest.MonkeyPatch, offset: int = 0) -> list[int]:
+    """Record every seek (and land `offset` frames away from where it was asked, to fake a bad seek)."""
+    calls: list[int] = []
+    real = reader.seek
+
+    def spy(cap: cv2.VideoCapture, frame: int) -> None:
+        calls.append(frame)
+        real(cap, frame + offset)
+
+    monkeypatch.setattr(reader, "seek", spy)
+    return calls
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_parallel_equals_sequential_h264(bikes_mp4: Path, small_chunks: None, stride: int, monkeypatch) -> None:
+    sequential = read_all(bikes_mp4, workers=1, stride=stride)
+    seeks = count_seeks(monkeypatch)
+    parallel = read_all(bikes_mp4, workers=3, stride=stride)
+    assert len(seeks) >= 5  # really split: bikes.mp4 has 250 frames
+    assert_same(parallel, sequential)
+    assert [i for i, _ in parallel] == list(range(0, 250, stride))
+
+
+def test_parallel_equals_sequential_mjpeg(synthetic_clip: Path, small_chunks: None) -> None:
+    assert_same(read_all(synthetic_clip, workers=2), read_all(synthetic_clip, workers=1))
+
+
+def test_a_seek_that_lands_elsewhere_falls_back_to_one_decoder(
+    bikes_mp4: Path, small_chunks: None, monkeypatch
+) -> None:
+    sequential = read_all(bikes_mp4, workers=1)
+    seeks = count_seeks(monkeypatch, offset=1)
+    assert_same(read_all(bikes_mp4, workers=2), sequential)
+    assert seeks  # the parallel plan was tried, its first seam check failed, and nothing was lost
+
+
+def test_same_detection_either_way(bikes_mp4: Path, synthetic_clip: Path, small_chunks: None) -> None:
+    for clip in (bikes_mp4, synthetic_clip):
+        one, many = detect_shots(clip, workers=1), detect_shots(clip, workers=4)
+        assert (one.boundaries, one.uncertain, one.frames) == (many.boundaries, many.uncertain, many.frames)
+
+
+def test_truncated_file_stops_where_one_decoder_stops(tmp_path: Path, synthetic_clip: Path, small_chunks) -> None:
+    """An AVI cut in half: its header still counts every frame; both paths stop at the same frame."""
+    data = synthetic_clip.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    sequential = read_all(cut, workers=1)
+    with FrameReader(cut, 1) as r:
+        assert r.count > len(sequential) > 20
+    assert_same(read_all(cut, workers=3), sequential)
+    assert any("decoding stopped" in w for w in detect_shots(cut, workers=3).warnings)
+
+
+def test_stopping_early_leaves_no_decoder_running(bikes_mp4: Path, small_chunks: None) -> None:
+    with FrameReader(bikes_mp4, 3) as r:
+        frames = r.frames(64)
+        assert [next(frames)[0] for _ in range(50)] == list(range(50))
+        frames.close()
+    assert not decoder_threads()
+
+
+def test_a_decoder_failure_reaches_the_caller(bikes_mp4: Path, small_chunks: None, monkeypatch) -> None:
+    def broken(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        raise MemoryError("out of memory while shrinking")
+
+    monkeypatch.setattr(reader, "shrink", broken)
+    with pytest.raises(MemoryError), FrameReader(bikes_mp4, 3) as r:
+        list(r.frames(64))
+    assert not decoder_threads()
+
+
+def test_chunk_plan() -> None:
+    assert [(c.start, c.stop) for c in plan_chunks(-1, 1, 4)] == [(0, None)]  # length unknown
+    assert [(c.start, c.stop) for c in plan_chunks(100, 1, 2)] == [(0, None)]  # too short to split
+    assert [(c.start, c.stop) for c in plan_chunks(5000, 1, 1)] == [(0, None)]  # one decoder
+    assert [(c.start, c.stop) for c in plan_chunks(250, 1, 2)] == [(0, 125), (125, None)]
+    chunks = plan_chunks(250, 3, 2)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 126), (126, None)]  # starts stay on the stride
+    long = plan_chunks(100_000, 2, 4)
+    assert all(c.stop - c.start == reader.CHUNK_FRAMES for c in long[:-1]) and long[-1].stop is None
+    assert long[-1].start < 100_000 <= long[-1].start + reader.CHUNK_FRAMES
+
+
+def test_large_frames_use_ffmpeg_threads(tmp_path: Path) -> None:
+    path = tmp_path / "hd.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (1280, 720))
+    for i in range(3):
+        writer.write(np.full((720, 1280, 3), 60 * i, np.uint8))
+    writer.release()
+    with FrameReader(path, 1) as r:
+        assert not r.small_frames
+        assert [i for i, _ in r.frames(64)] == [0, 1, 2]
