@@ -135,6 +135,10 @@ def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
 def _open_backend(**flags: Any) -> Any:
     from kimivl_cli.tasks import backend
 
+    if flags["backend"].lower() == "openai":
+        ignored = [f"--{name} {flags[name]}" for name in ("device", "quant") if flags[name].lower() != "auto"]
+        if ignored:
+            print(f"note: {', '.join(ignored)} ignored: the server chooses its own device and weights", file=sys.stderr)
     return backend.open_backend(**flags)  # looked up at call time: tests put a fake model here
 
 

@@ -28,6 +28,12 @@ def test_ask_through_kimivl_serve(kimivl, kimivl_server, libtasn1_pdf: Path) -> 
     assert answer["usage"]["prompt_tokens"] > 0 and 1 <= answer["usage"]["completion_tokens"] <= 5
 
 
+def test_local_only_flags_are_named_as_ignored(kimivl, kimivl_server) -> None:
+    run = kimivl("ask", "hi", "--max-tokens", "2", "--quant", "nf4", "--device", "cpu", *_openai(kimivl_server.url))
+    assert run.returncode == 0, run.stderr
+    assert "note: --device cpu, --quant nf4 ignored" in run.stderr
+
+
 def test_chat_through_kimivl_serve(kimivl, kimivl_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A piped two-question chat over HTTP (plain line mode): both answered, exit 0."""
     image = tmp_path / "ink.png"
