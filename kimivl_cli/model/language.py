@@ -195,11 +195,10 @@ class MLAttention(nn.Module):
         instead would put the computed footprint at 10.03 GB, over the 10 GB budget, and slow
         prefill's expanded path on nothing. The cache assumes weights are not reloaded after the first step.
         """
-        weight = self.kv_b_proj.weight
-        if isinstance(self.kv_b_proj, nn.Linear) and weight.dtype == dtype:
-            return self._split_kv_b(weight)
+        if isinstance(self.kv_b_proj, nn.Linear) and self.kv_b_proj.weight.dtype == dtype:
+            return self._split_kv_b(self.kv_b_proj.weight)
         if self._absorbed_weights is None or self._absorbed_weights[0].dtype != dtype:
-            w_uk, w_uv = self._split_kv_b(weight.to(dtype))
+            w_uk, w_uv = self._split_kv_b(self.kv_b_proj.weight.to(dtype))  # .weight dequantises: only here
             self._absorbed_weights = (w_uk.contiguous(), w_uv.contiguous())
         return self._absorbed_weights
 
