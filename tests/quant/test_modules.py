@@ -14,6 +14,7 @@ from kimivl_cli.quant.modules import (
     Int8Linear,
     NF4Experts,
     NF4Linear,
+    NF4SwiGLU,
     load_quantized_,
     quantize_linears_,
     should_quantize,
@@ -166,3 +167,25 @@ def test_nf4_decode_dequantises_kv_b_once_per_layer(monkeypatch: pytest.MonkeyPa
     for pos in range(8, 12):
         lm(lm.embed(torch.tensor([[pos]])), pos, cache)
     assert calls == [(SMALL_MOE.num_attention_heads * 64, 32)] * SMALL_MOE.num_hidden_layers
+
+
+def test_swiglu_mlps_become_one_nf4_module() -> None:
+    lm = random_nf4_language_model(SMALL_MOE)
+    assert isinstance(lm.model.layers[0].mlp, NF4SwiGLU)  # the dense first layer
+    assert all(isinstance(layer.mlp.shared_experts, NF4SwiGLU) for layer in lm.model.layers[1:])
+    assert isinstance(lm.model.layers[0].mlp.gate_proj, NF4Linear)  # official key paths unchanged
+
+
+@torch.inference_mode()
+def test_nf4_swiglu_one_token_path_matches_three_products() -> None:
+    torch.manual_seed(0)
+    mlp = NF4SwiGLU(128, 192)
+    for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        proj.load_weight(torch.randn(proj.out_features, proj.in_features) / proj.in_features**0.5)
+    x = torch.randn(4, 1, 128)
+    exact = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # 4 rows: exact fp32
+    assert torch.allclose(mlp(x), exact)
+    for row in range(4):
+        one = mlp(x[row : row + 1])  # the single native call, int8 activations
+        assert one.shape == (1, 1, 128)
+        assert (one - exact[row]).norm() / exact[row].norm() < 0.03
