@@ -34,6 +34,12 @@
 
 #define BLOCK 64 /* NF4 block size: also the activation's int8 block */
 
+/* Codes are read once per token, straight from DRAM: each row stream asks for the line this far
+ * ahead (a few rows on) so the loads find it in cache. Measured on 2 AVX2 cores: a 240 MB int8
+ * GEMV ~12 -> ~20 GB/s, full-size NF4 decode +5% (A/B in one process). Past the end of a matrix
+ * the hint is harmless: prefetches never fault. */
+#define PREFETCH_BYTES 4096
+
 static const float L[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
   -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f,
   0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f,
@@ -116,6 +122,7 @@ static inline void dot_rows(const int r, const uint8_t* const* p, const float* c
   for (int i = 0; i < r; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
     for (int i = 0; i < r; i++) {
+      _mm_prefetch((const char*)(p[i] + b * 32 + PREFETCH_BYTES), _MM_HINT_T0);
       const __m256i bytes = _mm256_loadu_si256((const __m256i*)(p[i] + b * 32)); /* 64 codes */
       const __m256i we = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
       const __m256i wo = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, nibble));
