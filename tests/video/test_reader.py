@@ -128,3 +128,26 @@ def test_large_frames_use_ffmpeg_threads(tmp_path: Path) -> None:
     with FrameReader(path, 1) as r:
         assert not r.small_frames
         assert [i for i, _ in r.frames(64)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("fourcc", "suffix"), [("VP80", "webm"), ("VP90", "webm"), ("mp4v", "mkv"), ("XVID", "avi")])
+def test_seeking_holds_in_common_containers(
+    tmp_path: Path, synthetic_clip: Path, small_chunks: None, monkeypatch, fourcc: str, suffix: str
+) -> None:
+    """Inter-frame codecs in several containers: split at seams, no fallback, the sequential frames."""
+    path = tmp_path / f"clip.{suffix}"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 25.0, (96, 64))
+    if not writer.isOpened():
+        pytest.skip(f"this OpenCV build cannot write {fourcc}")
+    source = cv2.VideoCapture(str(synthetic_clip))
+    while (frame := source.read()[1]) is not None:
+        writer.write(frame)
+    writer.release()
+    fallbacks: list[int] = []
+    real = FrameReader._sequential
+    monkeypatch.setattr(
+        FrameReader, "_sequential", lambda r, m, s, skip=0: (fallbacks.append(skip), real(r, m, s, skip))[1]
+    )
+    sequential = read_all(path, workers=1)
+    assert_same(read_all(path, workers=3), sequential)
+    assert len(sequential) == 150 and fallbacks == [0]  # only the workers=1 run went sequential
