@@ -16,6 +16,7 @@ grows. Legend: B batch, T tokens in a step, L prompt length, V vocab, D text hid
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -273,60 +274,63 @@ class Engine:
             stats.vision_s = time.perf_counter() - t0
         t1 = time.perf_counter()
 
-        graph = self._decode_graph(cache_len)
-        cache = graph.cache if graph else LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
-        stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
-        try:
+        with self._held_graph(cache_len) as graph:
+            cache = graph.cache if graph else LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
+            stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
             logits = self.prefill(ids.to(self.device), features, cache)
-        except BaseException:
-            if graph is not None:
-                graph.in_use = False
-            raise
-        generator = make_generator(params.seed, self.device)
-        pos = ids.shape[1]
-        # Prompt + generated ids for the repetition penalty, -1 = not yet: a static shape.
-        history = torch.full((1, cache_len), -1, dtype=torch.long, device=self.device)
-        history[:, :pos] = ids
-        _sync(self.device)
-        t2 = time.perf_counter()
-        stats.prefill_s = t2 - t1
+            generator = make_generator(params.seed, self.device)
+            pos = ids.shape[1]
+            # Prompt + generated ids for the repetition penalty, -1 = not yet: a static shape.
+            history = torch.full((1, cache_len), -1, dtype=torch.long, device=self.device)
+            history[:, :pos] = ids
+            _sync(self.device)
+            t2 = time.perf_counter()
+            stats.prefill_s = t2 - t1
+            try:
+                while stats.generated_tokens < max_new:
+                    n = stats.generated_tokens
+                    if stream.forced:
+                        forced = stream.forced[: max_new - n]
+                        stream.forced = []
+                        tokens = torch.tensor([forced], dtype=torch.long, device=self.device)
+                    else:
+                        token = sample(logits, params, generator, history)  # [1]
+                        if stream.logits is not None:
+                            stream.logits.append(logits[0].clone())  # a graph reuses its buffer
+                        tid = int(token)  # the one host sync per step: streaming needs the id
+                        if tid in stop:
+                            stats.finish_reason = "stop"
+                            return
+                        forced, tokens = [tid], token.view(1, 1)
+                    history[:, pos : pos + len(forced)] = tokens
+                    stats.generated_tokens += len(forced)
+                    for tid in forced:
+                        yield tid
+                    if stats.generated_tokens >= max_new:
+                        break  # the last token needs no forward pass
+                    T = tokens.shape[1]
+                    if graph is not None and T == 1:
+                        logits = graph(tokens, pos)
+                    elif self.static_decode:
+                        positions = torch.arange(pos, pos + T, device=self.device)[None]
+                        logits = self.decode_step(tokens, positions, cache, cache.capacity)
+                    else:  # a Python start: the cache write is a slice copy instead of a scatter
+                        logits = self.decode_step(tokens, pos, cache, pos + T)
+                    pos += T
+                stats.finish_reason = "length"
+            except GeneratorExit:
+                stats.finish_reason = "interrupted"
+                raise
+            finally:
+                stats.decode_s = time.perf_counter() - t2
+
+    @contextlib.contextmanager
+    def _held_graph(self, cache_len: int) -> Iterator[DecodeGraph | None]:
+        """`_decode_graph` for the length of one request: released however the request ends."""
+        graph = self._decode_graph(cache_len)
         try:
-            while stats.generated_tokens < max_new:
-                n = stats.generated_tokens
-                if stream.forced:
-                    forced = stream.forced[: max_new - n]
-                    stream.forced = []
-                    tokens = torch.tensor([forced], dtype=torch.long, device=self.device)
-                else:
-                    token = sample(logits, params, generator, history)  # [1]
-                    if stream.logits is not None:
-                        stream.logits.append(logits[0].clone())  # a graph reuses its buffer
-                    tid = int(token)  # the one host sync per step: streaming needs the id
-                    if tid in stop:
-                        stats.finish_reason = "stop"
-                        return
-                    forced, tokens = [tid], token.view(1, 1)
-                history[:, pos : pos + len(forced)] = tokens
-                stats.generated_tokens += len(forced)
-                for tid in forced:
-                    yield tid
-                if stats.generated_tokens >= max_new:
-                    break  # the last token needs no forward pass
-                T = tokens.shape[1]
-                if graph is not None and T == 1:
-                    logits = graph(tokens, pos)
-                elif self.static_decode:
-                    positions = torch.arange(pos, pos + T, device=self.device)[None]
-                    logits = self.decode_step(tokens, positions, cache, cache.capacity)
-                else:  # a Python start: the cache write is a slice copy instead of a scatter
-                    logits = self.decode_step(tokens, pos, cache, pos + T)
-                pos += T
-            stats.finish_reason = "length"
-        except GeneratorExit:
-            stats.finish_reason = "interrupted"
-            raise
+            yield graph
         finally:
-            stats.decode_s = time.perf_counter() - t2
             if graph is not None:
                 graph.in_use = False
 

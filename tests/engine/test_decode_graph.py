@@ -80,3 +80,39 @@ def test_cuda_graph_decode_equals_eager_decode_and_is_reused(tiny_checkpoint: Pa
     assert graph is not None and not graph.in_use
     assert greedy() == eager
     assert engine._graph is graph  # same bucket: captured once
+
+
+class _EagerGraph:
+    """Stands in for DecodeGraph on CPU: the same protocol (cache, call, in_use), no capture."""
+
+    def __init__(self, engine: Engine, capacity: int) -> None:
+        self.engine, self.in_use, self.calls = engine, False, 0
+        self.cache = LatentCache(engine.config.text, 1, capacity, engine.dtype, engine.device)
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.calls += 1
+        positions = torch.tensor([[pos]], device=tokens.device)
+        return self.engine.decode_step(tokens, positions, self.cache, self.cache.capacity)
+
+
+def test_a_held_graph_is_released_however_the_request_ends(tiny_checkpoint: Path, monkeypatch) -> None:
+    engine = Engine.load(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    prompt, params = list(range(30, 70)), SamplingParams(temperature=0.0, max_new_tokens=12)
+    eager = list(engine.generate_ids(prompt, params=params, stop_ids=()))
+    graph = _EagerGraph(engine, 64)
+
+    def hold(cache_len: int) -> _EagerGraph:
+        graph.in_use = True
+        return graph
+
+    monkeypatch.setattr(engine, "_decode_graph", hold)
+    assert list(engine.generate_ids(prompt, params=params, stop_ids=())) == eager  # to the end
+    assert graph.calls == 11 and not graph.in_use
+    stream = engine.generate_ids(prompt, params=params, stop_ids=())
+    next(stream)
+    stream.close()  # the caller stops reading (Ctrl-C, a closed pipe)
+    assert not graph.in_use
+    monkeypatch.setattr(engine, "prefill", lambda *a: (_ for _ in ()).throw(MemoryError("prefill")))
+    with pytest.raises(MemoryError):
+        list(engine.generate_ids(prompt, params=params, stop_ids=()))
+    assert not graph.in_use
