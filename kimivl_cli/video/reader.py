@@ -26,7 +26,7 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +193,7 @@ class FrameReader:
         self.cap, self.fps, self.count = open_video(path, decode_threads=1)
         pixels = self.cap.get(cv2.CAP_PROP_FRAME_WIDTH) * self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         self.small_frames = pixels <= SINGLE_THREAD_DECODE_PIXELS
+        self._streams: list[Generator] = []
 
     def __enter__(self) -> FrameReader:
         return self
@@ -201,15 +202,18 @@ class FrameReader:
         self.close()
 
     def close(self) -> None:
+        """Stop the decoder threads of unfinished `frames()` streams, then release the capture they read."""
+        for stream in self._streams:
+            stream.close()
         self.cap.release()
 
     def frames(self, max_side: int, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
         """(frame number, frame downscaled to `max_side`) for every stride-th frame, in order."""
         chunks = plan_chunks(self.count, stride, self.workers)
-        if len(chunks) == 1:
-            yield from self._sequential(max_side, stride)
-        else:
-            yield from self._parallel(chunks, max_side, stride)
+        parallel = len(chunks) > 1
+        stream = self._parallel(chunks, max_side, stride) if parallel else self._sequential(max_side, stride)
+        self._streams.append(stream)
+        return stream
 
     def _capture(self, threads_if_large: int) -> cv2.VideoCapture:
         return open_video(self.path, 1 if self.small_frames else threads_if_large)[0]

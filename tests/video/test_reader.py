@@ -151,3 +151,15 @@ def test_seeking_holds_in_common_containers(
     sequential = read_all(path, workers=1)
     assert_same(read_all(path, workers=3), sequential)
     assert len(sequential) == 150 and fallbacks == [0]  # only the workers=1 run went sequential
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_leaving_the_reader_stops_its_decoders_before_releasing(bikes_mp4: Path, small_chunks, workers: int) -> None:
+    """A consumer that fails mid-stream: the decoders stop before the capture they read is released."""
+    with pytest.raises(RuntimeError), FrameReader(bikes_mp4, workers) as r:
+        frames = r.frames(64)  # still referenced here after the failure: not finalised by the loop
+        for index, _ in frames:
+            if index == 20:
+                raise RuntimeError("the detector failed")
+    assert not decoder_threads()
+    assert next(frames, None) is None  # closed, not resumed on a released capture
