@@ -30,6 +30,7 @@ _QUANTIZED_MODULE = re.compile(
     r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
     r")$"
 )
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # of a SwiGLU MLP or stacked experts
 _EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -172,7 +173,7 @@ class NF4Experts(nn.Module):
     (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
     """
 
-    projections = ("gate_proj", "up_proj", "down_proj")
+    projections = _PROJECTIONS
     param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
     quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
@@ -258,15 +259,14 @@ def quantize_linears_(model: nn.Module, mode: str, device: torch.device | str | 
 
 def _is_quantized_swiglu(name: str, module: nn.Module) -> bool:
     """A language-model MLP whose gate/up/down linears are all quantized (dense layers, shared experts)."""
-    children = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
     return all(
-        isinstance(c, nn.Linear) and _QUANTIZED_MODULE.search(f"{name}.{p}")
-        for c, p in zip(children, ("gate_proj", "up_proj", "down_proj"), strict=True)
+        isinstance(getattr(module, p, None), nn.Linear) and _QUANTIZED_MODULE.search(f"{name}.{p}")
+        for p in _PROJECTIONS
     )
 
 
 def _is_stacked_experts(module: nn.Module) -> bool:
-    projs = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    projs = [getattr(module, p, None) for p in _PROJECTIONS]
     return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in projs)
 
 
