@@ -28,7 +28,7 @@ API (stable; the tasks build on it)::
 
     VideoFile(source)                                 # context manager; .fps .frame_count .duration .width .height
         .sample(*, count=None, fps=None, max_frames=DEFAULT_MAX_FRAMES) -> list[Frame]
-        .iter_frames(step=1, max_side=None) -> Iterator[Frame]   # streaming, for shot detection
+        .read(indices) -> list[Frame]                 # exactly these frames, in order
         .check_end()                                  # InputError if the last frame does not decode
     Frame(index, timestamp, image)                    # timestamp: seconds from the decoder; image: RGB ndarray
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,32 +127,16 @@ class VideoFile:
             step = self.fps / fps  # source frames per sample
             wanted = math.ceil(n / step - 1e-9)
             if wanted <= max_frames:
-                return self._read([min(n - 1, math.floor(k * step + 0.5)) for k in range(wanted)])  # nearest, ties up
+                return self.read([min(n - 1, math.floor(k * step + 0.5)) for k in range(wanted)])  # nearest, ties up
             count = max_frames
         assert count is not None
         count = min(count, max_frames, n)
-        return self._read([int((k + 0.5) * n / count) for k in range(count)])
-
-    def iter_frames(self, step: int = 1, max_side: int | None = None) -> Iterator[Frame]:
-        """Every `step`-th frame from the start, optionally downscaled so its longest side is at
-        most `max_side` (area interpolation), decoding as it goes: memory is one frame. Ends
-        where the decoder ends, which may be before `frame_count` on a damaged file."""
-        if step < 1:
-            raise ValueError("step must be >= 1")
-        cap = self._open()
-        try:
-            index = 0
-            while cap.grab():
-                if index % step == 0:
-                    yield self._frame(cap, index, max_side)
-                index += 1
-        finally:
-            cap.release()
+        return self.read([int((k + 0.5) * n / count) for k in range(count)])
 
     def check_end(self) -> None:
         """InputError unless the last frame decodes: catches files cut short whose header
         still promises every frame. Cost: one seek, i.e. decoding from the last keyframe."""
-        self._read([self.frame_count - 1])
+        self.read([self.frame_count - 1])
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
@@ -169,7 +152,9 @@ class VideoFile:
         cap.release()
         return count
 
-    def _read(self, indices: list[int]) -> list[Frame]:
+    def read(self, indices: list[int]) -> list[Frame]:
+        """The frames at `indices` (each once, in stream order), walking short gaps and seeking
+        long ones (`SEEK_GAP`). InputError if one of them cannot be decoded."""
         frames = []
         for target in sorted(set(indices)):
             gap = target - self._next
@@ -185,16 +170,12 @@ class VideoFile:
                 )
             index = round(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
             self._next = index + 1
-            frames.append(self._frame(self._cap, index, None))
+            frames.append(self._frame(self._cap, index))
         return frames
 
-    def _frame(self, cap: cv2.VideoCapture, index: int, max_side: int | None) -> Frame:
+    def _frame(self, cap: cv2.VideoCapture, index: int) -> Frame:
         timestamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
         ok, bgr = cap.retrieve()
         if not ok or bgr is None:
             raise InputError(f"{self.name}: frame {index} cannot be decoded", "is the file truncated?")
-        if max_side and max(bgr.shape[:2]) > max_side:
-            scale = max_side / max(bgr.shape[:2])
-            size = (max(1, round(bgr.shape[1] * scale)), max(1, round(bgr.shape[0] * scale)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         return Frame(index, timestamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))

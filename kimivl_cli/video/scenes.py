@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-import cv2
-import numpy as np
 from PIL import Image
 
+from kimivl_cli.media.video import VideoFile
 from kimivl_cli.prompts import load_prompt
-from kimivl_cli.video.reader import open_video, seek
 from kimivl_cli.video.shots import Candidate, Shot
 from kimivl_cli.video.timeline import Scene, clock, scenes_from_starts, stamp
 
@@ -84,54 +82,17 @@ def choose_keyframes(shots: Sequence[Shot], fps: float, max_frames: int, sample_
     return sorted(set(frames), key=lambda k: k.frame)
 
 
-SEEK_GAP = 250
-"""Keyframes further apart than this are reached by seeking rather than by decoding every frame
-between them (a seek decodes from the key frame before its target, typically <= 250 frames)."""
-
-
 def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: int = 896) -> list[TimedFrame]:
-    """Decode only the chosen frames (memory = the keyframes), seeking across long gaps.
-
-    A seek is trusted only when the frame it lands on carries its own timestamp (frame / fps);
-    otherwise (variable frame rate, odd timestamps) the video is read again from the start,
-    decoding every frame up to each keyframe, which is always right.
-    """
-    try:
-        return _read_keyframes(path, keyframes, max_side, seek_gap=SEEK_GAP)
-    except _SeekMissed:
-        return _read_keyframes(path, keyframes, max_side, seek_gap=None)
-
-
-class _SeekMissed(Exception):
-    pass
-
-
-def _read_keyframes(
-    path: str | Path, keyframes: Sequence[Keyframe], max_side: int, seek_gap: int | None
-) -> list[TimedFrame]:
-    cap, fps, _ = open_video(path)
-    out: list[TimedFrame] = []
-    position = 0  # the frame the next grab() decodes
-    try:
-        for k in sorted({k.frame: k for k in keyframes}.values(), key=lambda k: k.frame):
-            sought = seek_gap is not None and k.frame - position > seek_gap
-            if sought:
-                seek(cap, k.frame)
-                position = k.frame
-            while position < k.frame and cap.grab():
-                position += 1
-            if position < k.frame or not cap.grab():
-                break  # the video ends before this keyframe
-            position += 1
-            if sought and abs(cap.get(cv2.CAP_PROP_POS_MSEC) - 1000 * k.frame / fps) > 500 / fps:
-                raise _SeekMissed
-            ok, bgr = cap.retrieve()
-            if ok and bgr is not None:
-                image = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
-                image.thumbnail((max_side, max_side))
-                out.append(TimedFrame(k.frame, k.label, k.seconds, image))
-    finally:
-        cap.release()
+    """Decode only the chosen frames (media's `VideoFile.read`: short gaps walked, long ones
+    sought), downscaled to `max_side`, each labelled with the decoder's own timestamp; keyframes
+    past the end of the video are left out."""
+    with VideoFile(path) as video:
+        frames = video.read(sorted({k.frame for k in keyframes if k.frame < video.frame_count}))
+    out = []
+    for frame in frames:
+        image = frame.to_pil()
+        image.thumbnail((max_side, max_side))
+        out.append(TimedFrame(frame.index, stamp(frame.timestamp), frame.timestamp, image))
     return out
 
 

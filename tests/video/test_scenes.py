@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kimivl_cli.video import scenes
+from kimivl_cli.media import video as video_module
 from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
 from kimivl_cli.video.scenes import (
     Keyframe,
@@ -156,29 +156,16 @@ def test_read_keyframes_decodes_only_those(bikes_mp4: Path, shots) -> None:
     assert [f.seconds for f in frames] == [k.seconds for k in keys] and max(frames[0].image.size) == 64
 
 
-def _pixels(frames: list) -> list[tuple[int, bytes]]:
-    return [(f.frame, f.image.tobytes()) for f in frames]
-
-
-def test_keyframes_by_seeking_equal_keyframes_by_decoding(bikes_mp4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keyframes_walked_or_sought_are_the_same_frames(bikes_mp4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keys = [Keyframe(f, f / FPS, 0) for f in (3, 40, 41, 120, 200, 120, 249)]  # a repeat, neighbours, the last
-    decoded = read_keyframes(bikes_mp4, keys, max_side=64)
-    seeks: list[int] = []
-    real_seek = scenes.seek
-    monkeypatch.setattr(scenes, "seek", lambda cap, frame: (seeks.append(frame), real_seek(cap, frame)))
-    monkeypatch.setattr(scenes, "SEEK_GAP", 10)
-    assert _pixels(read_keyframes(bikes_mp4, keys, max_side=64)) == _pixels(decoded)
-    assert seeks == [40, 120, 200, 249]
-    assert [f.frame for f in decoded] == [3, 40, 41, 120, 200, 249]
-
-
-def test_a_seek_that_lands_elsewhere_is_caught(bikes_mp4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    keys = [Keyframe(f, f / FPS, 0) for f in (3, 100, 230)]
-    decoded = read_keyframes(bikes_mp4, keys, max_side=64)
-    real_seek = scenes.seek
-    monkeypatch.setattr(scenes, "seek", lambda cap, frame: real_seek(cap, frame + 2))
-    monkeypatch.setattr(scenes, "SEEK_GAP", 10)
-    assert _pixels(read_keyframes(bikes_mp4, keys, max_side=64)) == _pixels(decoded)
+    walked = read_keyframes(bikes_mp4, keys, max_side=64)
+    monkeypatch.setattr(video_module, "SEEK_GAP", 10)
+    sought = read_keyframes(bikes_mp4, keys, max_side=64)
+    assert [(f.frame, f.label, f.image.tobytes()) for f in sought] == [
+        (f.frame, f.label, f.image.tobytes()) for f in walked
+    ]
+    assert [f.frame for f in walked] == [3, 40, 41, 120, 200, 249]
+    assert [f.seconds for f in walked] == pytest.approx([f.frame / FPS for f in walked])
 
 
 def test_keyframes_past_the_end_are_left_out(bikes_mp4: Path) -> None:
