@@ -163,3 +163,16 @@ def test_leaving_the_reader_stops_its_decoders_before_releasing(bikes_mp4: Path,
                 raise RuntimeError("the detector failed")
     assert not decoder_threads()
     assert next(frames, None) is None  # closed, not resumed on a released capture
+
+
+def test_variable_frame_rate_gives_the_sequential_frames(tmp_path: Path, monkeypatch) -> None:
+    """Seeking by frame number assumes a constant rate: on a VFR file the seams catch it."""
+    from tests.media.conftest import vfr_mkv
+
+    monkeypatch.setattr(reader, "CHUNK_FRAMES", 3)
+    monkeypatch.setattr(reader, "MIN_CHUNK_FRAMES", 2)
+    path = tmp_path / "vfr.mkv"
+    path.write_bytes(vfr_mkv([0, 40, 120, 130, 400, 410, 500, 520, 800]))
+    sequential = read_all(path, workers=1)
+    assert len(sequential) == 9
+    assert_same(read_all(path, workers=3), sequential)
