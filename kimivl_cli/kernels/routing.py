@@ -8,7 +8,6 @@ that never read a value back to the host, so decode can be captured in a CUDA gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -20,17 +19,6 @@ class RoutingConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 2.446
     norm_topk_prob: bool = True
-
-    @classmethod
-    def from_text_config(cls, cfg: Any) -> RoutingConfig:
-        """From anything with DeepSeek-V3 config attribute names (e.g. `model.config.TextConfig`)."""
-        return cls(
-            top_k=cfg.num_experts_per_tok,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-            norm_topk_prob=cfg.norm_topk_prob,
-        )
 
 
 def route(

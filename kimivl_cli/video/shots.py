@@ -189,7 +189,6 @@ class ShotDetector:
         self.boundaries: list[Boundary] = []
         self.uncertain: list[Candidate] = []
         self.region: _Region | None = None
-        self.last_index = -1
 
     # -- input -------------------------------------------------------------------------------
 
@@ -198,7 +197,6 @@ class ShotDetector:
         if self.window:
             frame.step = distance(self.window[-1], frame)
         self.window.append(frame)
-        self.last_index = index
         if len(self.window) > self.lookahead:
             self._decide(len(self.window) - 1 - self.lookahead)
 
