@@ -214,12 +214,16 @@ class FrameReader:
         self._streams.append(stream)
         return stream
 
-    def _capture(self, threads_if_large: int) -> cv2.VideoCapture:
+    def _capture(self, threads_if_large: int, start: int) -> cv2.VideoCapture:
+        """A capture for reading from frame `start`: the one already open (positioned at frame 0,
+        one decode thread) where it fits, else a new one."""
+        if start == 0 and self.small_frames:
+            return self.cap
         return open_video(self.path, 1 if self.small_frames else threads_if_large)[0]
 
     def _sequential(self, max_side: int, stride: int, skip: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """One decoder (FFmpeg's threading for large frames), from frame `skip` on."""
-        cap = self.cap if self.small_frames and skip == 0 else self._capture(threads_if_large=0)
+        cap = self._capture(threads_if_large=0, start=skip)
         try:
             for _ in range(skip):
                 if not cap.grab():
@@ -237,7 +241,7 @@ class FrameReader:
 
         def decode(chunk: _Chunk, out: Queue) -> None:
             try:
-                cap = self.cap if chunk.start == 0 else self._capture(threads_each)
+                cap = self._capture(threads_each, start=chunk.start)
                 try:
                     first = max(0, chunk.start - 1)  # from the frame before the chunk: it checks the seek
                     if first:
