@@ -8,7 +8,8 @@ the rules below take it further:
 
 - running headers/footers: the regions the layout calls so, plus lines in the page's top or
   bottom margin that repeat across the document (digits ignored), rows that start or end with
-  a page number, anything on the same row as a footer, and text set diagonally (watermarks);
+  a page number, a first or last row set smaller than the body and apart from it (one-page
+  files), anything on the same row as a footer, and text set diagonally (watermarks);
 - tables: from the layout's grid, cells filled with the words inside them, the first row as
   header; rows of column-aligned cells the layout missed become tables too;
 - reading order: recursive cuts along the widest vertical then horizontal gaps between regions,
@@ -209,15 +210,28 @@ def _furniture(lines: list[Line], where: list[int | None], regions: list[Region]
         id(ln)
         for ln, r in zip(lines, where, strict=True)
         if (not ln.upright and not _axis_rotated(ln, height))
-        or (r is not None and regions[r].kind in _FURNITURE_KINDS)
+        or (r is not None and r < len(regions) and regions[r].kind in _FURNITURE_KINDS)
         or (_in_band(ln, height) and (_normalise(ln.text) in style.furniture or _PAGE_NUMBER.match(ln.text)))
     }
-    band_rows = [row for row in _rows([ln for ln in lines if ln.upright]) if all(_in_band(ln, height) for ln in row)]
+    rows = _rows([ln for ln in lines if ln.upright])
+    for above, row, below in zip([None, *rows[:-1]], rows, [*rows[1:], None], strict=True):
+        if all(_in_band(ln, height) for ln in row) and _set_apart(row, above, below, style.body_size):
+            marked.update(id(ln) for ln in row)
+    band_rows = [row for row in rows if all(_in_band(ln, height) for ln in row)]
     for row in band_rows:
         ends = (row[0], row[-1])
         if any(id(ln) in marked for ln in row) or (len(row) > 1 and any(_PAGE_NUMBER.match(e.text) for e in ends)):
             marked.update(id(ln) for ln in row)
     return marked
+
+
+def _set_apart(row: list[Line], above: list[Line] | None, below: list[Line] | None, body: float) -> bool:
+    """A margin row in a smaller size than the body, with a wide gap to the text it faces."""
+    height = max(ln.y1 - ln.y0 for ln in row)
+    if not body or max(ln.size for ln in row) >= body or (above is None) == (below is None):
+        return False  # body-sized, or not the first or last row of the page
+    gap = below[0].y0 - max(ln.y1 for ln in row) if below else min(ln.y0 for ln in row) - above[0].y1
+    return gap >= 2 * height
 
 
 def _axis_rotated(line: Line, height: float) -> bool:
@@ -253,6 +267,8 @@ def page_markdown(page: pymupdf.Page, style: DocumentStyle, *, keep_headers: boo
     where = [_region_of(ln, regions) for ln in lines]
     if not keep_headers:
         dropped = _furniture(lines, where, regions, page.rect.height, style)
+        if len(dropped) == len(lines):  # a page of one short text is not all header: trust the firm signs only
+            dropped = _furniture(lines, where, [], page.rect.height, style)
         kept = [(ln, r) for ln, r in zip(lines, where, strict=True) if id(ln) not in dropped]
         lines, where = [k[0] for k in kept], [k[1] for k in kept]
     chunks: list[Chunk] = []
