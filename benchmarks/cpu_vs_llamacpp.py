@@ -43,7 +43,8 @@ from kimivl_cli.testing.gguf_twin import LlamaCpp, layout, q4_k_m_type, quantize
 
 SETTINGS = {"short": (128, 16), "long": (1024, 128)}
 LLAMA_TYPES = ("Q4_K_M", "Q4_0", "Q8_0", "bf16")
-PAIRS = {"kimivl_nf4": "llama_Q4_K_M", "kimivl_bf16": "llama_bf16"}  # the acceptance ratios
+# the acceptance ratios (and the optional int8 head beside Q4_K_M's Q6_K one)
+PAIRS = {"kimivl_nf4": "llama_Q4_K_M", "kimivl_nf4_int8_head": "llama_Q4_K_M", "kimivl_bf16": "llama_bf16"}
 
 
 def gguf_files(folder: Path, threads: int) -> dict[str, Path]:
@@ -121,6 +122,8 @@ def speed(folder: Path, files: dict[str, Path], setting: str, rounds: int, threa
     prompt = torch.randint(0, 32000, (prompt_len,), generator=torch.Generator().manual_seed(0))
     kimivl = {
         "kimivl_nf4": Engine.load(nf4_checkpoint(folder), dtype=torch.bfloat16),
+        # not the default (benchmarks/lm_head_quant.py): the head in int8 blocks, as Q4_K_M keeps it in Q6_K
+        "kimivl_nf4_int8_head": Engine.load(nf4_checkpoint(folder), dtype=torch.bfloat16, lm_head="int8"),
         "kimivl_bf16": Engine.load(folder, dtype=torch.bfloat16),
     }
     for engine in kimivl.values():  # warm-up: first-call allocations, the CPU plan, thread pools
