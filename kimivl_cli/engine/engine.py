@@ -17,6 +17,7 @@ grows. Legend: B batch, T tokens in a step, L prompt length, V vocab, D text hid
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -131,16 +132,22 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         quant: str = "none",
+        lm_head: str | None = None,
         **kwargs,
     ) -> Engine:
         """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults.
 
         quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
+        lm_head "int8" | "nf4" quantizes the output head after loading (default: $KIMIVL_LM_HEAD, else
+        "bf16": kept). Off by default: on random-weight models neither keeps 99.5% top-1 agreement
+        with the bf16 head (benchmarks/lm_head_quant.py).
         """
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
+        from kimivl_cli.quant.modules import quantize_lm_head_
 
         folder = resolve_checkpoint(path_or_repo)
         model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
+        quantize_lm_head_(model.language_model, lm_head or os.environ.get("KIMIVL_LM_HEAD") or "bf16")
         return cls(
             model,
             config,
