@@ -124,6 +124,12 @@ class Engine:
         # step has static shapes and is captured in a graph (`graph.py`); on CPU only the filled slots.
         self.static_decode = self.device.type == "cuda"
         self.cuda_graphs = self.static_decode  # off: the static step runs eagerly (tests compare the two)
+        # One-token steps on CUDA run as fused Triton kernels when they cover the model.
+        self.fused_decode = None
+        if self.device.type == "cuda":
+            from kimivl_cli.model.fused_decode import FusedDecoder  # imports Triton: only where there is a GPU
+
+            self.fused_decode = FusedDecoder.build(lm)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
 
     @classmethod
@@ -202,9 +208,11 @@ class Engine:
         """tokens [B, T], positions [B, T] (or the int start of all rows) -> fp32 logits [B, V] of
         the last token; writes T cache rows.
 
-        No host-device sync on CUDA for T=1 (the MoE takes its gathered path), and with
-        `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
+        No host-device sync on CUDA for T=1 (the fused kernels, else the MoE's gathered path), and
+        with `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
         """
+        if self.fused_decode is not None and tokens.shape == (1, 1) and isinstance(positions, torch.Tensor):
+            return self.fused_decode(tokens, positions, cache)  # attends up to the position, read on device
         hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
         return self.lm.logits(hidden[:, -1])
 
