@@ -7,19 +7,24 @@ same argument specialisation the runtime would use (16-byte divisibility of poin
 and reads the cubin's resources (registers, spill stack, local memory, shared memory) with the
 cuobjdump shipped inside the triton wheel.
 
-Compiling needs the JIT kernels, not the interpreter's: run it in a process without
-`TRITON_INTERPRET=1` (`python -m kimivl_cli.testing.aot`, what the tests do).
+`decode_launches` records one full-size Kimi-VL decode step (the fused CUDA path) on the meta
+device; `python -m kimivl_cli.testing.aot` compiles each distinct launch of it, NF4 and bf16,
+for every target and prints a JSON report. Compiling needs the JIT kernels, not the
+interpreter's: run it in a process without `TRITON_INTERPRET=1` (what the tests do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -69,7 +74,8 @@ class Launch:
     def key(self) -> tuple:
         """What selects a compiled binary: kernel, argument types and alignment, constexprs, options."""
         sig, attrs = _signature(self)
-        return (self.name, tuple(sig.items()), tuple(sorted(attrs)), tuple(sorted(self.options.items())))
+        constexprs = tuple((k, str(v)) for k, v in self.constexprs().items())
+        return (self.name, tuple(sig.items()), constexprs, tuple(sorted(attrs)), tuple(sorted(self.options.items())))
 
 
 _JIT_OF: dict[Any, Any] = {}
@@ -172,8 +178,8 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
 
 
-def compile_launch(launch: Launch, cc: int) -> Compiled:
-    """Compile `launch` for sm_`cc` (no GPU needed) and read its resources."""
+def compile_launch(launch: Launch, cc: int, sass: bool = False) -> Compiled:
+    """Compile `launch` for sm_`cc` (no GPU needed) and read its resources (and its SASS: ~1 s more)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -181,7 +187,7 @@ def compile_launch(launch: Launch, cc: int) -> Compiled:
     src = ASTSource(fn=launch.kernel, signature=sig, constexprs=launch.constexprs(), attrs=attrs)
     options = {k: v for k, v in launch.options.items() if k in ("num_warps", "num_stages")}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
-    usage, sass = _cubin_info(compiled.asm["cubin"])
+    usage, text = _cubin_info(compiled.asm["cubin"], sass)
     return Compiled(
         launch.name,
         cc,
@@ -190,20 +196,22 @@ def compile_launch(launch: Launch, cc: int) -> Compiled:
         usage["STACK"] + usage["LOCAL"],
         compiled.metadata.num_warps,
         compiled.asm["ptx"],
-        sass,
+        text,
     )
 
 
-def _cubin_info(cubin: bytes) -> tuple[dict[str, int], str]:
+def _cubin_info(cubin: bytes, sass: bool) -> tuple[dict[str, int], str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True).stdout
+
+        def dump(what: str) -> str:
+            return subprocess.run([_tool("cuobjdump"), what, f.name], capture_output=True, text=True, check=True).stdout
+
+        usage = dump("--dump-resource-usage")
+        text = dump("--dump-sass") if sass else ""
     found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    return {k: int(found.get(k, 0)) for k in ("REG", "STACK", "LOCAL", "SHARED")}, sass
+    return {k: int(found.get(k, 0)) for k in ("REG", "STACK", "LOCAL", "SHARED")}, text
 
 
 def nvidia_backend_available() -> bool:
@@ -224,3 +232,72 @@ def loop_instructions(sass: str) -> int:
             start, end = int(jump.group(1), 16), int(addr, 16)
             body = max(body, sum(1 for a, _ in lines if start <= int(a, 16) <= end))
     return body
+
+
+def decode_launches(quant: str, position: int = 1023, capacity: int = 4096) -> list[Launch]:
+    """The Triton launches of one batch-1 decode step of the full-size model (`FusedDecoder`), on meta
+    tensors. quant: "nf4" | "none" (bf16)."""
+    from kimivl_cli.model.cache import LatentCache
+    from kimivl_cli.model.config import TextConfig
+    from kimivl_cli.model.fused_decode import FusedDecoder
+    from kimivl_cli.model.language import LanguageModel
+    from kimivl_cli.model.weights import materialize
+    from kimivl_cli.quant.modules import quantize_linears_
+
+    cfg = TextConfig()
+    with torch.device("meta"):
+        lm = LanguageModel(cfg)
+    quantize_linears_(lm, quant, device="meta")
+    materialize(lm, torch.bfloat16, "meta")
+    decoder = FusedDecoder(lm)
+    cache = LatentCache(cfg, 1, capacity, torch.bfloat16, "meta")
+    tokens = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    positions = torch.full((1, 1), position, dtype=torch.long, device="meta")
+    with recorded_launches() as launches:
+        decoder(tokens, positions, cache)
+    return launches
+
+
+def distinct(launches: list[Launch]) -> list[Launch]:
+    """One launch per compiled binary (the first seen)."""
+    seen: dict[tuple, Launch] = {}
+    for launch in launches:
+        seen.setdefault(launch.key(), launch)
+    return list(seen.values())
+
+
+_POOL_LAUNCHES: list[Launch] = []
+
+
+def _compile_job(job: tuple[int, int, bool]) -> dict[str, Any]:
+    index, cc, sass = job
+    launch = _POOL_LAUNCHES[index]
+    found = compile_launch(launch, cc, sass)
+    report = {k: v for k, v in asdict(found).items() if k not in ("ptx", "sass")}
+    constexprs = {k: str(v) if not isinstance(v, int | float | bool) else v for k, v in launch.constexprs().items()}
+    return {
+        **report,
+        "shared_limit": SHARED_LIMIT[cc],
+        "grid": list(launch.grid),
+        "programs": launch.programs,
+        "constexprs": constexprs,
+        **({"loop_instructions": loop_instructions(found.sass)} if sass else {}),
+    }
+
+
+def report(targets: tuple[int, ...] = TARGETS, sass: bool = False, workers: int = 2) -> list[dict[str, Any]]:
+    """Every distinct launch of an NF4 and a bf16 decode step, compiled for every target
+    (with `sass`, also the SASS instructions of each kernel's main loop)."""
+    launches = distinct(decode_launches("nf4") + decode_launches("none"))
+    _POOL_LAUNCHES[:] = launches
+    jobs = [(i, cc, sass) for i in range(len(launches)) for cc in targets]
+    with ProcessPoolExecutor(workers) as pool:  # forked: the workers inherit the launches
+        return list(pool.map(_compile_job, jobs))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: compiling needs the JIT kernels")
+    if not nvidia_backend_available():
+        sys.exit("this triton has no NVIDIA backend (ptxas, cuobjdump)")
+    json.dump(report(sass="--sass" in sys.argv), sys.stdout, indent=1)
