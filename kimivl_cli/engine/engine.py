@@ -120,10 +120,8 @@ class Engine:
         self.lm = lm
         self.dtype = lm.model.embed_tokens.weight.dtype
         self.device = lm.model.embed_tokens.weight.device
-        # On CUDA every step attends over the whole preallocated cache (masked by position) so the
-        # step has static shapes and is captured in a graph (`graph.py`); on CPU only the filled slots.
-        self.static_decode = self.device.type == "cuda"
-        self.cuda_graphs = self.static_decode  # off: the static step runs eagerly (tests compare the two)
+        # On CUDA one-token steps replay CUDA graphs (`graph.py`); off, they run eagerly (tests compare).
+        self.cuda_graphs = self.device.type == "cuda"
         # One-token steps on CUDA run as fused Triton kernels when they cover the model.
         self.fused_decode = None
         if self.device.type == "cuda":
@@ -208,11 +206,14 @@ class Engine:
         """tokens [B, T], positions [B, T] (or the int start of all rows) -> fp32 logits [B, V] of
         the last token; writes T cache rows.
 
-        No host-device sync on CUDA for T=1 (the fused kernels, else the MoE's gathered path), and
-        with `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
+        No host-device sync on CUDA (one token: the fused decode kernels, which attend up to the
+        position read on the device; more: the MoE's fused kernels), and with positions a tensor and
+        a fixed `kv_len` every shape is static: the unit to capture in a CUDA graph.
         """
-        if self.fused_decode is not None and tokens.shape == (1, 1) and isinstance(positions, torch.Tensor):
-            return self.fused_decode(tokens, positions, cache)  # attends up to the position, read on device
+        if self.fused_decode is not None and tokens.shape == (1, 1):
+            if isinstance(positions, int):
+                positions = torch.full((1, 1), positions, device=self.device)  # a fill: no host copy
+            return self.fused_decode(tokens, positions, cache)
         hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
         return self.lm.logits(hidden[:, -1])
 
@@ -319,10 +320,7 @@ class Engine:
                     T = tokens.shape[1]
                     if graph is not None and T == 1:
                         logits = graph(tokens, pos)
-                    elif self.static_decode:
-                        positions = torch.arange(pos, pos + T, device=self.device)[None]
-                        logits = self.decode_step(tokens, positions, cache, cache.capacity)
-                    else:  # a Python start: the cache write is a slice copy instead of a scatter
+                    else:  # eager: attention over the filled slots only
                         logits = self.decode_step(tokens, pos, cache, pos + T)
                     pos += T
                 stats.finish_reason = "length"
@@ -352,7 +350,7 @@ class Engine:
         if self._graph is None or self._graph.cache.capacity != bucket:
             self._graph = None
             cache = LatentCache(self.config.text, 1, bucket, self.dtype, self.device)
-            self._graph = DecodeGraph(self.decode_step, cache)
+            self._graph = DecodeGraph(self.decode_step, cache, attends_by_position=self.fused_decode is not None)
         self._graph.in_use = True
         return self._graph
 

@@ -28,21 +28,18 @@ dtype, as `RMSNorm`, `Linear` and `x + f(x)` do.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4, nf4_code
+from kimivl_cli.kernels.moe_triton import _nf4_level
+from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [N, K] or NF4 (packed, absmax)
 Norm = tuple[torch.Tensor, float]  # RMSNorm weight [K], eps
 
-# Two waves of 132 SMs (H100/H200); smaller chips only get more waves. The interpreter (CPU tests)
-# runs programs one by one, so there the fewest programs are the fastest.
-MIN_PROGRAMS = 1 if os.environ.get("TRITON_INTERPRET") == "1" else 264
+MIN_PROGRAMS = 264  # two waves of 132 SMs (H100/H200); smaller chips only get more waves
 PAIRS_PER_STEP = 128  # BN x NB: with 4 warps, 32 pairs (64 weights) per thread per loop step
 _PLAIN, _STACKED, _GATED = 0, 1, 2
 
@@ -73,9 +70,10 @@ def pair_index(blocks):
 
 
 @triton.jit
-def nf4_levels(code_ptr):
-    """The 16 NF4 levels, kept for `lookup` (Triton stages them in shared memory)."""
-    return tl.load(code_ptr + tl.arange(0, 16))
+def nf4_levels():
+    """The 16 NF4 levels as a [16] register tensor, built from constants once per program (no table
+    in memory, nothing to copy to the device), for `lookup`."""
+    return _nf4_level(tl.arange(0, 16))
 
 
 @triton.jit
@@ -154,7 +152,7 @@ def row_sums(acc, BN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, out_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, out2_ptr, code_ptr, norm_ptr, res_ptr,
+    x_ptr, out_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, out2_ptr, norm_ptr, res_ptr,
     N, N2, K, eps,
     stride_xm, stride_om, stride_o2m, stride_rm, stride_wn, stride_sn, stride_w2n, stride_s2n,
     DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr,
@@ -164,7 +162,7 @@ def _gemv_kernel(
     m = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + m * stride_xm
     rstd = rms_rstd(x_row, K, eps, DT, NORM_BLOCK) if NORM else 1.0
-    levels = nf4_levels(code_ptr) if NF4 else 0.0
+    levels = nf4_levels() if NF4 else 0.0
     n_rows = N
     out_row = out_ptr + m * stride_om
     if MODE == 1:  # stacked: the programs past the first weight's rows run the second weight
@@ -241,10 +239,13 @@ def strides(weight: Weight, dim: int = -2) -> tuple[int, int]:
     return codes(weight).stride(dim), scales(weight).stride(dim)
 
 
-def gemv_tiles(n: int, k: int, min_programs: int | None = None) -> tuple[int, int, int]:
+def gemv_tiles(n: int, k: int, device: torch.device) -> tuple[int, int, int]:
     """(BN, NB, num_warps) for N rows of K: the most rows per program (up to 8) that still gives
-    `min_programs` programs, and NB blocks per step so each thread handles 32 pairs per step."""
-    min_programs = MIN_PROGRAMS if min_programs is None else min_programs
+    `MIN_PROGRAMS` programs, and NB blocks per step so each thread handles 32 pairs per step.
+
+    On CPU (the Triton interpreter, which runs programs one by one) the fewest programs.
+    """
+    min_programs = MIN_PROGRAMS if device.type == "cuda" else 1
     bn = 8
     while bn > 1 and triton.cdiv(n, bn) < min_programs:
         bn //= 2
@@ -272,7 +273,7 @@ def _launch(
     if k % BLOCKSIZE or k != x.shape[-1]:
         raise ValueError(f"gemv: inner size {k} must equal x's {x.shape[-1]} and be a multiple of {BLOCKSIZE}")
     n2 = weight_shape(w2)[0] if w2 is not None else 0
-    bn, nb, warps = tiles or gemv_tiles(n + n2 if mode == _STACKED else n, k)
+    bn, nb, warps = tiles or gemv_tiles(n + n2 if mode == _STACKED else n, k, x.device)
     programs = triton.cdiv(n, bn) + (triton.cdiv(n2, bn) if mode == _STACKED else 0)
     w2 = w if w2 is None else w2
     out2 = out if out2 is None else out2
@@ -281,7 +282,7 @@ def _launch(
     xp = pairs(x)
     _gemv_kernel[(programs, x.shape[0])](
         xp, out, codes(w), scales(w), codes(w2), scales(w2), out2,
-        nf4_code(x.device) if nf4 else x, pairs(norm_w), res,
+        pairs(norm_w), res,
         n, n2, k, eps,
         xp.stride(0), out.stride(0), out2.stride(0), res.stride(0), *strides(w), *strides(w2),
         DT=tl_dtype(x.dtype), WDT=tl.uint8 if nf4 else tl_dtype(w.dtype), NF4=nf4, NORM=norm is not None,

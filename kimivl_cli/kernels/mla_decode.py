@@ -43,7 +43,7 @@ from kimivl_cli.kernels.gemv import (
     tl_dtype,
     weight_tile,
 )
-from kimivl_cli.quant.nf4 import BLOCKSIZE, nf4_code
+from kimivl_cli.quant.nf4 import BLOCKSIZE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLITS = 64
@@ -85,7 +85,7 @@ def _split_plan(pos_ptr, S_MAX: tl.constexpr, MIN_KEYS: tl.constexpr, BL: tl.con
 
 @triton.jit
 def _mla_prep_kernel(
-    q_ptr, kv_ptr, kv_norm_ptr, wkvb_ptr, wkvb_s_ptr, code_ptr, inv_freq_ptr, pos_ptr, cache_ptr, qabs_ptr,
+    q_ptr, kv_ptr, kv_norm_ptr, wkvb_ptr, wkvb_s_ptr, inv_freq_ptr, pos_ptr, cache_ptr, qabs_ptr,
     eps, mscale, stride_wn, stride_sn, stride_cs,
     H: tl.constexpr, R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
     DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr, DN_PAD: tl.constexpr, DR_PAD: tl.constexpr,
@@ -101,7 +101,7 @@ def _mla_prep_kernel(
     rows = (h * (DN + DV) + d).to(tl.int64)
     q_nope = tl.load(q_row + d, mask=d < DN, other=0.0).to(tl.float32)[:, None, None, None]
     blocks = rb + tl.arange(0, 1)
-    levels = nf4_levels(code_ptr) if NF4 else 0.0
+    levels = nf4_levels() if NF4 else 0.0
     w_even, w_odd, scale = weight_tile(
         wkvb_ptr, wkvb_s_ptr, levels, rows, blocks, (d < DN)[:, None], stride_wn, stride_sn, NF4, WDT
     )
@@ -182,7 +182,7 @@ def _mla_attend_kernel(
 
 @triton.jit
 def _mla_out_kernel(
-    acc_ptr, m_ptr, l_ptr, pos_ptr, wkvb_ptr, wkvb_s_ptr, code_ptr, out_ptr, stride_wn, stride_sn,
+    acc_ptr, m_ptr, l_ptr, pos_ptr, wkvb_ptr, wkvb_s_ptr, out_ptr, stride_wn, stride_sn,
     H: tl.constexpr, R: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr,
     DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr,
     S_MAX: tl.constexpr, MIN_KEYS: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr,
@@ -209,7 +209,7 @@ def _mla_out_kernel(
     v = pid * BN + tl.arange(0, BN)
     v_ok = v < DV
     rows = (h * (DN + DV) + DN + v).to(tl.int64)
-    levels = nf4_levels(code_ptr) if NF4 else 0.0
+    levels = nf4_levels() if NF4 else 0.0
     mask = v_ok[:, None] & (blocks < R // 64)[None, :]
     w_even, w_odd, scale = weight_tile(wkvb_ptr, wkvb_s_ptr, levels, rows, blocks, mask, stride_wn, stride_sn, NF4, WDT)
     y = row_sums((w_even * o_even + w_odd * o_odd) * scale, BN)
@@ -240,7 +240,7 @@ def mla_prep(
     q_abs = torch.empty(h, rank + dr, dtype=q.dtype, device=q.device)
     nf4 = is_nf4(kv_b)
     _mla_prep_kernel[(rank // BLOCKSIZE, h)](
-        q, kv, kv_norm[0], codes(kv_b), scales(kv_b), nf4_code(q.device) if nf4 else q, inv_freq, position, cache,
+        q, kv, kv_norm[0], codes(kv_b), scales(kv_b), inv_freq, position, cache,
         q_abs, kv_norm[1], mscale, *strides(kv_b), cache.stride(0),
         H=h, R=rank, DN=shape.nope, DR=dr, DV=shape.v, DT=tl_dtype(q.dtype),
         WDT=tl.uint8 if nf4 else tl_dtype(kv_b.dtype), NF4=nf4, DN_PAD=triton.next_power_of_2(shape.nope),
@@ -280,7 +280,7 @@ def mla_out(
     nf4 = is_nf4(kv_b)
     acc, m, l = parts  # noqa: E741
     _mla_out_kernel[(triton.cdiv(shape.v, block_rows), h)](
-        acc, m, l, position, codes(kv_b), scales(kv_b), nf4_code(out.device) if nf4 else out, out, *strides(kv_b),
+        acc, m, l, position, codes(kv_b), scales(kv_b), out, *strides(kv_b),
         H=h, R=shape.rank, DN=shape.nope, DV=shape.v, DT=tl_dtype(dtype),
         WDT=tl.uint8 if nf4 else tl_dtype(kv_b.dtype), NF4=nf4,
         S_MAX=MAX_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS, BL=BLOCK_KEYS, BN=block_rows, num_warps=4,

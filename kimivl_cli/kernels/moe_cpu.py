@@ -58,7 +58,7 @@ def moe_cpu(
     up: tuple[torch.Tensor, torch.Tensor],
     down: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Same contract as `moe_triton.fused_moe_nf4`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype.
+    """Same contract as `moe_triton.fused_moe`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype.
 
     One token with the native kernels: the fused int8-activation step; else exact fp32 per expert.
     """

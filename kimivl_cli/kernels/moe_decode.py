@@ -10,9 +10,10 @@ every token selects with weight 1), SLOTS = K + S, G expert groups.
    group limit, top-K, renormalise, scale: a few hundred instructions, cheaper than a launch),
    takes its slot's expert and computes BN rows of silu(gate x) * up x -> act [T, SLOTS*I].
    Program (0, 0, t) also stores the token's expert ids and weights for step 3.
-3. `moe_down`: each program owns BN output rows of one token and streams the down rows of all
-   its slots as one inner dimension of SLOTS*I, each 64-block scaled by its slot's routing
-   weight: the weighted sum over experts happens in the accumulator, plus an optional residual.
+3. `moe_down`: each program owns BN output rows of one token and streams the down rows of its
+   K experts as one inner dimension of K*I (each 64-block from its slot's expert, scaled by the
+   slot's routing weight), then the shared MLP's S*I: the weighted sum over experts happens in
+   the accumulator, plus an optional residual.
 
 Experts no token selects cost nothing (programs exist per token and slot, never per expert).
 With expert ids given (the module path, `NF4Experts`) step 1 is skipped and step 2 reads them.
@@ -53,7 +54,7 @@ from kimivl_cli.kernels.gemv import (
 )
 from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.kernels.routing import RoutingConfig
-from kimivl_cli.quant.nf4 import BLOCKSIZE, nf4_code
+from kimivl_cli.quant.nf4 import BLOCKSIZE
 
 MAX_TOKENS = 16  # beyond this the grouped tensor-core kernel (moe_triton) is the faster path
 
@@ -174,7 +175,7 @@ def _moe_route_kernel(
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, act_ptr, gate_ptr, gate_s_ptr, up_ptr, up_s_ptr, sgate_ptr, sgate_s_ptr, sup_ptr, sup_s_ptr,
-    code_ptr, logits_ptr, bias_ptr, idx_ptr, w_ptr,
+    logits_ptr, bias_ptr, idx_ptr, w_ptr,
     D, INTER, scaling,
     stride_xm, stride_am, stride_lm, stride_ge, stride_gse, stride_gn, stride_gsn, stride_sgn, stride_sgsn,
     DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr, ROUTE: tl.constexpr,
@@ -204,7 +205,7 @@ def _moe_gate_up_kernel(
         g_ptr, g_s_ptr = sgate_ptr + first * stride_sgn, sgate_s_ptr + first * stride_sgsn
         u_ptr, u_s_ptr = sup_ptr + first * stride_sgn, sup_s_ptr + first * stride_sgsn
         row_stride, s_stride = stride_sgn, stride_sgsn
-    levels = nf4_levels(code_ptr) if NF4 else 0.0
+    levels = nf4_levels() if NF4 else 0.0
     x_row = x_ptr + t * stride_xm
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < INTER
@@ -228,46 +229,54 @@ def _moe_gate_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    act_ptr, out_ptr, res_ptr, down_ptr, down_s_ptr, sdown_ptr, sdown_s_ptr, code_ptr, idx_ptr, w_ptr,
+    act_ptr, out_ptr, res_ptr, down_ptr, down_s_ptr, sdown_ptr, sdown_s_ptr, idx_ptr, w_ptr,
     D, INTER, stride_am, stride_om, stride_rm, stride_de, stride_dse, stride_dn, stride_dsn, stride_sdn, stride_sdsn,
     DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr, RESIDUAL: tl.constexpr,
     K: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
-    levels = nf4_levels(code_ptr) if NF4 else 0.0
+    levels = nf4_levels() if NF4 else 0.0
     act_row = act_ptr + t * stride_am
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < D
     rows = rows.to(tl.int64)
     slot_blocks = INTER // 64
-    n_blocks = SLOTS * slot_blocks
+    routed_blocks = K * slot_blocks
     within = pair_index(tl.zeros([1], tl.int32))  # [1, 8, 4]: pair offsets inside one block
     acc = tl.zeros([BN, NB, 8, 4], tl.float32)
-    for b0 in range(0, n_blocks, NB):
-        blocks = b0 + tl.arange(0, NB)  # over every slot's inner dimension, in act's order
-        blk_ok = blocks < n_blocks
+    for b0 in range(0, routed_blocks, NB):  # the routed slots' blocks, in act's order
+        blocks = b0 + tl.arange(0, NB)
+        blk_ok = blocks < routed_blocks
         slot = blocks // slot_blocks
-        routed = (slot < K) & blk_ok
-        expert = tl.load(idx_ptr + t * K + slot, mask=routed, other=0).to(tl.int64)
-        weight = tl.load(w_ptr + t * K + slot, mask=routed, other=1.0)  # shared slots weigh 1
-        local = (blocks - slot * slot_blocks).to(tl.int64)
-        shared = (slot - K).to(tl.int64) * slot_blocks + local  # the block in the shared MLP's rows
+        expert = tl.load(idx_ptr + t * K + slot, mask=blk_ok, other=0).to(tl.int64)
+        weight = tl.load(w_ptr + t * K + slot, mask=blk_ok, other=0.0)  # [NB]: each block's routing weight
+        local = (blocks - slot * slot_blocks).to(tl.int64)  # the block within its expert's row
         mask = row_ok[:, None] & blk_ok[None, :]
-        w_offs = tl.where(routed, expert * stride_de + local * 32, 0)[None, :] + rows[:, None] * stride_dn
-        sw_offs = tl.where(routed, 0, shared * 32)[None, :] + rows[:, None] * stride_sdn
-        w_ptrs = tl.where(routed[None, :], down_ptr + w_offs, sdown_ptr + sw_offs)[:, :, None, None] + within[None]
-        words = tl.load(w_ptrs, mask=mask[:, :, None, None], other=0, eviction_policy="evict_first")
+        offs = (expert * stride_de + local * 32)[None, :] + rows[:, None] * stride_dn  # [BN, NB]
+        words = tl.load(
+            down_ptr + offs[:, :, None, None] + within[None], mask=mask[:, :, None, None], other=0,
+            eviction_policy="evict_first",
+        )  # fmt: skip
         w_even, w_odd = weight_pairs(words, levels, NF4, WDT)
         if NF4:
-            s_offs = tl.where(routed, expert * stride_dse + local, 0)[None, :] + rows[:, None] * stride_dsn
-            ss_offs = tl.where(routed, 0, shared)[None, :] + rows[:, None] * stride_sdsn
-            s_ptrs = tl.where(routed[None, :], down_s_ptr + s_offs, sdown_s_ptr + ss_offs)
-            weight = tl.load(s_ptrs, mask=mask, other=0.0) * weight[None, :]
+            s_offs = (expert * stride_dse + local)[None, :] + rows[:, None] * stride_dsn
+            weight = tl.load(down_s_ptr + s_offs, mask=mask, other=0.0) * weight[None, :]
         else:
             weight = weight[None, :]
         x_even, x_odd = input_tile(act_row, act_row, blocks, blk_ok, 1.0, DT, False)
         acc += (w_even * x_even[None] + w_odd * x_odd[None]) * weight[:, :, None, None]
+    shared_row = act_row + routed_blocks * 32  # the shared slots: one plain GEMV over S * I
+    shared_blocks = (SLOTS - K) * slot_blocks
+    for b0 in range(0, shared_blocks, NB):
+        blocks = b0 + tl.arange(0, NB)
+        blk_ok = blocks < shared_blocks
+        x_even, x_odd = input_tile(shared_row, shared_row, blocks, blk_ok, 1.0, DT, False)
+        mask = row_ok[:, None] & blk_ok[None, :]
+        acc += dot_tile(
+            sdown_ptr, sdown_s_ptr, levels, rows, blocks, mask, stride_sdn, stride_sdsn, x_even[None], x_odd[None],
+            NF4, WDT,
+        )  # fmt: skip
     y = row_sums(acc, BN).to(DT).to(tl.float32)
     if RESIDUAL:
         y += tl.load(res_ptr + t * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -289,7 +298,7 @@ def moe_route(
     n_experts = router.shape[0]
     xn = torch.empty_like(h)
     logits = torch.empty(t, n_experts, dtype=torch.float32, device=h.device)
-    be, nb, warps = tiles or gemv_tiles(n_experts, d)
+    be, nb, warps = tiles or gemv_tiles(n_experts, d, h.device)
     rp = pairs(router)
     _moe_route_kernel[(triton.cdiv(n_experts, be), t)](
         pairs(h), pairs(norm[0]), rp, xn, logits,
@@ -324,14 +333,14 @@ def moe_gate_up(
     weights = torch.empty(t, k, dtype=torch.float32, device=x.device)
     n_group = routing.n_group
     per_group = experts.n_experts // n_group
-    bn, nb, warps = tiles or gemv_tiles(inter * slots * t, experts.hidden)
+    bn, nb, warps = tiles or gemv_tiles(inter * slots * t, experts.hidden, x.device)
     xp = pairs(x)
     gate, up = experts.gate, experts.up
     sgate, sup = experts.shared("gate"), experts.shared("up")
     _moe_gate_up_kernel[(triton.cdiv(inter, bn), slots, t)](
         xp, act, codes(gate), scales(gate), codes(up), scales(up),
         codes(sgate), scales(sgate), codes(sup), scales(sup),
-        nf4_code(x.device) if experts.nf4 else xp, logits if route else weights, bias if route else weights,
+        logits if route else weights, bias if route else weights,
         ids, weights,
         experts.hidden, inter, routing.routed_scaling_factor,
         xp.stride(0), act.stride(0), logits.stride(0) if route else 0,
@@ -356,13 +365,13 @@ def moe_down(
     t, k = idx.shape
     hidden, inter = experts.hidden, experts.inter
     out = torch.empty(t, hidden, dtype=act.dtype, device=act.device)
-    bn, nb, warps = tiles or gemv_tiles(hidden * t, act.shape[1])
+    bn, nb, warps = tiles or gemv_tiles(hidden * t, act.shape[1], act.device)
     ap = pairs(act)
     down, sdown = experts.down, experts.shared("down")
     res = out if residual is None else residual
     _moe_down_kernel[(triton.cdiv(hidden, bn), t)](
         ap, out, res, codes(down), scales(down), codes(sdown), scales(sdown),
-        nf4_code(act.device) if experts.nf4 else ap, idx.to(torch.int32).contiguous(), weights.float().contiguous(),
+        idx.to(torch.int32).contiguous(), weights.float().contiguous(),
         hidden, inter, ap.stride(0), out.stride(0), res.stride(0),
         *strides(down, 0), *strides(down), *strides(sdown),
         DT=tl_dtype(act.dtype), WDT=tl.uint8 if experts.nf4 else tl_dtype(down.dtype), NF4=experts.nf4,

@@ -334,9 +334,17 @@ class RoutedExperts(nn.Module):
         self.checkpoint_tensor(name).copy_(tensor)
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
-        if idx.numel() <= self.gate_proj.shape[0] and (x.device.type != "cpu" or torch.compiler.is_compiling()):
-            return self._gathered(x, idx, weights)  # sync-free: CUDA graphs, compiled steps
+        """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation.
+
+        CUDA: the fused Triton MoE (sync-free, reads only the chosen experts' weights in place).
+        CPU: one token's experts in turn, or grouped by expert; a compiled CPU step gathers instead.
+        """
+        if x.is_cuda:
+            from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
+
+            return fused_moe(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj)
+        if idx.numel() <= self.gate_proj.shape[0] and torch.compiler.is_compiling():
+            return self._gathered(x, idx, weights)  # sync-free: a compiled step has no data-dependent shapes
         if x.device.type == "cpu" and x.shape[0] == 1:
             return self._single(x, idx, weights)
         return self._grouped(x, idx, weights)
@@ -354,8 +362,8 @@ class RoutedExperts(nn.Module):
         """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
 
         Touches only the active experts' weights (batch-1 decode reads K of E). Needs the per-expert
-        counts on the host (`.tolist()`): free on CPU, one sync per MoE layer on a GPU, which is why
-        GPUs take `_gathered` or a fused kernel instead.
+        counts on the host (`.tolist()`): free on CPU, a sync on a GPU, which is why GPUs take the
+        fused kernel instead.
         """
         T, K = idx.shape
         flat = idx.flatten()
@@ -375,7 +383,7 @@ class RoutedExperts(nn.Module):
         return out
 
     def _gathered(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """Sync-free for a few tokens: gather the T·K active experts' weights and batch the GEMVs."""
+        """Sync-free for a few tokens: gather the T·K active experts' weights (a copy) and batch the GEMVs."""
         T, K = idx.shape
         xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [T*K, D, 1]
         flat = idx.flatten()

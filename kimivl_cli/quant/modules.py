@@ -91,7 +91,7 @@ class NF4Linear(_QuantizedLinear):
         self.absmax.copy_(q.absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() // x.shape[-1] <= 16:
+        if x.is_cuda:
             from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
 
             return nf4_matmul(x, self.packed, self.absmax)
@@ -223,9 +223,9 @@ class NF4Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         weights = (self._weights("gate_proj"), self._weights("up_proj"), self._weights("down_proj"))
         if x.is_cuda:
-            from kimivl_cli.kernels.moe_triton import fused_moe_nf4
+            from kimivl_cli.kernels.moe_triton import fused_moe
 
-            return fused_moe_nf4(x, idx, w, *weights)
+            return fused_moe(x, idx, w, *weights)
         return moe_cpu(x, idx, w, *weights)
 
 
