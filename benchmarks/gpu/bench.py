@@ -14,7 +14,8 @@ section, so a run cut short keeps what it measured. A section that fails records
   `testing/decode_bytes.py`) and relative error against its PyTorch reference, beside bf16 `F.linear`,
   `torch._grouped_mm` and a plain bf16 attention over the same slots.
 - model_nf4, model_bf16: the full-size model with random weights through the real `Engine`:
-  graph-replay decode at 1K and 16K context, prefill at 512 / 1,024 / 4,096 tokens, the vision tower
+  graph-replay decode at 1K and 16K context (the fused decode kernels; the module path at 1K beside
+  them), prefill at 512 / 1,024 / 4,096 tokens, the vision tower
   on a 1024 x 1024 image, peak VRAM, CUDA kernels per decode step (profiler).
 - traced: launches, bytes, copies and syncs of one decode step traced on fake tensors (no GPU needed).
 
@@ -512,6 +513,10 @@ def bench_model(out: dict[str, Any], setup: Setup, quant: str) -> None:
     engine = Engine(model, setup.config)
     for context in setup.decode_contexts:
         _attempt(out, f"decode_{context}", lambda context=context: _decode(engine, context, setup.decode_tokens))
+    if engine.fused_decode is not None:  # the module path beside it, at the first context
+        engine.fused_decode, engine._graph = None, None
+        context = setup.decode_contexts[0]
+        _attempt(out, f"decode_{context}_module_path", lambda: _decode(engine, context, setup.decode_tokens))
     for length in setup.prefill_lengths:
         _attempt(out, f"prefill_{length}_tokens_per_s", lambda length=length: _prefill(engine, length, dev))
     if setup.image_size:

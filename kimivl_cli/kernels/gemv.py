@@ -14,10 +14,11 @@ The inner tile is [BN, NB, 8, 4] *pairs* of weights: a thread's 4 adjacent pairs
 NF4 codes and 16 bytes of bf16 x, so the code tile and the x tile share one register layout.
 (16-byte code loads would put 16 pairs, 64 bytes of x, in a thread; Triton loads x 16 bytes at
 a time in its own layout and converts it through shared memory with ~16 barriers per step.)
-Codes map to levels through `tl.gather` on the 16-entry table, which Triton stages in shared
-memory: one conflict-free LDS per weight instead of a global load with a 64-bit address, ~6.5
-SASS instructions per weight in all (AOT-compiled for sm_90). The absmax is loaded once per
-64-block and applied once per pair.
+Codes map to levels through `tl.gather` on the 16 levels, built once per program from constants
+(no table in memory, nothing copied to the device) and staged by Triton in shared memory: one
+conflict-free LDS per weight instead of a global load with a 64-bit address or a 16-way select,
+7-8 SASS instructions per NF4 weight in all (AOT-compiled for sm_90). The absmax is loaded once
+per 64-block and applied once per pair.
 
 Fused around the product, all optional: an RMSNorm of x as prologue (the layer norm before
 attention or the MLP), a second weight either stacked (q_proj + kv_a_proj: one launch, two
