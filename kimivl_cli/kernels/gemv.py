@@ -152,6 +152,38 @@ def row_sums(acc, BN: tl.constexpr):
 
 
 @triton.jit
+def row_dots(
+    x_row, norm_ptr, rstd, w_ptr, s_ptr, w2_ptr, s2_ptr, levels, rows, row_ok, K,
+    stride_wn, stride_sn, stride_w2n, stride_s2n,
+    DT: tl.constexpr, WDT: tl.constexpr, NF4: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr,
+):  # fmt: skip
+    """(W[rows] . x, W2[rows] . x) [BN] each rounded to DT (W2 only with TWO, else zeros): the GEMV
+    loop over K in steps of NB blocks; x read as pairs, after the RMSNorm with NORM; rows int64."""
+    n_blocks = K // 64
+    acc = tl.zeros([BN, NB, 8, 4], tl.float32)
+    acc2 = tl.zeros([BN, NB, 8, 4], tl.float32)
+    for b0 in range(0, n_blocks, NB):
+        blocks = b0 + tl.arange(0, NB)
+        blk_ok = blocks < n_blocks
+        x_even, x_odd = input_tile(x_row, norm_ptr, blocks, blk_ok, rstd, DT, NORM)
+        x_even, x_odd = x_even[None, :, :, :], x_odd[None, :, :, :]
+        mask = row_ok[:, None] & blk_ok[None, :]
+        acc += dot_tile(w_ptr, s_ptr, levels, rows, blocks, mask, stride_wn, stride_sn, x_even, x_odd, NF4, WDT)
+        if TWO:
+            acc2 += dot_tile(
+                w2_ptr, s2_ptr, levels, rows, blocks, mask, stride_w2n, stride_s2n, x_even, x_odd, NF4, WDT
+            )
+    return row_sums(acc, BN).to(DT).to(tl.float32), row_sums(acc2, BN).to(DT).to(tl.float32)
+
+
+@triton.jit
+def swiglu(gate, up, DT: tl.constexpr):
+    """silu(gate) * up with the module ops' roundings to DT (fp32 in, fp32 out)."""
+    return (gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, out2_ptr, norm_ptr, res_ptr,
     N, N2, K, eps,
@@ -175,25 +207,12 @@ def _gemv_kernel(
             n_rows = N2
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < n_rows
-    rows = rows.to(tl.int64)
-    n_blocks = K // 64
-    acc = tl.zeros([BN, NB, 8, 4], tl.float32)
-    acc2 = tl.zeros([BN, NB, 8, 4], tl.float32)
-    for b0 in range(0, n_blocks, NB):
-        blocks = b0 + tl.arange(0, NB)
-        blk_ok = blocks < n_blocks
-        x_even, x_odd = input_tile(x_row, norm_ptr, blocks, blk_ok, rstd, DT, NORM)
-        x_even, x_odd = x_even[None, :, :, :], x_odd[None, :, :, :]
-        mask = row_ok[:, None] & blk_ok[None, :]
-        acc += dot_tile(w_ptr, s_ptr, levels, rows, blocks, mask, stride_wn, stride_sn, x_even, x_odd, NF4, WDT)
-        if MODE == 2:
-            acc2 += dot_tile(
-                w2_ptr, s2_ptr, levels, rows, blocks, mask, stride_w2n, stride_s2n, x_even, x_odd, NF4, WDT
-            )
-    y = row_sums(acc, BN).to(DT).to(tl.float32)  # [BN]
-    if MODE == 2:  # silu(gate(x)) * up(x), each rounded like the module ops
-        u = row_sums(acc2, BN).to(DT).to(tl.float32)
-        y = (y * tl.sigmoid(y)).to(DT).to(tl.float32) * u
+    y, u = row_dots(
+        x_row, norm_ptr, rstd, w_ptr, s_ptr, w2_ptr, s2_ptr, levels, rows.to(tl.int64), row_ok, K,
+        stride_wn, stride_sn, stride_w2n, stride_s2n, DT, WDT, NF4, NORM, MODE == 2, BN, NB,
+    )  # fmt: skip
+    if MODE == 2:
+        y = swiglu(y, u, DT)
     if RESIDUAL:
         y = y.to(DT).to(tl.float32) + tl.load(res_ptr + m * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_row + rows, y.to(DT).to(out_ptr.dtype.element_ty), mask=row_ok)

@@ -45,9 +45,11 @@ from kimivl_cli.kernels.gemv import (
     pairs,
     rms_norm_reference,
     rms_rstd,
+    row_dots,
     row_sums,
     scales,
     strides,
+    swiglu,
     tl_dtype,
     weight_pairs,
     weight_shape,
@@ -209,22 +211,11 @@ def _moe_gate_up_kernel(
     x_row = x_ptr + t * stride_xm
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < INTER
-    rows = rows.to(tl.int64)
-    n_blocks = D // 64
-    acc_g = tl.zeros([BN, NB, 8, 4], tl.float32)
-    acc_u = tl.zeros([BN, NB, 8, 4], tl.float32)
-    for b0 in range(0, n_blocks, NB):
-        blocks = b0 + tl.arange(0, NB)
-        blk_ok = blocks < n_blocks
-        x_even, x_odd = input_tile(x_row, x_row, blocks, blk_ok, 1.0, DT, False)
-        x_even, x_odd = x_even[None, :, :, :], x_odd[None, :, :, :]
-        mask = row_ok[:, None] & blk_ok[None, :]
-        acc_g += dot_tile(g_ptr, g_s_ptr, levels, rows, blocks, mask, row_stride, s_stride, x_even, x_odd, NF4, WDT)
-        acc_u += dot_tile(u_ptr, u_s_ptr, levels, rows, blocks, mask, row_stride, s_stride, x_even, x_odd, NF4, WDT)
-    g = row_sums(acc_g, BN).to(DT).to(tl.float32)
-    u = row_sums(acc_u, BN).to(DT).to(tl.float32)
-    act = ((g * tl.sigmoid(g)).to(DT).to(tl.float32) * u).to(DT)  # silu(gate(x)) * up(x), module roundings
-    tl.store(act_ptr + t * stride_am + s * INTER + rows, act, mask=row_ok)
+    g, u = row_dots(
+        x_row, x_row, 1.0, g_ptr, g_s_ptr, u_ptr, u_s_ptr, levels, rows.to(tl.int64), row_ok, D,
+        row_stride, s_stride, row_stride, s_stride, DT, WDT, NF4, False, True, BN, NB,
+    )  # fmt: skip
+    tl.store(act_ptr + t * stride_am + s * INTER + rows, swiglu(g, u, DT).to(DT), mask=row_ok)
 
 
 @triton.jit
@@ -299,6 +290,7 @@ def moe_route(
     xn = torch.empty_like(h)
     logits = torch.empty(t, n_experts, dtype=torch.float32, device=h.device)
     be, nb, warps = tiles or gemv_tiles(n_experts, d, h.device)
+    warps = max(warps, 4 if h.is_cuda else 1)  # few programs (one per expert): more loads in flight each
     rp = pairs(router)
     _moe_route_kernel[(triton.cdiv(n_experts, be), t)](
         pairs(h), pairs(norm[0]), rp, xn, logits,
