@@ -237,6 +237,8 @@ def _launch(
     n, kd = w.shape[1], w.shape[2] * (2 if nf4 else 1)
     if kd % BLOCK_K:
         raise ValueError(f"inner dimension {kd} must be a multiple of {BLOCK_K}")
+    if any(t.stride(-1) != 1 for t in (a, w, w2, *((s, s2) if nf4 else ()))):
+        raise ValueError("activations and weights need a contiguous last dimension")
     cfg = launch_config(rows_per_expert, a.element_size(), None if nf4 else w.element_size(), weight2 is not None)
     if align is not None and align.block_m != cfg.block_m:
         raise ValueError(f"alignment made for BM {align.block_m}, the launch uses {cfg.block_m}")

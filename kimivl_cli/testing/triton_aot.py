@@ -33,7 +33,7 @@ from kimivl_cli.testing.gpu_trace import CudaTrace, TritonLaunch, fake_engine
 
 # Largest dynamic shared memory a block may opt into, per compute capability (CUDA programming
 # guide, "Technical specifications per compute capability").
-SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 PREFILL_CHUNKS = (512, 1024)
 
 

@@ -1,5 +1,6 @@
 """Every Triton launch the engine makes at Kimi-VL's shapes compiles for sm_80, sm_86, sm_89 and sm_90
-and fits there: shared memory within the target's limit, no register spills at decode tiles.
+(and Blackwell's sm_100 and sm_120) and fits there: shared memory within the target's limit, no
+register spills at decode tiles.
 
 The launches are the engine's own (decode 1 token; prefill chunks of 512 and 1,024 tokens; NF4 and
 bf16 weights), specialised as Triton's JIT would specialise them, compiled with the ptxas inside the

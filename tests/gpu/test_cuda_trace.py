@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -89,58 +90,53 @@ def test_the_routed_experts_read_weights_in_place(step) -> None:
     assert "triton._grouped_gemm" not in trace.by("kernel")
 
 
+@pytest.fixture
+def trace() -> Iterator[CudaTrace]:
+    try:
+        with CudaTrace() as trace:
+            yield trace
+    except TraceUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.parametrize("tokens", [1, 512])
-def test_cuda_tensors_reach_the_triton_kernels_in_every_module(tokens: int) -> None:
+def test_cuda_tensors_reach_the_triton_kernels_in_every_module(trace: CudaTrace, tokens: int) -> None:
     """Decode and prefill sizes alike: one kernel per NF4 linear, two per MoE (NF4 or bf16 experts),
     and nothing that reads device data on the host (the CPU paths' per-expert `.tolist()`)."""
-    try:
-        trace = CudaTrace().__enter__()
-    except TraceUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        x = torch.zeros(tokens, 128, dtype=torch.bfloat16, device="cuda")
-        idx = torch.zeros(tokens, 2, dtype=torch.long, device="cuda")
-        w = torch.ones(tokens, 2, device="cuda")
-        with torch.device("meta"):
-            bf16 = RoutedExperts(4, 128, 64)
-        materialize(bf16, torch.bfloat16, "cuda")
-        cases = {
-            "NF4Linear": (lambda: NF4Linear(128, 64, "cuda")(x), 1),
-            "NF4SwiGLU": (lambda: NF4SwiGLU(128, 64, "cuda")(x), 3),
-            "NF4Experts": (lambda: NF4Experts(4, 128, 64, "cuda")(x, idx, w), 2),
-            "RoutedExperts": (lambda: bf16(x, idx, w), 2),
-        }
-        for name, (run, kernels) in cases.items():
-            trace.reset()
-            with torch.inference_mode():
-                run()
-            assert trace.by("kernel")["triton._grouped_gemm"] == kernels, name
-            assert trace.count("sync") == trace.count("copy") == 0, (name, trace.summary()["sync_sites"])
-    finally:
-        trace.__exit__(None, None, None)
+    x = torch.zeros(tokens, 128, dtype=torch.bfloat16, device="cuda")
+    idx = torch.zeros(tokens, 2, dtype=torch.long, device="cuda")
+    w = torch.ones(tokens, 2, device="cuda")
+    with torch.device("meta"):
+        bf16 = RoutedExperts(4, 128, 64)
+    materialize(bf16, torch.bfloat16, "cuda")
+    cases = {
+        "NF4Linear": (lambda: NF4Linear(128, 64, "cuda")(x), 1),
+        "NF4SwiGLU": (lambda: NF4SwiGLU(128, 64, "cuda")(x), 3),
+        "NF4Experts": (lambda: NF4Experts(4, 128, 64, "cuda")(x, idx, w), 2),
+        "RoutedExperts": (lambda: bf16(x, idx, w), 2),
+    }
+    for name, (run, kernels) in cases.items():
+        trace.reset()
+        with torch.inference_mode():
+            run()
+        assert trace.by("kernel")["triton._grouped_gemm"] == kernels, name
+        assert trace.count("sync") == trace.count("copy") == 0, (name, trace.summary()["sync_sites"])
 
 
-def test_the_tracer_sees_copies_syncs_and_triton_launches() -> None:
-    try:
-        trace = CudaTrace().__enter__()
-    except TraceUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        table = torch.tensor([1.0, 2.0], device="cuda")  # host data to the device: a copy and a wait
-        assert (trace.count("copy"), trace.count("sync")) == (1, 1)
-        trace.reset()
-        x = torch.ones(8, 64, device="cuda") * table[0]
-        _ = x.sum().item()  # a device value read on the host
-        _ = torch.nonzero(x)
-        assert trace.count("sync") == 2 and trace.count("launch") == 4  # ones (a fill), mul, sum, nonzero
-        packed, absmax = torch.zeros(64, 32, dtype=torch.uint8, device="cuda"), torch.ones(64, 1, device="cuda")
-        trace.reset()
-        nf4_matmul(x, packed, absmax)
-        (launch,) = trace.triton_launches
-        assert launch.kernel.fn.__name__ == "_grouped_gemm" and launch.grid == (1, 1)
-        assert trace.bytes() == 64 * 32 + 64 * 4 + 2 * 8 * 64 * 4  # codes, absmax, rows in and out
-    finally:
-        trace.__exit__(None, None, None)
+def test_the_tracer_sees_copies_syncs_and_triton_launches(trace: CudaTrace) -> None:
+    table = torch.tensor([1.0, 2.0], device="cuda")  # host data to the device: a copy and a wait
+    assert (trace.count("copy"), trace.count("sync")) == (1, 1)
+    trace.reset()
+    x = torch.ones(8, 64, device="cuda") * table[0]
+    _ = x.sum().item()  # a device value read on the host
+    _ = torch.nonzero(x)
+    assert trace.count("sync") == 2 and trace.count("launch") == 4  # ones (a fill), mul, sum, nonzero
+    packed, absmax = torch.zeros(64, 32, dtype=torch.uint8, device="cuda"), torch.ones(64, 1, device="cuda")
+    trace.reset()
+    nf4_matmul(x, packed, absmax)
+    (launch,) = trace.triton_launches
+    assert launch.kernel.fn.__name__ == "_grouped_gemm" and launch.grid == (1, 1)
+    assert trace.bytes() == 64 * 32 + 64 * 4 + 2 * 8 * 64 * 4  # codes, absmax, rows in and out
 
 
 def test_attention_buckets_follow_the_position() -> None:
