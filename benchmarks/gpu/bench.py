@@ -413,8 +413,8 @@ def _bench_mla_decode(out: dict[str, Any], setup: Setup, weight: _Weights, slots
     shape = mla_decode.MLAShape(heads, rank, text.qk_nope_head_dim, rope, text.v_head_dim, text.qk_head_dim**-0.5)
     kv_b = weight(heads * (text.qk_nope_head_dim + text.v_head_dim), rank)
     q, kv = weight.act(heads * text.qk_head_dim)[0], weight.act(rank + rope)[0]
-    kv_norm = (torch.ones(rank, device=dev, dtype=torch.bfloat16), 1e-6)
     inv_freq = 1.0 / text.rope_theta ** (torch.arange(0, rope, 2, device=dev).float() / rope)
+    layer = mla_decode.MLALayer((torch.ones(rank, device=dev, dtype=torch.bfloat16), 1e-6), kv_b, inv_freq, 1.0, shape)
     cache = torch.randn(slots, rank + rope, device=dev, generator=weight.gen).bfloat16()
     position = torch.tensor([slots - 1], device=dev)
     q_abs = torch.randn(heads, rank + rope, device=dev, generator=weight.gen).bfloat16()
@@ -424,8 +424,8 @@ def _bench_mla_decode(out: dict[str, Any], setup: Setup, weight: _Weights, slots
         return p @ cache[:, :rank]
 
     out[f"{weight.fmt}_mla_{slots}_slots"] = _kernel_row(
-        setup, lambda: mla_decode.mla_decode(q, kv, kv_norm, kv_b, inv_freq, 1.0, position, cache, shape),
-        lambda: mla_decode.mla_decode_reference(q, kv, kv_norm, kv_b, inv_freq, 1.0, slots - 1, cache.clone(), shape),
+        setup, lambda: mla_decode.mla_decode(q, kv, position, cache, layer),
+        lambda: mla_decode.mla_decode_reference(q, kv, slots - 1, cache.clone(), layer),
         baseline, 2 * cache.nbytes, slots=slots,
     )  # fmt: skip
 

@@ -61,6 +61,18 @@ class MLAShape:
     scale: float  # softmax scale (YaRN mscale included)
 
 
+@dataclass(frozen=True)
+class MLALayer:
+    """What one layer's absorbed attention needs besides the token: kv_a_layernorm, kv_b_proj's
+    weight [H * (Dn + Dv), R], the RoPE frequencies [Dr/2] and YaRN's cos/sin scale, the shapes."""
+
+    kv_norm: Norm
+    kv_b: Weight
+    inv_freq: torch.Tensor
+    mscale: float
+    shape: MLAShape
+
+
 @triton.jit
 def _rope(x_ptr, pos, inv_freq_ptr, mscale, DR: tl.constexpr, DR_PAD: tl.constexpr):
     """One rope vector [Dr] (pairs x[2j], x[2j+1]) rotated by pos * inv_freq[j] -> (first, second half) fp32,
@@ -224,24 +236,17 @@ def _check(shape: MLAShape) -> None:
 
 
 def mla_prep(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    kv_norm: Norm,
-    kv_b: Weight,
-    inv_freq: torch.Tensor,
-    mscale: float,
-    position: torch.Tensor,
-    cache: torch.Tensor,
-    shape: MLAShape,
+    q: torch.Tensor, kv: torch.Tensor, position: torch.Tensor, cache: torch.Tensor, layer: MLALayer
 ) -> torch.Tensor:
     """q [H*(Dn+Dr)], kv [R+Dr] of one token, its position [1] -> q_abs [H, R+Dr]; writes cache[position]."""
+    shape, kv_b, kv_norm = layer.shape, layer.kv_b, layer.kv_norm
     _check(shape)
     h, rank, dr = shape.heads, shape.rank, shape.rope
     q_abs = torch.empty(h, rank + dr, dtype=q.dtype, device=q.device)
     nf4 = is_nf4(kv_b)
     _mla_prep_kernel[(rank // BLOCKSIZE, h)](
-        q, kv, kv_norm[0], codes(kv_b), scales(kv_b), inv_freq, position, cache,
-        q_abs, kv_norm[1], mscale, *strides(kv_b), cache.stride(0),
+        q, kv, kv_norm[0], codes(kv_b), scales(kv_b), layer.inv_freq, position, cache,
+        q_abs, kv_norm[1], layer.mscale, *strides(kv_b), cache.stride(0),
         H=h, R=rank, DN=shape.nope, DR=dr, DV=shape.v, DT=tl_dtype(q.dtype),
         WDT=tl.uint8 if nf4 else tl_dtype(kv_b.dtype), NF4=nf4, DN_PAD=triton.next_power_of_2(shape.nope),
         DR_PAD=max(2, triton.next_power_of_2(dr)), R_BLOCK=triton.next_power_of_2(rank), num_warps=4,
@@ -289,19 +294,11 @@ def mla_out(
 
 
 def mla_decode(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    kv_norm: Norm,
-    kv_b: Weight,
-    inv_freq: torch.Tensor,
-    mscale: float,
-    position: torch.Tensor,
-    cache: torch.Tensor,
-    shape: MLAShape,
+    q: torch.Tensor, kv: torch.Tensor, position: torch.Tensor, cache: torch.Tensor, layer: MLALayer
 ) -> torch.Tensor:
     """One token's absorbed attention in three launches: writes its cache row, returns [H * Dv]."""
-    q_abs = mla_prep(q, kv, kv_norm, kv_b, inv_freq, mscale, position, cache, shape)
-    return mla_out(mla_attend(q_abs, cache, position, shape), position, kv_b, shape, q.dtype)
+    q_abs = mla_prep(q, kv, position, cache, layer)
+    return mla_out(mla_attend(q_abs, cache, position, layer.shape), position, layer.kv_b, layer.shape, q.dtype)
 
 
 # --- PyTorch reference --------------------------------------------------------------------------
@@ -315,22 +312,15 @@ def _rope_reference(x: torch.Tensor, pos: int, inv_freq: torch.Tensor, mscale: f
 
 
 def mla_decode_reference(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    kv_norm: Norm,
-    kv_b: Weight,
-    inv_freq: torch.Tensor,
-    mscale: float,
-    position: int,
-    cache: torch.Tensor,
-    shape: MLAShape,
+    q: torch.Tensor, kv: torch.Tensor, position: int, cache: torch.Tensor, layer: MLALayer
 ) -> torch.Tensor:
     """What `mla_decode` computes (and writes into `cache`), the way `MLAttention._absorbed` does."""
+    shape, inv_freq, mscale = layer.shape, layer.inv_freq, layer.mscale
     h, rank, dn, dv = shape.heads, shape.rank, shape.nope, shape.v
     dtype = q.dtype
     heads = q.view(h, dn + shape.rope)
-    w = dense(kv_b).view(h, dn + dv, rank).to(dtype)
-    cache[position, :rank] = rms_norm_reference(kv[:rank], kv_norm)
+    w = dense(layer.kv_b).view(h, dn + dv, rank).to(dtype)
+    cache[position, :rank] = rms_norm_reference(kv[:rank], layer.kv_norm)
     cache[position, rank:] = _rope_reference(kv[rank:], position, inv_freq, mscale)
     q_lat = torch.einsum("hd,hdr->hr", heads[:, :dn].float(), w[:, :dn].float()).to(dtype)
     q_full = torch.cat((q_lat, _rope_reference(heads[:, dn:], position, inv_freq, mscale)), dim=-1)

@@ -12,8 +12,7 @@ Legend: D hidden, H heads, R kv_lora_rank, Dr rope dim, V vocab. One token at a 
     logits = lm_head(rmsnorm(x)) in fp32                      1
 
 Every norm, residual add, RoPE, routing and the sum over experts happens inside those kernels,
-so a step of the real model is 217 launches (the module path: ~1,000 to ~3,000) and reads each
-weight once. The attention reads the cache only up to the token's position, which the kernels
+so a step of the real model is 217 launches (the module path: ~1,900) and reads each weight once. The attention reads the cache only up to the token's position, which the kernels
 read on the device: the step has static shapes and no host sync, so it is captured in a CUDA
 graph over a cache of any length. Weights are used in place (NF4 or dense, as loaded).
 
@@ -32,11 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimivl_cli.kernels.gemv import Norm, Weight, gemv, gemv_stacked, gemv_swiglu
-from kimivl_cli.kernels.mla_decode import MLAShape, mla_decode
+from kimivl_cli.kernels.mla_decode import MLALayer, MLAShape, mla_decode
 from kimivl_cli.kernels.moe_decode import ExpertWeights, moe_decode
 from kimivl_cli.kernels.routing import RoutingConfig
 from kimivl_cli.model.cache import LatentCache
-from kimivl_cli.model.language import FeedForward, LanguageModel, MLAttention, MoE, RMSNorm, RoutedExperts
+from kimivl_cli.model.language import (
+    FeedForward,
+    LanguageModel,
+    MLAttention,
+    MoE,
+    RMSNorm,
+    RotaryEmbedding,
+    RoutedExperts,
+)
 from kimivl_cli.quant.modules import NF4Experts, NF4Linear, NF4SwiGLU
 from kimivl_cli.quant.nf4 import BLOCKSIZE
 
@@ -93,10 +100,8 @@ class _Layer:
     attn_norm: Norm
     q_proj: Weight
     kv_a: Weight
-    kv_norm: Norm
-    kv_b: Weight
+    mla: MLALayer
     o_proj: Weight
-    shape: MLAShape
     mlp_norm: Norm
     mlp: tuple[Weight, Weight, Weight] | None = None  # a dense layer's gate, up, down
     router: torch.Tensor | None = None  # a MoE layer's router [E, D] fp32, bias [E], settings, experts
@@ -105,21 +110,20 @@ class _Layer:
     experts: ExpertWeights | None = None
 
 
-def _layer(layer: nn.Module) -> _Layer:
+def _layer(layer: nn.Module, rotary: RotaryEmbedding, inv_freq: torch.Tensor) -> _Layer:
     attn: MLAttention = layer.self_attn
     if not hasattr(attn, "q_proj"):
         raise Unsupported("a q_lora_rank (q_a_proj / q_b_proj)")
     if attn.rank % BLOCKSIZE or attn.rank & (attn.rank - 1):
         raise Unsupported(f"kv_lora_rank {attn.rank} is not a power of two >= {BLOCKSIZE}")
     shape = MLAShape(attn.n_heads, attn.rank, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.scale)
+    mla = MLALayer(_norm(attn.kv_a_layernorm), _weight(attn.kv_b_proj), inv_freq, rotary.mscale, shape)
     out = _Layer(
         _norm(layer.input_layernorm),
         _weight(attn.q_proj),
         _weight(attn.kv_a_proj_with_mqa),
-        _norm(attn.kv_a_layernorm),
-        _weight(attn.kv_b_proj),
+        mla,
         _weight(attn.o_proj),
-        shape,
         _norm(layer.post_attention_layernorm),
     )
     if isinstance(layer.mlp, MoE):
@@ -142,11 +146,10 @@ class FusedDecoder:
         self.embed = lm.model.embed_tokens.weight
         if self.embed.dtype not in _DTYPES or lm.config.hidden_size % BLOCKSIZE:
             raise Unsupported(f"{self.embed.dtype} activations of width {lm.config.hidden_size}")
-        self.layers = [_layer(layer) for layer in lm.model.layers]
+        inv_freq = lm.rotary.inv_freq(self.embed.device)  # fixed by the config: computed once
+        self.layers = [_layer(layer, lm.rotary, inv_freq) for layer in lm.model.layers]
         self.final_norm = _norm(lm.model.norm)
         self.lm_head = _weight(lm.lm_head)
-        self.inv_freq = lm.rotary.inv_freq(self.embed.device)  # fixed by the config: computed once
-        self.mscale = lm.rotary.mscale
 
     @classmethod
     def build(cls, lm: LanguageModel) -> FusedDecoder | None:
@@ -160,8 +163,7 @@ class FusedDecoder:
         x = F.embedding(tokens.view(1), self.embed)  # [1, D]
         for i, layer in enumerate(self.layers):
             q, kv = gemv_stacked(x, layer.q_proj, layer.kv_a, norm=layer.attn_norm)
-            a = mla_decode(q[0], kv[0], layer.kv_norm, layer.kv_b, self.inv_freq, self.mscale, position,
-                           cache.buf[i, 0], layer.shape)  # fmt: skip
+            a = mla_decode(q[0], kv[0], position, cache.buf[i, 0], layer.mla)
             h = gemv(a[None], layer.o_proj, residual=x)
             if layer.experts is not None:
                 x = moe_decode(h, layer.mlp_norm, layer.router, layer.bias, layer.routing, layer.experts)
