@@ -9,8 +9,13 @@ section, so a run cut short keeps what it measured. A section that fails records
   Triton fused NF4 vs Triton fused bf16 vs a per-expert bf16 loop (the reference) vs
   `torch._grouped_mm` (bf16); relative errors; the decode call replayed from a CUDA graph.
 - dense: batch-1 NF4 GEMV (`nf4_matmul`) at every Kimi-VL linear shape, achieved GB/s, vs bf16 `F.linear`.
+- decode_kernels: the fused decode step's kernels (kernels/gemv.py, moe_decode.py, mla_decode.py) at
+  Kimi-VL's shapes, NF4 and bf16 weights, each replayed from a CUDA graph: achieved GB/s (bytes from
+  `testing/decode_bytes.py`) and relative error against its PyTorch reference, beside bf16 `F.linear`,
+  `torch._grouped_mm` and a plain bf16 attention over the same slots.
 - model_nf4, model_bf16: the full-size model with random weights through the real `Engine`:
-  graph-replay decode at 1K and 16K context, prefill at 512 / 1,024 / 4,096 tokens, the vision tower
+  graph-replay decode at 1K and 16K context (the fused decode kernels; the module path at 1K beside
+  them), prefill at 512 / 1,024 / 4,096 tokens, the vision tower
   on a 1024 x 1024 image, peak VRAM, CUDA kernels per decode step (profiler).
 - traced: launches, bytes, copies and syncs of one decode step traced on fake tensors (no GPU needed).
 
@@ -39,8 +44,11 @@ from PIL import Image
 
 from kimivl_cli.engine.engine import Engine
 from kimivl_cli.engine.sampling import SamplingParams
+from kimivl_cli.kernels import gemv as gemv_kernels
+from kimivl_cli.kernels import mla_decode, moe_decode
 from kimivl_cli.kernels.moe_triton import fused_moe, nf4_matmul
 from kimivl_cli.kernels.reference import fused_moe_reference
+from kimivl_cli.kernels.routing import RoutingConfig
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.kimivl import KimiVL
@@ -48,7 +56,7 @@ from kimivl_cli.model.weights import materialize
 from kimivl_cli.processor.image import process_images
 from kimivl_cli.quant.modules import quantize_linears_
 from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
-from kimivl_cli.testing.gpu_trace import decode_trace
+from kimivl_cli.testing.gpu_trace import CudaTrace, decode_trace
 
 # Kimi-VL's NF4 linears (N, K) at batch 1: attention, the dense first layer, shared and routed experts.
 KIMIVL_LINEARS = {
@@ -76,6 +84,7 @@ class Setup:
     config: KimiVLConfig = field(default_factory=KimiVLConfig)
     quants: tuple[str, ...] = ("nf4", "none")
     decode_contexts: tuple[int, ...] = (1024, 16384)
+    attention_slots: tuple[int, ...] = (1024, 16384)
     decode_tokens: int = 64
     prefill_lengths: tuple[int, ...] = (512, 1024, 4096)
     image_size: int = 1024
@@ -253,6 +262,174 @@ def bench_dense(out: dict[str, Any], setup: Setup) -> None:
                      "nf4_rel_err": round(err, 5)}  # fmt: skip
 
 
+def graph_ms(fn: Callable[[], object], device: str, runs: int) -> float:
+    """Milliseconds per call replayed from a CUDA graph (no Python or launch overhead in the figure)."""
+    if device != "cuda":
+        return timed_ms(fn, device, runs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up off the capture: kernel builds, allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed_ms(graph.replay, device, runs)
+
+
+def traced_bytes(fn: Callable[[], object], slots: int | None = None) -> int:
+    """Bytes the traffic models give the Triton launches of `fn` (run on fake tensors: nothing executes)."""
+    with CudaTrace(slots=slots) as trace:
+        fn()
+    return sum(e.bytes for e in trace.events if e.kernel.startswith("triton."))
+
+
+def bench_decode_kernels(out: dict[str, Any], setup: Setup) -> None:
+    """Each fused decode kernel at Kimi-VL's decode shapes (see the module doc)."""
+    gen = torch.Generator(setup.device).manual_seed(2)
+    for fmt in ("nf4", "bf16"):
+        maker = _Weights(setup, fmt, gen)
+        _bench_gemvs(out, setup, maker)
+        _bench_moe_decode(out, setup, maker)
+        for slots in setup.attention_slots:
+            _bench_mla_decode(out, setup, maker, slots)
+    text, dev = setup.config.text, setup.device
+    x = torch.randn(1, text.hidden_size, device=dev, generator=gen).bfloat16()
+    norm = (torch.ones(text.hidden_size, device=dev, dtype=torch.bfloat16), text.rms_norm_eps)
+    lm_head = torch.randn(text.vocab_size, text.hidden_size, device=dev, generator=gen).bfloat16()
+
+    def run():
+        return gemv_kernels.gemv(x, lm_head, norm=norm, out_dtype=torch.float32)
+
+    out["bf16_lm_head"] = _kernel_row(
+        setup, run, lambda: gemv_kernels.gemv_reference(x, lm_head, norm=norm, out_dtype=torch.float32),
+        lambda: F.linear(x, lm_head).float(), lm_head.nbytes, runs=setup.runs,
+    )  # fmt: skip
+
+
+class _Weights:
+    """Random weights of one format on the device, and their bf16 copies for the baselines."""
+
+    def __init__(self, setup: Setup, fmt: str, gen: torch.Generator) -> None:
+        self.setup, self.fmt, self.gen = setup, fmt, gen
+
+    def __call__(self, *shape: int) -> gemv_kernels.Weight:
+        q = random_nf4(shape, self.setup.device, self.gen)
+        return (q.packed, q.absmax) if self.fmt == "nf4" else dequantize_nf4(q, torch.bfloat16)
+
+    @staticmethod
+    def bf16(w: gemv_kernels.Weight) -> torch.Tensor:
+        return gemv_kernels.dense(w, torch.bfloat16) if isinstance(w, tuple) else w
+
+    def act(self, n: int) -> torch.Tensor:
+        return torch.randn(1, n, device=self.setup.device, generator=self.gen).bfloat16()
+
+
+def _kernel_row(setup: Setup, run, ref, baseline, baseline_bytes: int, slots: int | None = None,
+                runs: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Relative error vs the reference, time and GB/s replayed from a CUDA graph, the baseline beside it.
+    Off a GPU (the interpreter: correctness only) the kernel runs once and that run is the time."""
+    row: dict[str, Any] = {}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        _attempt(row, "rel_err", lambda: round(_rel(run(), ref()), 5))
+        if setup.device == "cuda":
+            _attempt(row, "us", lambda: round(graph_ms(run, setup.device, runs or setup.runs * 5) * 1e3, 2))
+        else:
+            row["us"] = round((time.perf_counter() - t0) * 1e6, 2)
+        _attempt(row, "bytes", lambda: traced_bytes(run, slots))
+        if "us" in row and "bytes" in row:
+            row["gb_s"] = _sig(row["bytes"] / row["us"] / 1e3)
+        _attempt(row, "baseline_us", lambda: round(graph_ms(baseline, setup.device, runs or setup.runs) * 1e3, 2))
+        if "baseline_us" in row:
+            row["baseline_gb_s"] = _sig(baseline_bytes / row["baseline_us"] / 1e3)
+    return row
+
+
+def _bench_gemvs(out: dict[str, Any], setup: Setup, weight: _Weights) -> None:
+    """q_proj + kv_a_proj (stacked, norm), o_proj (+ residual), the dense MLP's gate + up (SiLU) and down."""
+    text = setup.config.text
+    d, heads = text.hidden_size, text.num_attention_heads
+    x, act = weight.act(d), weight.act(text.intermediate_size)
+    norm = (torch.ones(d, device=setup.device, dtype=torch.bfloat16), text.rms_norm_eps)
+    wq, wkv = weight(heads * text.qk_head_dim, d), weight(text.kv_lora_rank + text.qk_rope_head_dim, d)
+    wo = weight(d, heads * text.v_head_dim)
+    wg, wu, wd = weight(text.intermediate_size, d), weight(text.intermediate_size, d), weight(d, text.intermediate_size)
+    cases = {
+        "q_kv_a": (lambda: gemv_kernels.gemv_stacked(x, wq, wkv, norm=norm)[0],
+                   lambda: gemv_kernels.gemv_reference(x, wq, norm=norm), x, (wq, wkv)),
+        "o_proj": (lambda: gemv_kernels.gemv(x, wo, residual=x),
+                   lambda: gemv_kernels.gemv_reference(x, wo, residual=x), x, (wo,)),
+        "dense_gate_up": (lambda: gemv_kernels.gemv_swiglu(x, wg, wu, norm=norm),
+                          lambda: gemv_kernels.swiglu_reference(x, wg, wu, norm), x, (wg, wu)),
+        "dense_down": (lambda: gemv_kernels.gemv(act, wd, residual=x),
+                       lambda: gemv_kernels.gemv_reference(act, wd, residual=x), act, (wd,)),
+    }  # fmt: skip
+    for name, (run, ref, xin, weights) in cases.items():
+        ws = [weight.bf16(w) for w in weights]
+        out[f"{weight.fmt}_{name}"] = _kernel_row(
+            setup, run, ref, lambda ws=ws, xin=xin: [F.linear(xin, w) for w in ws], sum(w.nbytes for w in ws)
+        )
+
+
+def _bench_moe_decode(out: dict[str, Any], setup: Setup, weight: _Weights) -> None:
+    """One MoE block (routing, 6 of 64 experts, 2 shared) vs torch._grouped_mm + F.linear for the shared MLP."""
+    dev, text = setup.device, setup.config.text
+    d, inter, e, k = text.hidden_size, text.moe_intermediate_size, text.n_routed_experts, text.num_experts_per_tok
+    shared = inter * text.n_shared_experts
+    experts = moe_decode.ExpertWeights(
+        weight(e, inter, d), weight(e, inter, d), weight(e, d, inter), weight(shared, d), weight(shared, d),
+        weight(d, shared),
+    )  # fmt: skip
+    h = weight.act(d)
+    norm = (torch.ones(d, device=dev, dtype=torch.bfloat16), text.rms_norm_eps)
+    router = torch.randn(e, d, device=dev, generator=weight.gen) / math.sqrt(d)
+    bias = torch.zeros(e, device=dev)
+    routing = RoutingConfig(k, 1, 1, text.routed_scaling_factor, text.norm_topk_prob)
+    with torch.inference_mode():
+        xn, logits = moe_decode.moe_route(h, norm, router)
+        _, idx, w = moe_decode.moe_gate_up(xn, experts, routing, logits=logits, bias=bias)
+    stacks = [weight.bf16(t) for t in (experts.gate, experts.up, experts.down)]
+    shared_ws = [weight.bf16(t) for t in (experts.shared_gate, experts.shared_up, experts.shared_down)]
+
+    def baseline() -> torch.Tensor:
+        y = _grouped_mm_moe(xn, idx.long(), w, *stacks)
+        return y + F.linear(F.silu(F.linear(xn, shared_ws[0])) * F.linear(xn, shared_ws[1]), shared_ws[2])
+
+    row = _kernel_row(
+        setup, lambda: moe_decode.moe_decode(h, norm, router, bias, routing, experts),
+        lambda: (h.float() + moe_decode.experts_reference(xn, idx.long(), w, experts).float()).bfloat16(),
+        baseline, k * 3 * d * inter * 2 + sum(t.nbytes for t in shared_ws),
+    )  # fmt: skip
+    expected = (torch.sigmoid(logits) + bias).topk(k, dim=-1).indices.sort().values
+    row["routing_matches"] = bool(torch.equal(idx.long().sort().values, expected))
+    out[f"{weight.fmt}_moe_block"] = row
+
+
+def _bench_mla_decode(out: dict[str, Any], setup: Setup, weight: _Weights, slots: int) -> None:
+    """Absorbed MLA attention of one token over `slots` cache rows vs a bf16 softmax attention in torch."""
+    dev, text = setup.device, setup.config.text
+    heads, rank, rope = text.num_attention_heads, text.kv_lora_rank, text.qk_rope_head_dim
+    shape = mla_decode.MLAShape(heads, rank, text.qk_nope_head_dim, rope, text.v_head_dim, text.qk_head_dim**-0.5)
+    kv_b = weight(heads * (text.qk_nope_head_dim + text.v_head_dim), rank)
+    q, kv = weight.act(heads * text.qk_head_dim)[0], weight.act(rank + rope)[0]
+    inv_freq = 1.0 / text.rope_theta ** (torch.arange(0, rope, 2, device=dev).float() / rope)
+    layer = mla_decode.MLALayer((torch.ones(rank, device=dev, dtype=torch.bfloat16), 1e-6), kv_b, inv_freq, 1.0, shape)
+    cache = torch.randn(slots, rank + rope, device=dev, generator=weight.gen).bfloat16()
+    position = torch.tensor([slots - 1], device=dev)
+    q_abs = torch.randn(heads, rank + rope, device=dev, generator=weight.gen).bfloat16()
+
+    def baseline() -> torch.Tensor:
+        p = torch.softmax((q_abs @ cache.t()).float() * shape.scale, dim=-1).bfloat16()
+        return p @ cache[:, :rank]
+
+    out[f"{weight.fmt}_mla_{slots}_slots"] = _kernel_row(
+        setup, lambda: mla_decode.mla_decode(q, kv, position, cache, layer),
+        lambda: mla_decode.mla_decode_reference(q, kv, slots - 1, cache.clone(), layer),
+        baseline, 2 * cache.nbytes, slots=slots,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def random_model(config: KimiVLConfig, quant: str, device: str, seed: int = 0) -> KimiVL:
     """The whole model with random weights made on the device (no checkpoint, no host copy): NF4
@@ -340,6 +517,10 @@ def bench_model(out: dict[str, Any], setup: Setup, quant: str) -> None:
     engine = Engine(model, setup.config)
     for context in setup.decode_contexts:
         _attempt(out, f"decode_{context}", lambda context=context: _decode(engine, context, setup.decode_tokens))
+    if engine.fused_decode is not None:  # the module path beside it, at the first context
+        engine.fused_decode, engine._graph = None, None
+        context = setup.decode_contexts[0]
+        _attempt(out, f"decode_{context}_module_path", lambda: _decode(engine, context, setup.decode_tokens))
     for length in setup.prefill_lengths:
         _attempt(out, f"prefill_{length}_tokens_per_s", lambda length=length: _prefill(engine, length, dev))
     if setup.image_size:
@@ -363,6 +544,8 @@ def run(setup: Setup, report: Report) -> None:
         bench_moe(out, setup)
     with report.section("dense") as out:
         bench_dense(out, setup)
+    with report.section("decode_kernels") as out:
+        bench_decode_kernels(out, setup)
     for quant in setup.quants:
         with report.section(f"model_{'bf16' if quant == 'none' else quant}") as out:
             bench_model(out, setup, quant)

@@ -123,6 +123,12 @@ class Engine:
         self.device = lm.model.embed_tokens.weight.device
         # On CUDA one-token steps replay CUDA graphs (`graph.py`); off, they run eagerly (tests compare).
         self.cuda_graphs = self.device.type == "cuda"
+        # One-token steps on CUDA run as fused Triton kernels when they cover the model.
+        self.fused_decode = None
+        if self.device.type == "cuda":
+            from kimivl_cli.model.fused_decode import FusedDecoder  # imports Triton: only where there is a GPU
+
+            self.fused_decode = FusedDecoder.build(lm)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
 
     @classmethod
@@ -207,9 +213,14 @@ class Engine:
         """tokens [B, T], positions [B, T] (or the int start of all rows) -> fp32 logits [B, V] of
         the last token; writes T cache rows.
 
-        No host-device sync on CUDA (the MoE runs its fused kernels), and with positions a tensor
-        and a fixed `kv_len` every shape is static: the unit to capture in a CUDA graph.
+        No host-device sync on CUDA (one token: the fused decode kernels, which attend up to the
+        position read on the device; more: the MoE's fused kernels), and with positions a tensor and
+        a fixed `kv_len` every shape is static: the unit to capture in a CUDA graph.
         """
+        if self.fused_decode is not None and tokens.shape == (1, 1):
+            if isinstance(positions, int):
+                positions = torch.full((1, 1), positions, device=self.device)  # a fill: no host copy
+            return self.fused_decode(tokens, positions, cache)
         hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
         return self.lm.logits(hidden[:, -1])
 
@@ -346,7 +357,7 @@ class Engine:
         if self._graph is None or self._graph.cache.capacity != bucket:
             self._graph = None
             cache = LatentCache(self.config.text, 1, bucket, self.dtype, self.device)
-            self._graph = DecodeGraph(self.decode_step, cache)
+            self._graph = DecodeGraph(self.decode_step, cache, attends_by_position=self.fused_decode is not None)
         self._graph.in_use = True
         return self._graph
 

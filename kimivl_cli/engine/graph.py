@@ -47,13 +47,17 @@ class DecodeGraph:
     A call returns the replayed graph's own logits buffer, overwritten by its next replay: read (or
     clone) it before then. A capture runs the step three times at the cache's last slot, which is
     masked out for every earlier position and rewritten before any query can see it.
+
+    `attends_by_position`: the step itself reads the position on the device and attends over the
+    slots in use only (the fused decode kernels), whatever `kv_len`: one graph serves every position.
     """
 
-    def __init__(self, step: DecodeStep, cache: LatentCache) -> None:
+    def __init__(self, step: DecodeStep, cache: LatentCache, attends_by_position: bool = False) -> None:
         if cache.buf.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA cache")
         self.step = step
         self.cache = cache
+        self.attends_by_position = attends_by_position
         self.in_use = False
         device = cache.buf.device
         self.tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -77,7 +81,8 @@ class DecodeGraph:
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """tokens [1, 1] on the device, its position -> fp32 logits [1, V] (the graph's buffer)."""
-        kv_len = attention_bucket(position + 1, self.cache.capacity)
+        capacity = self.cache.capacity
+        kv_len = capacity if self.attends_by_position else attention_bucket(position + 1, capacity)
         if kv_len not in self.graphs:
             self.graphs[kv_len] = self._capture(kv_len)
         graph, logits = self.graphs[kv_len]

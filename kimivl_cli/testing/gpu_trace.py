@@ -45,6 +45,7 @@ from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.model.weights import materialize
 from kimivl_cli.quant.modules import quantize_linears_
+from kimivl_cli.testing.decode_bytes import DECODE_BYTES
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 _aten = torch.ops.aten
@@ -137,7 +138,7 @@ def aten_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any)
     return sum(_nbytes(t) for t in ins) + sum(_nbytes(t) for t in outs if all(t is not i for i in ins))
 
 
-def _grouped_gemm_bytes(a: dict[str, Any], grid: tuple[int, ...]) -> int:
+def _grouped_gemm_bytes(a: dict[str, Any], grid: tuple[int, ...], slots: int | None) -> int:
     """`moe_triton._grouped_gemm`: each row block reads its expert's weights (once per distinct expert:
     blocks of one expert share them through L2), the rows in use are read and written once. An upper
     bound for routed experts: idle blocks (past the rows in use) read nothing."""
@@ -152,9 +153,10 @@ def _grouped_gemm_bytes(a: dict[str, Any], grid: tuple[int, ...]) -> int:
     )
 
 
-# Bytes models of our Triton kernels, by kernel name: (bound arguments, grid) -> bytes.
-TRITON_BYTES: dict[str, Callable[[dict[str, Any], tuple[int, ...]], int]] = {
+# Bytes models of our Triton kernels, by kernel name: (bound arguments, grid, cache slots in use) -> bytes.
+TRITON_BYTES: dict[str, Callable[[dict[str, Any], tuple[int, ...], int | None], int]] = {
     "_grouped_gemm": _grouped_gemm_bytes,
+    **DECODE_BYTES,
 }
 
 
@@ -276,6 +278,7 @@ class CudaTrace:
 
     events: list[Event] = field(default_factory=list)
     triton_launches: list[TritonLaunch] = field(default_factory=list)
+    slots: int | None = None  # cache slots in use: the bytes of kernels that attend up to a device position
 
     def record(self, kind: str, kernel: str, nbytes: int = 0) -> None:
         self.events.append(Event(kind, kernel, _caller(), nbytes))
@@ -320,7 +323,7 @@ class CudaTrace:
         grid = grid(bound) if callable(grid) else grid
         grid = tuple(int(g) for g in grid)
         model = TRITON_BYTES.get(fn.__name__)
-        nbytes = model(bound, grid) if model else sum(_nbytes(t) for t in _tensors(bound))
+        nbytes = model(bound, grid, self.slots) if model else sum(_nbytes(t) for t in _tensors(bound))
         self.record("launch", f"triton.{fn.__name__}", nbytes)
         self.triton_launches.append(TritonLaunch(kernel, dict(bound), options, grid, self.events[-1].where))
 
@@ -396,14 +399,19 @@ def fake_engine(quant: str = "nf4", config: KimiVLConfig | None = None, dtype: t
     return Engine(model.eval(), cfg)
 
 
-def decode_trace(quant: str, position: int, max_new_tokens: int, config: KimiVLConfig | None = None) -> CudaTrace:
+def decode_trace(
+    quant: str, position: int, max_new_tokens: int, config: KimiVLConfig | None = None, fused: bool = True
+) -> CudaTrace:
     """One batch-1 decode step at `position` as the engine replays it from a CUDA graph, for a request
     of `position` prompt tokens and `max_new_tokens` new ones (its cache and attention buckets).
+    `fused=False`: the module path the engine takes when the fused decode kernels do not apply.
 
     A first step runs untraced, as the graph's warm-up does (lazy weight splits happen there).
     """
-    with CudaTrace() as trace, torch.inference_mode():
+    with CudaTrace(slots=position + 1) as trace, torch.inference_mode():
         engine = fake_engine(quant, config)
+        if not fused:
+            engine.fused_decode = None
         text = engine.config.text
         capacity = cache_bucket(position + max_new_tokens, text.max_position_embeddings)
         cache = LatentCache(text, 1, capacity, engine.dtype, engine.device)

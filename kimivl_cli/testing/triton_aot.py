@@ -135,11 +135,12 @@ def compile_launch(launch: TritonLaunch, cc: int) -> dict[str, Any]:
 
 
 def describe(launch: TritonLaunch) -> dict[str, Any]:
-    """A launch for people: kernel, constexprs, tensor dtypes, options."""
+    """A launch for people: kernel, constexprs (a Triton dtype as its name), tensor dtypes, options."""
     params = launch.kernel.params
     constexprs = {p.name for p in params if p.is_constexpr}
     args = {k: str(v.dtype).removeprefix("torch.") if isinstance(v, torch.Tensor) else v
             for k, v in launch.args.items() if k in constexprs or isinstance(v, torch.Tensor)}  # fmt: skip
+    args = {k: v if isinstance(v, int | float | str | None) else str(v) for k, v in args.items()}
     return {"kernel": launch.kernel.fn.__name__, "where": launch.where, **args, **launch.options}
 
 

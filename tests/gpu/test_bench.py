@@ -23,7 +23,7 @@ spec.loader.exec_module(bench)
 def _setup() -> bench.Setup:
     return bench.Setup(
         "cpu", moe_shape=(4, 64, 64, 2), moe_tokens=(1, 5), dense_shapes={"q_proj": (96, 128)}, config=SIZES["small"],
-        decode_contexts=(20,), decode_tokens=3, prefill_lengths=(24,), image_size=56, runs=1,
+        decode_contexts=(20,), attention_slots=(20,), decode_tokens=3, prefill_lengths=(24,), image_size=56, runs=1,
     )  # fmt: skip
 
 
@@ -37,13 +37,21 @@ def test_every_section_writes_its_json(tmp_path: Path) -> None:
     bench.run(_setup(), report)
     data = json.loads(path.read_text())
     assert data["errors"] == {}
-    sections = ["env", "moe", "dense", "model_nf4", "model_bf16", "traced"]
-    assert [sorted(s - {"errors", "section_seconds"}) for s in written] == [sorted(sections[: n + 1]) for n in range(6)]
+    sections = ["env", "moe", "dense", "decode_kernels", "model_nf4", "model_bf16", "traced"]
+    assert [sorted(s - {"errors", "section_seconds"}) for s in written] == [sorted(sections[: n + 1]) for n in range(7)]
     for tokens in (1, 5):
         row = data["moe"][f"{tokens}_tokens"]
         assert "errors" not in row
         assert row["triton_nf4_rel_err"] < 2e-2 and row["triton_bf16_rel_err"] < 2e-2 and row["loop_bf16_rel_err"] == 0
         assert all(row[f"{v}_ms"] > 0 for v in ("triton_nf4", "triton_bf16", "grouped_mm_bf16", "loop_bf16"))
+    kernels = data["decode_kernels"]
+    for fmt in ("nf4", "bf16"):
+        for name in ("q_kv_a", "o_proj", "dense_gate_up", "dense_down", "moe_block", "mla_20_slots"):
+            row = kernels[f"{fmt}_{name}"]
+            assert "errors" not in row, (fmt, name, row)
+            assert row["rel_err"] < 5e-2 and row["gb_s"] > 0 and row["baseline_gb_s"] > 0, (fmt, name, row)
+        assert kernels[f"{fmt}_moe_block"]["routing_matches"]
+    assert kernels["bf16_lm_head"]["rel_err"] < 5e-2  # bf16 on the interpreter: fp32 -> bf16 truncates
     dense = data["dense"]["q_proj"]
     assert dense["nf4_gb_s"] > 0 and dense["bf16_gb_s"] > 0 and dense["nf4_rel_err"] < 2e-2
     for name in ("model_nf4", "model_bf16"):
@@ -62,6 +70,7 @@ def test_a_failing_section_keeps_the_others(tmp_path: Path, monkeypatch) -> None
 
     monkeypatch.setattr(bench, "bench_moe", broken)
     monkeypatch.setattr(bench, "bench_dense", lambda out, setup: out.update(ok=True))
+    monkeypatch.setattr(bench, "bench_decode_kernels", lambda out, setup: None)
     monkeypatch.setattr(bench, "bench_model", lambda out, setup, quant: out.update(quant=quant))
     monkeypatch.setattr(bench, "bench_traced", lambda out, setup: None)
     report = bench.Report(tmp_path / "out.json")
@@ -69,7 +78,15 @@ def test_a_failing_section_keeps_the_others(tmp_path: Path, monkeypatch) -> None
     data = json.loads((tmp_path / "out.json").read_text())
     assert "RuntimeError: kernel launch failed" in data["errors"]["moe"] and data["moe"] == {"partial": 1}
     assert data["dense"] == {"ok": True} and data["model_bf16"] == {"quant": "none"}
-    assert set(data["section_seconds"]) == {"env", "moe", "dense", "model_nf4", "model_bf16", "traced"}
+    assert set(data["section_seconds"]) == {
+        "env",
+        "moe",
+        "dense",
+        "decode_kernels",
+        "model_nf4",
+        "model_bf16",
+        "traced",
+    }
 
 
 def test_run_sh_without_cuda_says_so_in_one_line(tmp_path: Path) -> None:
