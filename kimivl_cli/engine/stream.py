@@ -201,6 +201,13 @@ class ThinkingBudget:
     def _force_if_spent(self) -> list[int]:
         if self.budget is None or self.reasoning_tokens < self.budget:
             return []
+        return self.end_now()
+
+    def end_now(self) -> list[int]:
+        """The ids that end the reasoning now (what is left of the end marker); [] unless thinking
+        and not already ending it. The loop must force them next."""
+        if self.phase is not Phase.THINKING or self._forcing:
+            return []
         self._forcing = True
         # If the model already began the end marker (after the start marker), force only its remainder.
         longest = min(len(self.end_ids) - 1, self.reasoning_tokens)
