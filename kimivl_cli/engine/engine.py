@@ -21,17 +21,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from PIL import Image
 
 from kimivl_cli.engine.context import plan_context
-from kimivl_cli.engine.events import Done, Event, Timings, Usage
+from kimivl_cli.engine.events import AnswerDelta, Done, Event, JsonFormat, Timings, Usage
+from kimivl_cli.engine.grammar import Grammars, JsonGuide
 from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
-from kimivl_cli.engine.grammar import Grammars, JsonFormat, JsonGuide
 from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
-from kimivl_cli.engine.stream import Phase, ThinkingBudget, ThinkingSplitter
+from kimivl_cli.engine.stream import Phase, StopText, ThinkingBudget, ThinkingSplitter
 from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
 from kimivl_cli.errors import InputError
 from kimivl_cli.model.cache import LatentCache
@@ -39,6 +39,9 @@ from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.processor.chat import THINK_END, THINK_START, Message, encode_chat
 from kimivl_cli.processor.image import ImageProcessorConfig, ProcessedImages, process_images
 from kimivl_cli.processor.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kimivl_cli.model.weights import LoadProgress
 
 DEFAULT_PREFILL_CHUNK = 1024
 FinishReason = Literal["stop", "length", "interrupted"]
@@ -129,6 +132,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.image_config = image_config or ImageProcessorConfig.official()
         self.defaults = defaults or SamplingParams()
+        self.notes: list[str] = []  # what loading changed of what was asked, for the user
         self.name = name
         self.thinking = is_thinking_model(name)
         self.prefill_chunk = prefill_chunk
@@ -152,16 +156,18 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         quant: str = "none",
+        progress: LoadProgress | None = None,
         **kwargs,
     ) -> Engine:
         """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults.
 
-        quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
+        quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py);
+        `progress` shows the weights as they load.
         """
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_repo)
-        model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
+        model, config = load_model(folder, dtype=dtype, device=device, quant=quant, progress=progress)
         return cls(
             model,
             config,
@@ -398,6 +404,7 @@ class Engine:
         show_thinking: bool = True,
         max_context: int | None = None,
         json_format: JsonFormat | None = None,
+        stop: Sequence[str] = (),
     ) -> Iterator[Event]:
         """Chat messages (one image item per image, in order) -> ThinkingDelta* AnswerDelta* Done.
 
@@ -405,8 +412,9 @@ class Engine:
         model goes on with the answer. show_thinking=False (`--no-thinking`) drops the
         ThinkingDeltas; their tokens still count in the usage. `json_format`: the answer is
         JSON (valid against its schema), by grammar-constrained sampling; a Thinking model
-        reasons first, ended in time to leave room for the JSON. Context and schema errors are
-        raised here, before anything runs; closing the iterator early stops the generation.
+        reasons first, ended in time to leave room for the JSON. `stop`: strings that end the
+        answer (not included; finish_reason 'stop'). Context and schema errors are raised here,
+        before anything runs; closing the iterator early stops the generation.
         """
         tokenizer = self._require_tokenizer()
         params = params or self.defaults
@@ -421,10 +429,15 @@ class Engine:
             tokenizer.encode(THINK_START, allow_special=False),
             tokenizer.encode(THINK_END, allow_special=False),
         )
-        return self._events(stream, tokenizer, budget, ThinkingSplitter(show_thinking))
+        return self._events(stream, tokenizer, budget, ThinkingSplitter(show_thinking), StopText(stop))
 
     def _events(
-        self, stream: TokenStream, tokenizer: Tokenizer, budget: ThinkingBudget, splitter: ThinkingSplitter
+        self,
+        stream: TokenStream,
+        tokenizer: Tokenizer,
+        budget: ThinkingBudget,
+        splitter: ThinkingSplitter,
+        stop_text: StopText,
     ) -> Iterator[Event]:
         decoder = tokenizer.incremental_decoder(skip_special=True)
         guide = stream.guide
@@ -446,12 +459,18 @@ class Engine:
                     forced = self._guide_step(guide, budget, stream.left)
                     stream.force(forced)
                     owed = len(forced)
-                yield from splitter.feed(decoder.push(tid))
+                yield from _until_stop(splitter.feed(decoder.push(tid)), stop_text)
+                if stop_text.hit:
+                    break
         finally:
             stream.close()
-        yield from splitter.feed(decoder.flush())
-        yield from splitter.flush()
         stats = stream.stats
+        if stop_text.hit:
+            stats.finish_reason = "stop"
+        else:
+            yield from _until_stop([*splitter.feed(decoder.flush()), *splitter.flush()], stop_text)
+            if tail := stop_text.flush():
+                yield AnswerDelta(tail)
         yield Done(
             finish_reason=stats.finish_reason,
             usage=Usage(
@@ -481,6 +500,15 @@ class Engine:
         if budget.phase is Phase.ANSWER:
             guide.start()
         return []
+
+
+def _until_stop(deltas: Sequence[Event], stop_text: StopText) -> Iterator[Event]:
+    """The deltas with answer text cut at the first stop string (none: unchanged)."""
+    for delta in deltas:
+        if not isinstance(delta, AnswerDelta) or not stop_text.stops:
+            yield delta
+        elif text := stop_text.feed(delta.text):
+            yield AnswerDelta(text)
 
 
 def _sync(device: torch.device) -> None:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from kimivl_cli.engine.events import JsonFormat
 from kimivl_cli.errors import InputError
 
 if TYPE_CHECKING:
@@ -39,16 +39,6 @@ CLOSE_SLACK = 4
 """It is forced this many tokens early: one sampled token can lengthen it (a cut UTF-8 character,
 a string opened), and the forced run must still end before the budget does."""
 _MAX_CLOSING = 512  # a closing longer than this is not looked for (a schema that deep is its own problem)
-
-
-@dataclass(frozen=True)
-class JsonFormat:
-    """What the answer must be: JSON valid against `schema`, or any JSON object when it is None."""
-
-    schema: dict[str, Any] | None = None
-
-    def describe(self) -> str:
-        return "JSON (schema)" if self.schema is not None else "a JSON object"
 
 
 class Grammars:

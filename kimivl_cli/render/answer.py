@@ -52,6 +52,8 @@ class Transcript:
     answer_parts: list[str] = field(default_factory=list)
     done: Done | None = None
     model: str = ""  # named in the 'interrupted' Done when the stream stops before its own
+    notes: list[str] = field(default_factory=list)  # what was capped, skipped or ignored (--json's "notes")
+    inputs: dict[str, list[str]] | None = None  # {"sent": [...], "skipped": [...]} of `ask`
 
     @property
     def thinking(self) -> str:
@@ -82,6 +84,8 @@ class Transcript:
             "model": done["model"],
             "usage": done["usage"],
             "timings": done["timings"],
+            "notes": self.notes,
+            **({"inputs": self.inputs} if self.inputs is not None else {}),
         }
 
 

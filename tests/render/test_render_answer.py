@@ -224,7 +224,7 @@ def test_jsonl_after_ctrl_c_ends_with_an_interrupted_done(streams, captured) -> 
 def test_schemas_are_valid_and_strict() -> None:
     jsonschema.Draft202012Validator.check_schema(ANSWER_SCHEMA)
     jsonschema.Draft202012Validator.check_schema(EVENT_SCHEMA)
-    good = {"answer": "", "thinking": "", "finish_reason": "stop", "model": "", **_zeros()}
+    good = {"answer": "", "thinking": "", "finish_reason": "stop", "model": "", **_zeros(), "notes": []}
     ANSWER.validate(good)
     for broken in (
         {**good, "finish_reason": "crashed"},
