@@ -458,7 +458,7 @@ class Engine:
                 elif guide is not None:
                     forced = self._guide_step(guide, budget, stream.left)
                     stream.force(forced)
-                    owed = len(forced)
+                    owed = len(forced) if guide.active else 0  # an ended reasoning starts the guide
                 yield from _until_stop(splitter.feed(decoder.push(tid)), stop_text)
                 if stop_text.hit:
                     break
@@ -487,7 +487,6 @@ class Engine:
             ),
             model=self.name,
         )
-
 
     @staticmethod
     def _guide_step(guide: JsonGuide, budget: ThinkingBudget, left: int) -> list[int]:

@@ -76,8 +76,9 @@ class Grammars:
                         compiled = self._compiler.compile_json_schema(
                             '{"type": "object"}', any_whitespace=False, strict_mode=False
                         )
-                    else:
-                        compiled = self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+                    else:  # properties come out in the schema's order
+                        schema = json.dumps(fmt.schema)
+                        compiled = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
                 except (RuntimeError, ValueError, TypeError) as exc:
                     raise InputError(f"cannot use this JSON Schema: {_first_line(exc)}") from None
                 self._compiled[key] = compiled

@@ -108,7 +108,9 @@ def open_backend(
                 "add --api-base http://HOST:8000/v1, or set KIMIVL_API_BASE",
             )
         server = OpenAIBackend(api_base, api_key, model)
-        ignored = [f"--{name} {value}" for name, value in (("device", device), ("quant", quant)) if value.lower() != "auto"]
+        ignored = [
+            f"--{name} {value}" for name, value in (("device", device), ("quant", quant)) if value.lower() != "auto"
+        ]
         if ignored:
             server.notes.append(f"{', '.join(ignored)} ignored: the server chooses its own device and weights")
         for message in server.notes:

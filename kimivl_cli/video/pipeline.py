@@ -14,6 +14,7 @@ from kimivl_cli.files import write_atomic
 from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.formats import FORMATS, render_many
 from kimivl_cli.video.scenes import (
+    SCENES_FORMAT,
     Describe,
     Keyframe,
     choose_keyframes,
@@ -77,7 +78,9 @@ def check_request(videos: list[str], fmt: str, output: str | None, force: bool) 
     if path is not None and path.exists() and not force:
         raise InputError(f"{path} already exists", "pass --force to overwrite it")
     if path is not None and not path.parent.is_dir():
-        raise InputError(f"{path.parent} is not a folder", "create it first, or end -o with / to write into a new folder")
+        raise InputError(
+            f"{path.parent} is not a folder", "create it first, or end -o with / to write into a new folder"
+        )
     return None
 
 
@@ -117,7 +120,9 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
     else:
         keyframes = choose_keyframes(shots.shots, shots.fps, options.max_frames, options.sample_fps)
         frames = read_keyframes(video, keyframes)
-        text = describe(frames, scenes_prompt(shots.shots, len(frames), options.prompt_file))
+        prompt = scenes_prompt(shots.shots, len(frames), options.prompt_file)
+        # our prompt asks for this JSON; a user's own prompt may ask for something else
+        text = describe(frames, prompt, SCENES_FORMAT if options.prompt_file is None else None)
         scenes, notes = parse_scenes(text, shots.shots, shots.fps, shots.frames)
         warnings += notes
     return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)
@@ -140,7 +145,7 @@ def verify_shots(
         frames = [decoded[k.frame] for k in keys if k.frame in decoded]
         before = sum(k.frame < candidate.span[0] for k in keys if k.frame in decoded)
         prompt = verify_prompt(candidate, shots.fps, before, len(frames) - before)
-        return bool(frames) and parse_verdict(describe(frames, prompt))
+        return bool(frames) and parse_verdict(describe(frames, prompt, None))
 
     pairs = list(zip(shots.uncertain, per_candidate, strict=True))
     verdicts = ordered_map(confirms, pairs, concurrency)

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Optional
 
 from PIL import Image
 
+from kimivl_cli.engine.events import JsonFormat
 from kimivl_cli.media.video import VideoFile
 from kimivl_cli.prompts import load_prompt
 from kimivl_cli.video.shots import Candidate, Shot
@@ -44,8 +46,29 @@ class TimedFrame:
     image: Image.Image
 
 
-Describe = Callable[[Sequence[TimedFrame], str], str]
-"""describe(frames_with_timestamps, prompt) -> model text (the engine provides it)."""
+Describe = Callable[[Sequence[TimedFrame], str, Optional[JsonFormat]], str]
+"""describe(frames_with_timestamps, prompt, json_format) -> model text (the engine provides it);
+`json_format` not None asks for JSON of that shape (the local engine guarantees it)."""
+
+_CLOCK_TEXT = {"type": "string", "pattern": r"^\d{2}:\d{2}:\d{2}(\.\d{1,3})?$"}
+SCENES_FORMAT = JsonFormat(
+    {
+        "type": "object",
+        "properties": {
+            "scenes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "properties": {"start": _CLOCK_TEXT, "end": _CLOCK_TEXT, "description": {"type": "string"}},
+                    "required": ["start", "end", "description"],
+                },
+            }
+        },
+        "required": ["scenes"],
+    }
+)
+"""What prompts/video_scenes.md asks for, as a schema: decoding constrained to it always parses."""
 
 
 # -- keyframes ---------------------------------------------------------------------------------

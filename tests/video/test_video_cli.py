@@ -86,11 +86,14 @@ def test_several_videos_refusals(tmp_path: Path, synthetic_clip: Path) -> None:
     twin.parent.mkdir()
     twin.write_bytes(synthetic_clip.read_bytes())
     with pytest.raises(InputError, match="would both be written"):
-        check_request([str(synthetic_clip), str(twin)], "srt", tmp_path, force=False)
+        check_request([str(synthetic_clip), str(twin)], "srt", str(tmp_path), force=False)
     (tmp_path / "synthetic.srt").write_text("keep")
     with pytest.raises(InputError, match="already exists"):
-        check_request([str(synthetic_clip)], "srt", tmp_path, force=False)
-    assert check_request([str(synthetic_clip)], "chapters", tmp_path, force=False) == [
+        check_request([str(synthetic_clip)], "srt", str(tmp_path), force=False)
+    assert check_request([str(synthetic_clip)], "chapters", str(tmp_path), force=False) == [
+        tmp_path / "synthetic.chapters.txt"
+    ]
+    assert check_request([str(synthetic_clip)], "ffmetadata", str(tmp_path), force=False) == [
         tmp_path / "synthetic.ffmetadata.txt"
     ]
     with pytest.raises(InputError) as refused:
