@@ -44,7 +44,8 @@ QuantOpt = Annotated[
     str,
     typer.Option(
         "--quant",
-        help="Language-model weights: nf4 (4-bit), int8, none (bf16), or auto (bf16 if it fits the device, else nf4).",
+        help="Language-model weights: nf4 (4-bit, everything), int8 (attention and dense MLPs; the routed experts, "
+        "most of the weights, stay bf16), none (bf16), or auto (bf16 if it fits the device, else nf4).",
         case_sensitive=False,
     ),
 ]

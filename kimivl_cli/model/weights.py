@@ -81,6 +81,11 @@ def _hub_hint(repo: str) -> str:
     return f"run `hf download {repo}` on a machine with network (same HF_HOME), or pass a local folder"
 
 
+def is_repo_id(text: str) -> bool:
+    """`owner/name` as the Hub spells repo ids (`./x` or `/a/b` are paths, not ids)."""
+    return _REPO_ID.match(text) is not None
+
+
 def resolve_checkpoint(path_or_repo: str | Path) -> Path:
     """A local checkpoint folder, or a Hub repo id resolved through the huggingface_hub cache
     (`HF_HOME`); downloads (with progress bars) only if the cache lacks it and we are online."""
@@ -90,7 +95,7 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
     text = str(path_or_repo)
     if path.exists():
         raise CheckpointError(f"{text} is a file", "--model wants a checkpoint folder or a Hub repo id")
-    if not _REPO_ID.match(text):
+    if not is_repo_id(text):
         raise CheckpointError(f"{text}: no such folder", "pass a checkpoint folder or a Hub repo id like owner/name")
     from huggingface_hub import constants, snapshot_download
 
