@@ -147,8 +147,11 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
 
+    from kimivl_cli.cli import quiet_libraries
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.testing.checkpoint import cached_checkpoint
+
+    quiet_libraries()  # bitsandbytes logs on import on some CPUs; stdout must stay one JSON document
 
     folder = cached_checkpoint("mid", dtype="bf16")
     engine = Engine.load(folder, dtype=torch.bfloat16, device="cpu", quant=args.quant)

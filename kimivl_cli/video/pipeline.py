@@ -14,13 +14,13 @@ from kimivl_cli.files import write_atomic
 from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.formats import FORMATS, render_many
 from kimivl_cli.video.scenes import (
-    SCENES_FORMAT,
     Describe,
     Keyframe,
     choose_keyframes,
     parse_scenes,
     parse_verdict,
     read_keyframes,
+    scenes_format,
     scenes_prompt,
     shot_scenes,
     verify_keyframes,
@@ -122,7 +122,7 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
         frames = read_keyframes(video, keyframes)
         prompt = scenes_prompt(shots.shots, len(frames), options.prompt_file)
         # our prompt asks for this JSON; a user's own prompt may ask for something else
-        text = describe(frames, prompt, SCENES_FORMAT if options.prompt_file is None else None)
+        text = describe(frames, prompt, scenes_format(shots.shots) if options.prompt_file is None else None)
         scenes, notes = parse_scenes(text, shots.shots, shots.fps, shots.frames)
         warnings += notes
     return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)

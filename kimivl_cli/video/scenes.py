@@ -50,27 +50,6 @@ Describe = Callable[[Sequence[TimedFrame], str, Optional[JsonFormat]], str]
 """describe(frames_with_timestamps, prompt, json_format) -> model text (the engine provides it);
 `json_format` not None asks for JSON of that shape (the local engine guarantees it)."""
 
-_CLOCK_TEXT = {"type": "string", "pattern": r"^\d{2}:\d{2}:\d{2}(\.\d{1,3})?$"}
-SCENES_FORMAT = JsonFormat(
-    {
-        "type": "object",
-        "properties": {
-            "scenes": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": {"start": _CLOCK_TEXT, "end": _CLOCK_TEXT, "description": {"type": "string"}},
-                    "required": ["start", "end", "description"],
-                },
-            }
-        },
-        "required": ["scenes"],
-    }
-)
-"""What prompts/video_scenes.md asks for, as a schema: decoding constrained to it always parses."""
-
-
 # -- keyframes ---------------------------------------------------------------------------------
 
 
@@ -128,6 +107,25 @@ def scenes_prompt(shots: Sequence[Shot], frame_count: int, prompt_file: str | Pa
     lines = "\n".join(f"- shot {s.index + 1}: {stamp(s.start)} - {stamp(s.end)}" for s in shots)
     return Template(load_prompt("video_scenes.md", prompt_file)).safe_substitute(
         count=frame_count, duration=clock(duration, 1), shots=lines, end=clock(duration, 1)
+    )
+
+
+def scenes_format(shots: Sequence[Shot]) -> JsonFormat:
+    """What prompts/video_scenes.md asks for, as a JSON Schema whose times are the shots' own
+    boundaries (scenes are groups of shots): decoding held to it always gives usable scenes."""
+    starts = list(dict.fromkeys(clock(s.start, 1) for s in shots)) or ["00:00:00.0"]
+    ends = list(dict.fromkeys(clock(s.end, 1) for s in shots)) or ["00:00:00.0"]
+    scene = {
+        "type": "object",
+        "properties": {"start": {"enum": starts}, "end": {"enum": ends}, "description": {"type": "string"}},
+        "required": ["start", "end", "description"],
+    }
+    return JsonFormat(
+        {
+            "type": "object",
+            "properties": {"scenes": {"type": "array", "minItems": 1, "items": scene}},
+            "required": ["scenes"],
+        }
     )
 
 

@@ -16,7 +16,7 @@ from kimivl_cli.backends import ChatOptions
 from kimivl_cli.backends.openai import image_data_uri
 from kimivl_cli.engine.events import JsonFormat
 from tests.serve.conftest import ScriptedBackend, http
-from tests.serve.test_server import _body, _image
+from tests.serve.test_server import _body, _image, _wait
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
@@ -114,9 +114,7 @@ def test_queue_size_0_means_no_queue(start_server) -> None:
     url = server.url + "/chat/completions"
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(http, "POST", url, _body())
-        deadline = time.monotonic() + 10
-        while not server.worker.running and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait(lambda: server.worker.running)
         started = time.perf_counter()
         status, headers, _ = http("POST", url, _body())
         assert status == 503 and headers["Retry-After"] == "1" and time.perf_counter() - started < 0.4

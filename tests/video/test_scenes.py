@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from kimivl_cli.media import video as video_module
 from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
 from kimivl_cli.video.scenes import (
-    SCENES_FORMAT,
     Keyframe,
     choose_keyframes,
     parse_scenes,
     parse_time,
     parse_verdict,
     read_keyframes,
+    scenes_format,
     scenes_prompt,
 )
 from kimivl_cli.video.shots import shots_from_boundaries
@@ -146,7 +146,11 @@ def test_pipeline_with_a_fake_model(bikes_mp4: Path) -> None:
     assert len(seen["frames"]) == 8 and seen["frames"][0].label.startswith("[00:00:")
     assert max(seen["frames"][0].image.size) <= 896
     assert [(s.start_frame, s.description) for s in result.scenes.scenes] == [(0, "Intro"), (137, "Race")]
-    assert seen["format"] is SCENES_FORMAT  # the model is held to the JSON the prompt asks for
+    assert seen["format"] == scenes_format(result.shots.shots)  # held to the JSON the prompt asks for
+    assert seen["format"].schema["properties"]["scenes"]["items"]["properties"]["start"]["enum"][:2] == [
+        "00:00:00.0",
+        "00:00:01.2",
+    ]  # scenes start where shots do
 
     garbage = video_scenes(bikes_mp4, VideoScenesOptions(max_frames=4), lambda frames, prompt, fmt: "lorem ipsum")
     assert [s.start_frame for s in garbage.scenes.scenes] == SHOT_STARTS and garbage.scenes.warnings
