@@ -105,7 +105,6 @@ class JsonGuide:
         self._grammars = grammars
         self._matcher = xgr.GrammarMatcher(compiled)
         self._bitmask = xgr.allocate_token_bitmask(1, grammars.vocab_size)
-        self._shifts = torch.arange(32, dtype=torch.int32)
         self.active = False
         # `left` at or below which `closing` looks for the shortest closing; at first, what the
         # shortest whole document needs (a Thinking model must stop reasoning before that).
@@ -118,15 +117,15 @@ class JsonGuide:
     def complete(self) -> bool:
         return self._matcher.is_completed()
 
-    def allowed(self) -> torch.Tensor:
-        """bool [V]: the tokens the grammar allows next."""
+    def allowed(self) -> np.ndarray:
+        """bool [V]: the tokens the grammar allows next (bit j of word i is token 32i + j)."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        bits = (self._bitmask.view(-1, 1) >> self._shifts) & 1  # [V/32, 32], bit j of word i = token 32i+j
-        return bits.view(-1)[: self._grammars.vocab_size].bool()
+        bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")
+        return bits[: self._grammars.vocab_size].view(np.bool_)
 
     def mask_(self, logits: torch.Tensor) -> None:
         """Set the logits [1, V] of disallowed tokens to -inf, in place."""
-        allowed = self.allowed().to(logits.device, non_blocking=True)
+        allowed = torch.from_numpy(self.allowed()).to(logits.device, non_blocking=True)
         logits.masked_fill_(~allowed, float("-inf"))
 
     def accept(self, token_id: int) -> None:
@@ -149,7 +148,7 @@ class JsonGuide:
         ids: list[int] = []
         try:
             while len(ids) <= _MAX_CLOSING:
-                allowed = self.allowed().numpy()
+                allowed = self.allowed()
                 if matcher.is_completed() or any(allowed[i] for i in grammars.stop_ids):
                     return ids
                 pick = next((i for i in grammars.closers if allowed[i]), None)
