@@ -2,9 +2,9 @@
 
 xgrammar compiles the schema once per tokenizer into a pushdown automaton with a precomputed
 token-mask cache; per step a `JsonGuide` asks it which tokens may come next and sets every
-other logit to -inf before sampling. Picked over llguidance by measurement on the mid
-checkpoint's 32K vocabulary (`benchmarks/grammar_overhead.py`): computing the mask took 13 us
-a token on average against llguidance's 134 us, with no multi-millisecond outliers.
+other logit to -inf before sampling. Picked over llguidance because its masks cost a fraction of
+llguidance's per token, without the latter's many-millisecond outliers
+(`benchmarks/grammar_overhead.py`, figures in the README).
 
 Random or weak weights may never close a string or a number by themselves, so the guide also
 finishes in time: once the tokens left get close to what the shortest way to close the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ CLOSE_SLACK = 4
 """It is forced this many tokens early: one sampled token can lengthen it (a cut UTF-8 character,
 a string opened), and the forced run must still end before the budget does."""
 _MAX_CLOSING = 512  # a closing longer than this is not looked for (a schema that deep is its own problem)
+KEPT_GRAMMARS = 64  # compiled formats kept (a server sees many schemas; video-scenes one per video)
 
 
 class Grammars:
@@ -58,7 +60,7 @@ class Grammars:
         self.stop_ids = [i for i in dict.fromkeys(stop_ids) if i < vocab_size]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=self.stop_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._compiled: dict[str, Any] = {}
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         lengths = np.full(vocab_size, np.iinfo(np.int32).max, dtype=np.int64)
         lengths[:n] = [len(b) if b else np.iinfo(np.int32).max for b in vocab]
@@ -82,6 +84,9 @@ class Grammars:
                 except (RuntimeError, ValueError, TypeError) as exc:
                     raise InputError(f"cannot use this JSON Schema: {_first_line(exc)}") from None
                 self._compiled[key] = compiled
+                if len(self._compiled) > KEPT_GRAMMARS:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
             return self._compiled[key]
 
     def guide(self, fmt: JsonFormat) -> JsonGuide:
@@ -112,10 +117,6 @@ class JsonGuide:
 
     def start(self) -> None:
         self.active = True
-
-    @property
-    def complete(self) -> bool:
-        return self._matcher.is_completed()
 
     def allowed(self) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next (bit j of word i is token 32i + j)."""
