@@ -171,7 +171,7 @@ def model_location(model: str, hub_cache: str | None = None) -> dict[str, Any]:
     except Exception as exc:
         found["hub_cache"] = hub_cache
         found["hub_cache_problem"] = f"{type(exc).__name__}: {exc}"
-    from kimivl_cli.model.weights import is_repo_id
+    from kimivl_cli.model.hub import is_repo_id
 
     folder = Path(model).expanduser()
     if folder.is_dir():

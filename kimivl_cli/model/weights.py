@@ -38,6 +38,7 @@ from torch import nn
 from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.files import user_file_mode
 from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.model.hub import is_repo_id
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.quant.modules import quantize_linears_
 
@@ -47,7 +48,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja"]
 # Keys some exporters write that carry nothing we need (recomputed rotary tables).
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANT_MODES = ("none", "nf4", "int8")
 # --quant auto keeps bf16 while the weights take at most this share of the device's memory
 # (the rest is for activations, the cache and, on CPU, everything else running); beyond it, nf4.
@@ -79,11 +79,6 @@ class Target(NamedTuple):
 
 def _hub_hint(repo: str) -> str:
     return f"run `hf download {repo}` on a machine with network (same HF_HOME), or pass a local folder"
-
-
-def is_repo_id(text: str) -> bool:
-    """`owner/name` as the Hub spells repo ids (`./x` or `/a/b` are paths, not ids)."""
-    return _REPO_ID.match(text) is not None
 
 
 def resolve_checkpoint(path_or_repo: str | Path) -> Path:
