@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
     "load_rss": ("load_rss.py", [], False),
     "fullsize_cpu": ("fullsize_cpu.py", [], False),
     "ocr_bench": ("ocr_bench.py", [], False),
+    "grammar_overhead": ("grammar_overhead.py", [], True),
 }
 
 

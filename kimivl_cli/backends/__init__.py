@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
-from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta
+from kimivl_cli.engine.events import AnswerDelta, Done, Event, JsonFormat, ThinkingDelta
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,11 +33,16 @@ class ChatOptions:
     thinking_budget: int | None = None
     show_thinking: bool = True
     max_context: int | None = None  # prompt + reply tokens; the local engine only (a server has its own limit)
+    json_format: JsonFormat | None = None  # the answer must be JSON (valid against a schema)
+    stop: tuple[str, ...] = ()  # strings that end the answer (OpenAI's `stop`; not included)
 
 
 class ChatBackend(Protocol):
     @property
     def name(self) -> str: ...
+
+    notes: list[str]
+    """What the backend ignored or changed of what was asked (one line each), once it is open."""
 
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ...
@@ -94,8 +99,12 @@ class AnswerOnly:
         self.options = replace(options, show_thinking=False)
         self._slots = threading.BoundedSemaphore(limit)
 
-    def __call__(self, messages: Sequence[Message], images: Sequence[Image.Image]) -> Generation:
+    def __call__(
+        self, messages: Sequence[Message], images: Sequence[Image.Image], json_format: JsonFormat | None = None
+    ) -> Generation:
+        """One answer; `json_format` makes it JSON (the local engine constrains its sampling to it)."""
+        options = replace(self.options, json_format=json_format) if json_format is not None else self.options
         with self._slots:
-            reply = collect(self.backend.chat(messages, images, self.options))
+            reply = collect(self.backend.chat(messages, images, options))
         usage = reply.done.usage
         return Generation(reply.answer, usage.prompt_tokens, usage.completion_tokens, reply.done.finish_reason)

@@ -47,6 +47,11 @@ class LocalBackend:
     def name(self) -> str:
         return self.engine.name
 
+    @property
+    def notes(self) -> list[str]:
+        """The engine's notes from loading (e.g. a --quant it could not honour); [] before it loads."""
+        return self._engine.notes if self._engine is not None else []
+
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ChatOptions()
     ) -> Iterator[Event]:
@@ -59,5 +64,11 @@ class LocalBackend:
             thinking_budget=options.thinking_budget,
         )
         return engine.generate(
-            messages, images, params, show_thinking=options.show_thinking, max_context=options.max_context
+            messages,
+            images,
+            params,
+            show_thinking=options.show_thinking,
+            max_context=options.max_context,
+            json_format=options.json_format,
+            stop=options.stop,
         )

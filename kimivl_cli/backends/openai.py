@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kimivl_cli.backends import ChatOptions
-from kimivl_cli.engine.events import Done, Event, ThinkingDelta, Timings, Usage
+from kimivl_cli.engine.events import Done, Event, JsonFormat, ThinkingDelta, Timings, Usage
 from kimivl_cli.engine.stream import ThinkingSplitter
 from kimivl_cli.errors import InputError, RuntimeFailure
 from kimivl_cli.processor.chat import THINK_END, THINK_START, is_image_item
@@ -124,6 +124,15 @@ class _DeltaParser:
         return list(self.splitter.flush())
 
 
+def response_format(fmt: JsonFormat | None) -> dict[str, Any] | None:
+    """OpenAI's `response_format` for a `JsonFormat` (json_schema, strict; or json_object)."""
+    if fmt is None:
+        return None
+    if fmt.schema is None:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": fmt.schema, "strict": True}}
+
+
 class OpenAIBackend:
     """Chat completions from `api_base` (e.g. `http://gpu-node:8000/v1`), streamed.
 
@@ -162,6 +171,7 @@ class OpenAIBackend:
         self._sleep = sleep
         self._model = model
         self._model_lock = threading.Lock()
+        self.notes: list[str] = []  # what of the user's options the server side ignores (filled by the caller)
 
     @property
     def name(self) -> str:
@@ -188,6 +198,9 @@ class OpenAIBackend:
             "temperature": options.temperature,
             "top_p": options.top_p,
             "seed": options.seed,
+            "thinking_budget": options.thinking_budget,  # kimivl serve's extension; others ignore it
+            "response_format": response_format(options.json_format),
+            "stop": list(options.stop) or None,
         }
         body.update({k: v for k, v in fields.items() if v is not None})
         return body

@@ -7,8 +7,10 @@ stderr and its exit code; other exceptions too (exit 1) unless `--debug`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 
 import typer
 
@@ -55,9 +57,24 @@ for module in (ask, chat, ocr, video_scenes, inspect, info, quantize, serve):
     module.register(app)
 
 
+def quiet_libraries() -> None:
+    """Only kimivl speaks on stderr: libraries' log records and Python warnings are dropped.
+
+    bitsandbytes, for one, logs a warning on import on AVX512-BF16 CPUs about an optional kernel
+    package. A handler on the root logger keeps Python from printing records nobody handles;
+    kimivl's own loggers (`kimivl.*`, e.g. serve's request log) have their own handler.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    warnings.simplefilter("ignore")
+
+
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
+    if not debug:
+        quiet_libraries()
     try:
         code = app(standalone_mode=False, prog_name="kimivl")
         if isinstance(code, int) and code:

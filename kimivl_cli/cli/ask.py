@@ -40,6 +40,14 @@ FramesOpt = Annotated[
     Optional[int], typer.Option("--frames", help="Frames sampled from each video (default 8).", min=1)
 ]
 FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Sample video frames at this rate instead.", min=0.001)]
+SchemaOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--schema",
+        help="Answer with JSON valid against this JSON Schema: a file, inline JSON, or fields like 'name, age int'.",
+    ),
+]
+JsonModeOpt = Annotated[bool, typer.Option("--json-mode", help="Answer with a JSON object (no schema).")]
 
 
 def system_prompt(system: str | None, prompt_file: Path | None) -> str:
@@ -115,6 +123,8 @@ def register(app: typer.Typer) -> None:
         show_thinking: ShowThinkingOpt = None,
         json: JsonOpt = False,
         jsonl: JsonlOpt = False,
+        schema: SchemaOpt = None,
+        json_mode: JsonModeOpt = False,
         max_context: MaxContextOpt = None,
         quiet: QuietOpt = False,
         *,
@@ -132,20 +142,38 @@ def register(app: typer.Typer) -> None:
           kimivl ask talk.mp4 --frames 16 "When does the demo start?"
           cat scan.png | kimivl ask - "Transcribe" --json
           echo "What is this?" | kimivl ask photo.jpg
+          kimivl ask invoice.pdf "Extract it" --schema 'vendor, total float, date: ISO 8601'
           kimivl ask scan.png "Transcribe" --backend openai --api-base http://gpu:8000/v1
         """
         from kimivl_cli.render import Output, Transcript
-        from kimivl_cli.tasks.ask import build_prompt, read_inputs, resolve, split_question
+        from kimivl_cli.tasks.ask import build_prompt, folder_note, read_inputs, resolve, split_question
+        from kimivl_cli.tasks.backend import sampling_notes
+        from kimivl_cli.tasks.structured import json_format
 
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
+        answer_format = json_format(schema, json_mode)
         inputs, question = split_question(args or [], sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
-        items = resolve(inputs)
+        skipped: list[str] = []
+        items = resolve(inputs, skipped)
+        if note := folder_note(inputs, items, skipped):
+            output.note(f"note: {note}")
         image_config, tokenizer, budget = prompt_fitting(backend, sampling, max_context)
-        with read_inputs(items, media, image_config) as segments:
+        for note in sampling_notes(backend, sampling):
+            output.note(f"note: {note}")
+        with read_inputs(items, media, image_config) as (segments, capped):
+            for note in capped:
+                output.note(f"note: {note}")
             prompt = build_prompt(
                 segments, question, system=system, tokenizer=tokenizer, image_config=image_config, budget=budget
             )
         for note in prompt.notes:
             output.note(note)
-        options = replace(sampling, show_thinking=show_thinking is not False, max_context=max_context)
-        output.stream(backend.chat(prompt.messages, prompt.images, options), Transcript(model=backend.name))
+        options = replace(
+            sampling, show_thinking=output.wants_thinking, max_context=max_context, json_format=answer_format
+        )
+        transcript = Transcript(
+            model=backend.name,
+            notes=[*backend.notes, *output.notes],
+            inputs={"sent": [item.name for item in items], "skipped": skipped},
+        )
+        output.stream(backend.chat(prompt.messages, prompt.images, options), transcript)

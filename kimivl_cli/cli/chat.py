@@ -19,6 +19,7 @@ import typer
 
 from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.ask import (
+    JsonlOpt,
     MaxContextOpt,
     media_options,
     prompt_fitting,
@@ -61,6 +62,8 @@ def register(app: typer.Typer) -> None:
             typer.Argument(help="Images, PDFs, videos or text files for the first question.", metavar="INPUT"),
         ] = None,
         show_thinking: ShowThinkingOpt = None,
+        json: Annotated[bool, typer.Option("--json", help="Print one JSON object per answer, a line each.")] = False,
+        jsonl: JsonlOpt = False,
         max_context: MaxContextOpt = None,
         quiet: QuietOpt = False,
         *,
@@ -72,17 +75,24 @@ def register(app: typer.Typer) -> None:
         """Chat about images, PDFs and videos; /help lists the commands.
 
         \b
-        Commands: /image PATH, /pdf PATH [PAGES], /reset, /save FILE, /thinking on|off, /help, /exit
+        Commands: /image PATH, /pdf PATH [PAGES], /reset, /save FILE, /load FILE, /thinking on|off,
+                  /help, /exit
+        Piped in, each line is a question (or a command) and each answer is followed by a blank
+        line; --json gives one object per answer, --jsonl its events.
         Example:  kimivl chat report.pdf --pages 1-3
         """
         from kimivl_cli.render import Output, Transcript
+        from kimivl_cli.tasks.backend import sampling_notes
         from kimivl_cli.tasks.chat import HELP, Conversation, parse_command
 
-        output = Output(show_thinking=show_thinking, quiet=quiet)
+        output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
         interactive = sys.stdin.isatty()
         if "-" in (inputs or []) and not interactive:
             raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
         image_config = prompt_fitting(backend, sampling, max_context)[0]
+        ignored = sampling_notes(backend, sampling)
+        for note in ignored:
+            output.note(f"note: {note}")
         conversation = Conversation(system, image_config, media)
         if inputs:
             output.note(conversation.attach(inputs))
@@ -104,12 +114,12 @@ def register(app: typer.Typer) -> None:
                 command = parse_command(line)
                 if command is None:
                     messages, images = conversation.request(line)
-                    transcript = Transcript(model=backend.name)
+                    transcript = Transcript(model=backend.name, notes=[*backend.notes, *ignored])
                     try:
-                        options = replace(
-                            sampling, show_thinking=output.show_thinking is not False, max_context=max_context
-                        )
+                        options = replace(sampling, show_thinking=output.wants_thinking, max_context=max_context)
                         output.stream(backend.chat(messages, images, options), transcript)
+                        if output.style == "plain" and not interactive:
+                            output.stdout.file.write("\n")  # a blank line between answers, for readers and scripts
                     except KeyboardInterrupt:
                         output.note("interrupted")
                     except KimivlError:
@@ -137,6 +147,10 @@ def register(app: typer.Typer) -> None:
                         raise InputError(f"usage: /{command.name} FILE")
                     path = conversation.save(Path(command.args[0]), backend.name, overwrite=command.name == "save!")
                     output.note(f"saved {len(conversation.history) // 2} exchanges to {path}")
+                elif command.name == "load":
+                    if len(command.args) != 1:
+                        raise InputError("usage: /load FILE", "a file written by /save")
+                    output.note(conversation.load(command.args[0]))
                 elif command.name == "thinking":
                     if command.args not in (("on",), ("off",)):
                         raise InputError("usage: /thinking on|off")

@@ -44,7 +44,8 @@ QuantOpt = Annotated[
     str,
     typer.Option(
         "--quant",
-        help="Language-model weights: nf4 (4-bit), int8, none (bf16), or auto (bf16 if it fits the device, else nf4).",
+        help="Language-model weights: nf4 (4-bit, everything), int8 (attention and dense MLPs; the routed experts, "
+        "most of the weights, stay bf16), none (bf16), or auto (bf16 if it fits the device, else nf4).",
         case_sensitive=False,
     ),
 ]
@@ -88,14 +89,19 @@ ConcurrencyOpt = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fold_options(target: str, flags: dict[str, tuple[Any, Any]], build: Callable[..., Any]) -> Callable[[F], F]:
+def fold_options(
+    target: str, flags: dict[str, tuple[Any, Any]], build: Callable[..., Any], shared: tuple[str, ...] = ()
+) -> Callable[[F], F]:
     """Replace the command's parameter `target` by the options `flags` (name -> (annotation, default));
-    Typer sees the options, the command gets `build(**their values)` as `target`."""
+    Typer sees the options, the command gets `build(**their values)` as `target`. `shared`: the
+    command's own parameters that `build` also receives (e.g. `quiet`)."""
 
     def decorate(command: F) -> F:
         signature = inspect.signature(command)
         if target not in signature.parameters:
             raise TypeError(f"{command.__name__} has no parameter {target!r} to fill")
+        if missing := [name for name in shared if name not in signature.parameters]:
+            raise TypeError(f"{command.__name__} lacks {missing}, which {target!r} is built from")
         # Typer needs the options' `Annotated` objects, not the strings `from __future__ import
         # annotations` leaves.
         namespace = command.__globals__
@@ -111,7 +117,8 @@ def fold_options(target: str, flags: dict[str, tuple[Any, Any]], build: Callable
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            kwargs[target] = build(**{name: kwargs.pop(name) for name in flags})
+            values = {name: kwargs.pop(name) for name in flags}
+            kwargs[target] = build(**values, **{name: kwargs[name] for name in shared})
             return command(*args, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
@@ -132,14 +139,18 @@ def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
         return annotation
 
 
-def _open_backend(**flags: Any) -> Any:
+def _open_backend(quiet: bool, **flags: Any) -> Any:
+    """The backend, with a bar on a terminal while the model loads and notes for what it ignores."""
+    from kimivl_cli.render import Output
     from kimivl_cli.tasks import backend
 
-    if flags["backend"].lower() == "openai":
-        ignored = [f"--{name} {flags[name]}" for name in ("device", "quant") if flags[name].lower() != "auto"]
-        if ignored:
-            print(f"note: {', '.join(ignored)} ignored: the server chooses its own device and weights", file=sys.stderr)
-    return backend.open_backend(**flags)  # looked up at call time: tests put a fake model here
+    output = Output(quiet=quiet)
+
+    def progress(total: int, description: str) -> Any:
+        return output.progress(total, unit="bytes", description=description)
+
+    # looked up at call time: tests put a fake model here
+    return backend.open_backend(**flags, progress=progress, note=lambda message: output.note(f"note: {message}"))
 
 
 def _chat_options(**flags: Any) -> Any:
@@ -159,8 +170,10 @@ backend_options = fold_options(
         "quant": (QuantOpt, "auto"),
     },
     _open_backend,
+    shared=("quiet",),
 )
-"""Adds --backend/--api-base/--api-key/--model/--device/--quant; the command gets `backend: ChatBackend`."""
+"""Adds --backend/--api-base/--api-key/--model/--device/--quant; the command (which takes `quiet`)
+gets `backend: ChatBackend`."""
 
 sampling_options = fold_options(
     "sampling",
@@ -182,9 +195,11 @@ def batch_answerer(
     """The answer-only view of `backend` for a batch command and the concurrency it allows: the
     asked one, or 1 for the local engine (said on stderr unless `quiet`)."""
     from kimivl_cli.backends import AnswerOnly
-    from kimivl_cli.tasks.backend import batch_concurrency
+    from kimivl_cli.tasks.backend import batch_concurrency, sampling_notes
 
     concurrency, note = batch_concurrency(backend, concurrency)
-    if note and not quiet:
-        print(f"note: {note}", file=sys.stderr)
+    notes = [note] if note else []
+    for message in [*notes, *sampling_notes(backend, sampling)]:
+        if not quiet:
+            print(f"note: {message}", file=sys.stderr)
     return AnswerOnly(backend, sampling, limit=concurrency), concurrency

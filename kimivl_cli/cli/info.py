@@ -24,6 +24,7 @@ import typer
 from kimivl_cli import __version__
 from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, JsonOpt, ModelOpt
 from kimivl_cli.errors import InputError
+from kimivl_cli.tasks.backend import INT8_EXPERTS_NOTE
 
 _PACKAGES = (
     "torch",
@@ -176,24 +177,42 @@ def model_location(model: str, hub_cache: str | None = None) -> dict[str, Any]:
     except Exception as exc:
         found["hub_cache"] = hub_cache
         found["hub_cache_problem"] = f"{type(exc).__name__}: {exc}"
+    from kimivl_cli.model.hub import is_repo_id
+
     folder = Path(model).expanduser()
     if folder.is_dir():
-        found.update(source="folder", path=str(folder.resolve()), ready=(folder / "config.json").is_file())
+        found.update(source="folder", path=str(folder.resolve()), **_readiness(folder))
         return found
-    parts = model.split("/")
-    if len(parts) != 2 or not all(parts) or folder.exists():
-        found.update(source="invalid", ready=False, problem="neither a checkpoint folder nor a Hub repo id (org/name)")
+    if folder.exists() or not is_repo_id(model):
+        what = "a file" if folder.exists() else "no such folder"
+        found.update(source="invalid", ready=False, problem=f"{what}: neither a checkpoint folder nor a Hub repo id")
         return found
     found["source"] = "hub"
-    repo = Path(found["hub_cache"] or "") / f"models--{parts[0]}--{parts[1]}"
+    owner, name = model.split("/")
+    repo = Path(found["hub_cache"] or "") / f"models--{owner}--{name}"
     snapshots = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     found["path"] = str(snapshots[-1].parent) if snapshots else None
-    found["ready"] = bool(snapshots)
     if snapshots:
         found["cached_gib"] = round(sum(f.stat().st_size for f in (repo / "blobs").glob("*")) / 2**30, 2)
+        found.update(_readiness(snapshots[-1].parent))
     else:
+        found["ready"] = False
         found["problem"] = f"not in the cache; run `hf download {model}` (kimivl downloads it on first use when online)"
     return found
+
+
+def _readiness(folder: Path) -> dict[str, Any]:
+    """{"ready": True} when the folder has a config and safetensors weights, else why not."""
+    from kimivl_cli.errors import CheckpointError
+    from kimivl_cli.model.weights import checkpoint_files
+
+    if not (folder / "config.json").is_file():
+        return {"ready": False, "problem": f"{folder} has no config.json: not a checkpoint folder"}
+    try:
+        checkpoint_files(folder)
+    except CheckpointError as exc:
+        return {"ready": False, "problem": exc.one_line()}
+    return {"ready": True}
 
 
 def gather(model: str, device: str) -> dict[str, Any]:
@@ -208,6 +227,7 @@ def gather(model: str, device: str) -> dict[str, Any]:
         "triton": _probe(lambda: _triton(has_gpu)),
         "cpu_kernels": _probe(_cpu_kernels),
         "model": {**(found := model_location(model)), **_auto_quant(found, devices["selected"])},
+        "quant_int8": INT8_EXPERTS_NOTE.removeprefix("--quant int8 "),
     }
 
 
@@ -255,6 +275,7 @@ def _text(info: dict[str, Any]) -> str:
     lines.append(f"model: {model['model']} ({model['source']}, {state}): {where}")
     if "quant_auto" in model:
         lines.append(f"--quant auto: {model['quant_auto']} ({model['quant_auto_reason']})")
+    lines.append(f"--quant int8: {info['quant_int8']}")
     if model.get("hub_cache"):
         lines.append(f"hub cache: {model['hub_cache']} (HF_HOME={model['hf_home']})")
     return "\n".join(lines)
@@ -271,3 +292,5 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"unknown --device {device!r}", "use auto, cuda or cpu")
         info = gather(model, device)
         typer.echo(json.dumps(info, indent=2) if as_json else _text(info))
+        if info["model"]["source"] == "invalid":
+            raise InputError(f"--model {model}: {info['model']['problem']}", "pass a checkpoint folder or owner/name")

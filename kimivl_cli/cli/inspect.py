@@ -34,6 +34,17 @@ def describe(item: MediaInput, password: str | None = None) -> dict[str, Any]:
     if item.kind is MediaKind.IMAGE:
         pages = load_images(item)
         info["pages"] = [{"width": im.width, "height": im.height, "tokens": _token_count(*im.size)} for im in pages]
+        if (frames := _animation_frames(item)) > 1:
+            info["animation_frames"] = frames  # `ask` sends the first
+    elif item.kind is MediaKind.TEXT:
+        from kimivl_cli.tasks.ask import MAX_TEXT_BYTES
+
+        text = item.read_bytes().decode("utf-8", errors="replace")
+        info.update(
+            characters=len(text),
+            lines=text.count("\n") + (not text.endswith("\n")),
+            too_long=item.size > MAX_TEXT_BYTES,
+        )
     elif item.kind is MediaKind.PDF:
         from kimivl_cli.media.pdf import DEFAULT_DPI, PdfDocument
 
@@ -69,7 +80,20 @@ def describe(item: MediaInput, password: str | None = None) -> dict[str, Any]:
                 duration=round(video.duration, 3),
                 tokens_per_frame=_token_count(video.width, video.height),
             )
+        from kimivl_cli.tasks.ask import DEFAULT_FRAMES
+
+        frames = min(DEFAULT_FRAMES, info["frame_count"])
+        per_frame = info["tokens_per_frame"]
+        info.update(default_frames=frames, default_tokens=None if per_frame is None else frames * per_frame)
     return info
+
+
+def _animation_frames(item: MediaInput) -> int:
+    """Frames of an animated GIF or WebP (1 for a still image; TIFF pages are pages, not frames)."""
+    from PIL import Image
+
+    with item.open() as fh, Image.open(fh) as image:
+        return getattr(image, "n_frames", 1) if image.format in ("GIF", "WEBP", "PNG") else 1
 
 
 def _size(n: int) -> str:
@@ -92,6 +116,10 @@ def _span(values: list[Any]) -> str:
     return f"{low}" if low == high else f"{low}-{high}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def summary(info: dict[str, Any]) -> str:
     """One human line per input."""
     head = f"{info['name']}: {info['kind']}, {_size(info['bytes'])}"
@@ -99,7 +127,15 @@ def summary(info: dict[str, Any]) -> str:
         pages = info["pages"]
         sizes = ", ".join(f"{p['width']}x{p['height']} ({_tokens(p['tokens'])})" for p in pages[:4])
         more = f", ... {len(pages)} pages" if len(pages) > 4 else ""
-        return f"{head}, {sizes}{more}"
+        animated = (
+            f", animated: {info['animation_frames']} frames, the first is sent" if "animation_frames" in info else ""
+        )
+        return f"{head}, {sizes}{more}{animated}"
+    if info["kind"] == "text":
+        size = f"{_count(info['characters'], 'character')} on {_count(info['lines'], 'line')}"
+        return f"{head}, {size}, " + (
+            "too long to ask about" if info["too_long"] else "inlined into the prompt as text"
+        )
     if info["kind"] == "pdf":
         pages = info["pages"]
         sizes = {f"{p['width_pt']:g}x{p['height_pt']:g} pt" for p in pages}
@@ -112,12 +148,14 @@ def summary(info: dict[str, Any]) -> str:
         text = sum(p["words"] > 0 for p in pages)
         repaired = ", repaired by MuPDF" if info["repaired"] else ""
         return (
-            f"{head}, {info['page_count']} pages, {' / '.join(sorted(sizes))}, "
-            f"text layer on {text} pages, {cost}{repaired}"
+            f"{head}, {_count(info['page_count'], 'page')}, {' / '.join(sorted(sizes))}, "
+            f"text layer on {_count(text, 'page')}, {cost}{repaired}"
         )
+    total = info["default_tokens"]
+    default = "" if total is None else f", {total} tokens for the default {info['default_frames']} frames (--frames)"
     return (
-        f"{head}, {info['width']}x{info['height']}, {info['frame_count']} frames at {info['fps']:g} fps, "
-        f"{info['duration']:.2f} s, {_tokens(info['tokens_per_frame'])} per frame"
+        f"{head}, {info['width']}x{info['height']}, {_count(info['frame_count'], 'frame')} at {info['fps']:g} fps, "
+        f"{info['duration']:.2f} s, {_tokens(info['tokens_per_frame'])} per frame{default}"
     )
 
 
@@ -125,16 +163,21 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def _command(
         inputs: Annotated[
-            list[str], typer.Argument(help="Images, PDFs, videos or folders ('-' reads stdin).", metavar="FILE")
+            list[str],
+            typer.Argument(help="Images, PDFs, videos, text files or folders ('-' reads stdin).", metavar="FILE"),
         ],
         password: Annotated[Optional[str], typer.Option("--password", help="Password of encrypted PDFs.")] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Show what kimivl sees in each input: kind, size, pages, frames, fps, duration, token cost.
 
+        Takes what `ask` takes: images, PDFs, videos, text files, folders and '-'.
+
         Example: kimivl inspect scan.pdf clip.mp4 photos/ --json
         """
-        described = [describe(item, password) for item in resolve_inputs(inputs)]
+        from kimivl_cli.tasks.ask import ASK_KINDS
+
+        described = [describe(item, password) for item in resolve_inputs(inputs, kinds=ASK_KINDS)]
         if as_json:
             typer.echo(json.dumps({"inputs": described}, indent=2))
         else:

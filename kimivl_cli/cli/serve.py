@@ -38,7 +38,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--allow-local-files", help="Accept file:// image URLs (reads this machine's files).")
         ] = False,
         queue_size: Annotated[
-            int, typer.Option("--queue-size", help="Requests that may wait for the model; more get 503.", min=0)
+            int,
+            typer.Option(
+                "--queue-size",
+                help="Requests that may wait while one runs; more get 503 (0: none wait, a busy server answers 503).",
+                min=0,
+            ),
         ] = 16,
         served_model_name: Annotated[
             Optional[str], typer.Option("--served-model-name", help="Model id in /v1/models (default: --model).")
@@ -50,13 +55,26 @@ def register(app: typer.Typer) -> None:
         One request runs at a time on the model; the others wait in a bounded queue.
         """
         from kimivl_cli.backends.local import LocalBackend
+        from kimivl_cli.render import Output
         from kimivl_cli.serve import ChatServer
         from kimivl_cli.tasks.backend import open_engine
 
-        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+        log = logging.getLogger("kimivl")  # the request log; other libraries' loggers stay silent
+        if not log.handlers:
+            log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.WARNING if quiet else logging.INFO)
+        log.propagate = False
         if host not in LOOPBACK and not api_key:
             print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-        backend = LocalBackend(open_engine(model, device, quant))
+        output = Output(quiet=quiet)
+        engine = open_engine(
+            model,
+            device,
+            quant,
+            progress=lambda total, what: output.progress(total, unit="bytes", description=what),
+            note=lambda message: output.note(f"note: {message}"),
+        )
+        backend = LocalBackend(engine)
         server = ChatServer(
             backend,
             host,

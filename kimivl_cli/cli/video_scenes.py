@@ -37,8 +37,12 @@ def register(app: typer.Typer) -> None:
         shots_only: Annotated[bool, typer.Option("--shots-only", help="Only detect shots; no model.")] = False,
         fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")] = "json",
         output: Annotated[
-            Optional[Path],
-            typer.Option("--output", "-o", help="Write to this file, or one file per video into this folder."),
+            Optional[str],
+            typer.Option(
+                "--output",
+                "-o",
+                help="Write to this file, or one file per video into this folder (a trailing / makes one).",
+            ),
         ] = None,
         force: ForceOpt = False,
         max_frames: Annotated[int, typer.Option("--max-frames", help="Most keyframes sent to the model.", min=1)] = 32,
@@ -62,13 +66,19 @@ def register(app: typer.Typer) -> None:
         backend: ChatBackend,
         sampling: ChatOptions,
     ) -> None:
-        """Split videos into shots (--shots-only) or described scenes, as JSON, CSV, subtitles, EDL or chapters.
+        """Split videos into shots (--shots-only) or described scenes: JSON, CSV, subtitles, EDL, chapters.
 
         \b
+        Formats: json, jsonl, csv, srt, vtt, md, edl (CMX 3600), chapters (YouTube's "0:00 Title"
+        list), ffmetadata (FFmpeg's chapter metadata).
         Examples:
           kimivl video-scenes talk.mp4 --shots-only --format edl -o talk.edl
+          kimivl video-scenes a.mp4 b.mp4 -o scenes/ -f srt      # scenes/a.srt, scenes/b.srt
           kimivl video-scenes archive/ -o scenes/ --backend openai --api-base http://gpu:8000/v1 -j 8
         """
+        from kimivl_cli.render import Output
+
+        out = Output(quiet=quiet)
         videos = video_paths(videos)
         files = check_request(videos, fmt, output, force)
         if shots_only and verify_shots:
@@ -81,20 +91,21 @@ def register(app: typer.Typer) -> None:
             DetectorParams(threshold, min_scene_len), max_frames, fps, verify_shots, prompt_file, concurrency
         )
         lists = []
-        results = ordered_map(lambda video: video_scenes(video, options, describe), videos, concurrency)
-        for i, (video, result) in enumerate(zip(videos, results, strict=True)):
-            if files is not None:  # one file per video, written as soon as it is done
-                write_output([result.scenes], fmt, files[i], force)
-            else:
-                lists.append(result.scenes)
-            if not quiet:
+        bar = out.progress(len(videos), unit="videos", description="shots" if shots_only else "scenes described")
+        with bar as advance:
+            results = ordered_map(lambda video: video_scenes(video, options, describe), videos, concurrency)
+            for i, (video, result) in enumerate(zip(videos, results, strict=True)):
+                if files is not None:  # one file per video, written as soon as it is done
+                    write_output([result.scenes], fmt, files[i], force)
+                else:
+                    lists.append(result.scenes)
                 shots = result.shots
-                print(
+                out.note(
                     f"{Path(video).name}: {len(shots.shots)} shots, {len(result.scenes.scenes)} scenes, "
-                    f"{shots.frames} frames in {shots.seconds:.2f} s ({shots.frames / max(shots.seconds, 1e-9):.0f} frames/s)",
-                    file=sys.stderr,
+                    f"{shots.frames} frames in {shots.seconds:.2f} s ({shots.frames / max(shots.seconds, 1e-9):.0f} frames/s)"
                 )
-            for warning in result.scenes.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
-        if files is None and (text := write_output(lists, fmt, output, force)) is not None:
+                for warning in result.scenes.warnings:
+                    out.stderr.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+                advance()
+        if files is None and (text := write_output(lists, fmt, Path(output) if output else None, force)) is not None:
             sys.stdout.write(text)

@@ -22,16 +22,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from PIL import Image
 
 from kimivl_cli.engine.context import plan_context
-from kimivl_cli.engine.events import Done, Event, Timings, Usage
+from kimivl_cli.engine.events import AnswerDelta, Done, Event, JsonFormat, Timings, Usage
+from kimivl_cli.engine.grammar import Grammars, JsonGuide
 from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
 from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
-from kimivl_cli.engine.stream import ThinkingBudget, ThinkingSplitter
+from kimivl_cli.engine.stream import Phase, StopText, ThinkingBudget, ThinkingSplitter
 from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
 from kimivl_cli.errors import InputError
 from kimivl_cli.model.cache import LatentCache
@@ -39,6 +40,9 @@ from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.processor.chat import THINK_END, THINK_START, Message, encode_chat
 from kimivl_cli.processor.image import ImageProcessorConfig, ProcessedImages, process_images
 from kimivl_cli.processor.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kimivl_cli.model.weights import LoadProgress
 
 DEFAULT_PREFILL_CHUNK = 1024
 FinishReason = Literal["stop", "length", "interrupted"]
@@ -63,12 +67,23 @@ class TokenStream:
     """The generated ids of one request, one per iteration (stop tokens are not yielded).
 
     `force(ids)` makes the next tokens `ids` instead of samples (e.g. to end a thinking block);
-    they run through the model like any token and are yielded too. `stats` is complete once the
-    iteration ends; `logits` holds each sampled step's fp32 logits [V] when asked for.
+    they run through the model like any token and are yielded too. `guide`, once active, masks
+    every sampled step to what its grammar allows. `stats` is complete once the iteration ends;
+    `logits` holds each sampled step's fp32 logits [V] when asked for; `max_new` is the most
+    tokens it yields.
     """
 
-    def __init__(self, run: Callable[[TokenStream], Iterator[int]], stats: GenerationStats, keep_logits: bool) -> None:
+    def __init__(
+        self,
+        run: Callable[[TokenStream], Iterator[int]],
+        stats: GenerationStats,
+        keep_logits: bool,
+        max_new: int,
+        guide: JsonGuide | None = None,
+    ) -> None:
         self.stats = stats
+        self.max_new = max_new
+        self.guide = guide
         self.forced: list[int] = []
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
         self._steps = run(self)  # a generator: nothing runs before the first `next`
@@ -81,6 +96,11 @@ class TokenStream:
 
     def force(self, ids: Sequence[int]) -> None:
         self.forced.extend(ids)
+
+    @property
+    def left(self) -> int:
+        """Tokens it may still yield."""
+        return self.max_new - self.stats.generated_tokens
 
     def close(self) -> None:
         """Stop early (`stats.finish_reason` becomes 'interrupted'); the cache is freed."""
@@ -113,7 +133,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.image_config = image_config or ImageProcessorConfig.official()
         self.defaults = defaults or SamplingParams()
+        self.notes: list[str] = []  # what loading changed of what was asked, for the user
         self.name = name
+        self.thinking = is_thinking_model(name)
         self.prefill_chunk = prefill_chunk
         self.patch_budget = patch_budget
         self.feature_cache = FeatureCache(feature_cache_bytes)
@@ -130,6 +152,7 @@ class Engine:
 
             self.fused_decode = FusedDecoder.build(lm)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
+        self._grammars: Grammars | None = None
 
     @classmethod
     def load(
@@ -139,20 +162,21 @@ class Engine:
         device: torch.device | str = "cpu",
         quant: str = "none",
         lm_head: str | None = None,
+        progress: LoadProgress | None = None,
         **kwargs,
     ) -> Engine:
         """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults.
 
-        quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
-        lm_head "int8" | "nf4" quantizes the output head after loading (default: $KIMIVL_LM_HEAD, else
-        "bf16": kept). Off by default: on random-weight models neither keeps 99.5% top-1 agreement
-        with the bf16 head (benchmarks/lm_head_quant.py).
+        quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py);
+        `progress` shows the weights as they load. lm_head "int8" | "nf4" quantizes the output head
+        after loading (default: $KIMIVL_LM_HEAD, else "bf16": kept). Off by default: on random-weight
+        models neither keeps 99.5% top-1 agreement with the bf16 head (benchmarks/lm_head_quant.py).
         """
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
         from kimivl_cli.quant.modules import quantize_lm_head_
 
         folder = resolve_checkpoint(path_or_repo)
-        model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
+        model, config = load_model(folder, dtype=dtype, device=device, quant=quant, progress=progress)
         quantize_lm_head_(model.language_model, lm_head or os.environ.get("KIMIVL_LM_HEAD") or "bf16")
         return cls(
             model,
@@ -173,6 +197,14 @@ class Engine:
             return (self.tokenizer.im_end_id, self.tokenizer.eos_id)
         eos = self.config.text.eos_token_id
         return () if eos is None else (eos,)
+
+    @property
+    def grammars(self) -> Grammars:
+        """The JSON grammars over this engine's tokenizer (built on first use: imports xgrammar)."""
+        if self._grammars is None:
+            stops = [*self.stop_ids, *self.defaults.stop_token_ids]
+            self._grammars = Grammars(self._require_tokenizer(), self.config.text.vocab_size, stops)
+        return self._grammars
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -236,6 +268,7 @@ class Engine:
         stop_ids: Sequence[int] | None = None,
         max_context: int | None = None,
         keep_logits: bool = False,
+        guide: JsonGuide | None = None,
     ) -> TokenStream:
         """Stream the ids generated after a prompt whose `<|media_pad|>` runs match the images.
 
@@ -243,6 +276,8 @@ class Engine:
         besides `params.stop_token_ids` (default `self.stop_ids`); () runs to max_new_tokens.
         Raises InputError before any work when the prompt does not fit the context (`max_context`
         or the model's). The stream's `stats.decode_s` is wall time, including the consumer's.
+        guide: a grammar the sampled tokens must follow once it is active (the caller feeds it
+        every yielded id and activates it).
         """
         params = params or self.defaults
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
@@ -264,6 +299,8 @@ class Engine:
             ),
             stats,
             keep_logits,
+            plan.max_new_tokens,
+            guide,
         )
 
     @torch.inference_mode()
@@ -310,6 +347,8 @@ class Engine:
                         stream.forced = []
                         tokens = torch.tensor([forced], dtype=torch.long, device=self.device)
                     else:
+                        if stream.guide is not None and stream.guide.active:
+                            stream.guide.mask_(logits)
                         token = sample(logits, params, generator, history)  # [1]
                         if stream.logits is not None:
                             stream.logits.append(logits[0].clone())  # a graph reuses its buffer
@@ -376,42 +415,74 @@ class Engine:
         *,
         show_thinking: bool = True,
         max_context: int | None = None,
+        json_format: JsonFormat | None = None,
+        stop: Sequence[str] = (),
     ) -> Iterator[Event]:
         """Chat messages (one image item per image, in order) -> ThinkingDelta* AnswerDelta* Done.
 
         `params.thinking_budget`: after that many reasoning tokens `◁/think▷` is forced and the
         model goes on with the answer. show_thinking=False (`--no-thinking`) drops the
-        ThinkingDeltas; their tokens still count in the usage. Context errors are raised here,
+        ThinkingDeltas; their tokens still count in the usage. `json_format`: the answer is
+        JSON (valid against its schema), by grammar-constrained sampling; a Thinking model
+        reasons first, ended in time to leave room for the JSON. `stop`: strings that end the
+        answer (not included; finish_reason 'stop'). Context and schema errors are raised here,
         before anything runs; closing the iterator early stops the generation.
         """
         tokenizer = self._require_tokenizer()
         params = params or self.defaults
+        guide = self.grammars.guide(json_format) if json_format is not None else None
         processed = self.prepare_images(images)
         prompt = encode_chat(messages, tokenizer, processed.tokens_per_image)
         stream = self.generate_ids(
-            prompt.input_ids, processed.pixel_values, processed.grid_hws, params, max_context=max_context
+            prompt.input_ids, processed.pixel_values, processed.grid_hws, params, max_context=max_context, guide=guide
         )
         budget = ThinkingBudget(
             params.thinking_budget,
             tokenizer.encode(THINK_START, allow_special=False),
             tokenizer.encode(THINK_END, allow_special=False),
         )
-        return self._events(stream, tokenizer, budget, ThinkingSplitter(show_thinking))
+        return self._events(stream, tokenizer, budget, ThinkingSplitter(show_thinking), StopText(stop))
 
     def _events(
-        self, stream: TokenStream, tokenizer: Tokenizer, budget: ThinkingBudget, splitter: ThinkingSplitter
+        self,
+        stream: TokenStream,
+        tokenizer: Tokenizer,
+        budget: ThinkingBudget,
+        splitter: ThinkingSplitter,
+        stop_text: StopText,
     ) -> Iterator[Event]:
         decoder = tokenizer.incremental_decoder(skip_special=True)
+        guide = stream.guide
+        if guide is not None:
+            if self.thinking:
+                stream.force(budget.start_ids)  # the reasoning goes first, unconstrained
+            else:
+                guide.start()
+        owed = 0  # ids the guide had forced that are still to come
         try:
             for tid in stream:
+                if guide is not None and guide.active:
+                    guide.accept(tid)
                 if forced := budget.feed(tid):
                     stream.force(forced)
-                yield from splitter.feed(decoder.push(tid))
+                elif guide is not None and owed:
+                    owed -= 1
+                elif guide is not None:
+                    forced = self._guide_step(guide, budget, stream.left)
+                    stream.force(forced)
+                    owed = len(forced) if guide.active else 0  # an ended reasoning starts the guide
+                yield from _until_stop(splitter.feed(decoder.push(tid)), stop_text)
+                if stop_text.hit:
+                    break
         finally:
             stream.close()
-        yield from splitter.feed(decoder.flush())
-        yield from splitter.flush()
         stats = stream.stats
+        if stop_text.hit:
+            stats.finish_reason = "stop"
+        else:
+            yield from _until_stop([*splitter.feed(decoder.flush()), *splitter.flush()], stop_text)
+            if tail := stop_text.flush():
+                yield AnswerDelta(tail)
         yield Done(
             finish_reason=stats.finish_reason,
             usage=Usage(
@@ -428,6 +499,27 @@ class Engine:
             ),
             model=self.name,
         )
+
+    @staticmethod
+    def _guide_step(guide: JsonGuide, budget: ThinkingBudget, left: int) -> list[int]:
+        """Ids to force for a constrained answer: the end of the reasoning when only the JSON's
+        room is left, or the JSON's closing when the budget is that tight; usually none."""
+        if guide.active:
+            return guide.closing(left)
+        if budget.in_thinking and left <= guide.window + len(budget.end_ids):
+            return budget.end_now()
+        if budget.phase is Phase.ANSWER:
+            guide.start()
+        return []
+
+
+def _until_stop(deltas: Sequence[Event], stop_text: StopText) -> Iterator[Event]:
+    """The deltas with answer text cut at the first stop string (none: unchanged)."""
+    for delta in deltas:
+        if not isinstance(delta, AnswerDelta) or not stop_text.stops:
+            yield delta
+        elif text := stop_text.feed(delta.text):
+            yield AnswerDelta(text)
 
 
 def _sync(device: torch.device) -> None:

@@ -65,6 +65,16 @@ class Done:
 Event = Union[ThinkingDelta, AnswerDelta, Done]
 
 
+@dataclass(frozen=True)
+class JsonFormat:
+    """What a request's answer must be: JSON valid against `schema`, or any JSON object (None).
+
+    The local engine enforces it while sampling (`engine.grammar`); a server gets it as OpenAI's
+    `response_format`."""
+
+    schema: dict[str, Any] | None = None
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """JSON-ready form of an event (used by `--jsonl` and the server)."""
     if isinstance(event, Done):

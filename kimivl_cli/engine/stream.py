@@ -123,6 +123,33 @@ def split_thinking_text(text: str) -> tuple[str, str]:
     return thinking, "".join(d.text for d in deltas if isinstance(d, AnswerDelta))
 
 
+class StopText:
+    """Answer text in, the same text out up to the first of `stops` (OpenAI's `stop`), which is
+    never emitted. A delta ending in a possible start of a stop string is held back until the
+    next one decides; `hit` tells that the answer is over."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self.hit:
+            return ""
+        buf = self._held + text
+        found = [buf.find(stop) for stop in self.stops if stop in buf]
+        if found:
+            self.hit, self._held = True, ""
+            return buf[: min(found)]
+        keep = _held_prefix_len(buf, self.stops)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.hit else held
+
+
 class ThinkingBudget:
     """Token-level thinking state: usage counts, thinking time, and the forced end of a long block.
 
@@ -200,6 +227,13 @@ class ThinkingBudget:
 
     def _force_if_spent(self) -> list[int]:
         if self.budget is None or self.reasoning_tokens < self.budget:
+            return []
+        return self.end_now()
+
+    def end_now(self) -> list[int]:
+        """The ids that end the reasoning now (what is left of the end marker); [] unless thinking
+        and not already ending it. The loop must force them next."""
+        if self.phase is not Phase.THINKING or self._forcing:
             return []
         self._forcing = True
         # If the model already began the end marker (after the start marker), force only its remainder.

@@ -84,14 +84,19 @@ def as_input(source: Source) -> MediaInput:
 
 
 def resolve_inputs(
-    args: list[str], stdin: BinaryIO | None = None, *, kinds: Iterable[MediaKind] = MEDIA_KINDS
+    args: list[str],
+    stdin: BinaryIO | None = None,
+    *,
+    kinds: Iterable[MediaKind] = MEDIA_KINDS,
+    skipped: list[str] | None = None,
 ) -> list[MediaInput]:
     """The inputs named on the command line, in order, each file once.
 
     - `-` reads all of `stdin` (default: the process's) into memory; only once per call.
     - A folder expands recursively to its files of an accepted kind, hidden files and folders
       skipped, in natural order of their relative paths (`page2.png` before `page10.png`), so
-      a folder of scans comes out in page order on every machine. Other files in it are skipped.
+      a folder of scans comes out in page order on every machine. Other files in it are skipped
+      (and their paths added to `skipped` when given).
     - A named file (or stdin) of a kind not in `kinds` is an error, as is a missing path, an
       unreadable file, or a folder with nothing usable in it.
     """
@@ -116,7 +121,7 @@ def resolve_inputs(
             continue
         path = Path(arg)
         if path.is_dir():
-            found.extend(_expand_folder(path, accepted))
+            found.extend(_expand_folder(path, accepted, skipped if skipped is not None else []))
         elif path.exists():
             found.append(_accept(MediaInput(arg, _sniff_file(path, arg), path=path), accepted))
         else:
@@ -160,7 +165,7 @@ def _natural_key(relative: Path) -> tuple:
     )
 
 
-def _expand_folder(root: Path, accepted: frozenset[MediaKind]) -> list[MediaInput]:
+def _expand_folder(root: Path, accepted: frozenset[MediaKind], skipped: list[str]) -> list[MediaInput]:
     files: list[Path] = []
     for folder, subfolders, names in os.walk(root, onerror=None):  # symlinked folders are not followed
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
@@ -171,9 +176,12 @@ def _expand_folder(root: Path, accepted: frozenset[MediaKind]) -> list[MediaInpu
         try:
             item = MediaInput(str(path), _sniff_file(path, str(path)), path=path)
         except InputError:
-            continue  # empty or unreadable files in a folder are skipped like any unsupported file
+            skipped.append(str(path))  # empty or unreadable files are skipped like any unsupported file
+            continue
         if item.kind in accepted:
             found.append(item)
+        else:
+            skipped.append(str(path))
     if not found:
         raise InputError(f"{root}: no supported files in this folder", f"expected {_wanted(accepted)}")
     return found

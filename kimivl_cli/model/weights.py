@@ -21,11 +21,14 @@ them straight in, no requantization.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +36,9 @@ import torch
 from torch import nn
 
 from kimivl_cli.errors import CheckpointError, InputError
+from kimivl_cli.files import user_file_mode
 from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.model.hub import is_repo_id
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.quant.modules import quantize_linears_
 
@@ -43,13 +48,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja"]
 # Keys some exporters write that carry nothing we need (recomputed rotary tables).
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANT_MODES = ("none", "nf4", "int8")
 # --quant auto keeps bf16 while the weights take at most this share of the device's memory
 # (the rest is for activations, the cache and, on CPU, everything else running); beyond it, nf4.
 AUTO_WEIGHT_SHARE = 0.7
 QUANT_METADATA_KEY = "kimivl_quant"  # safetensors `__metadata__` entry of a pre-quantized checkpoint
 SHARD_BYTES = 4 << 30  # shard size `save_quantized` writes
+
+
+LoadProgress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+"""`progress(total_bytes, description)` -> a context yielding `advance(nbytes)`: how a caller shows loading."""
+
+
+@contextlib.contextmanager
+def _no_progress(total: int, description: str):
+    yield lambda n: None
 
 
 class Target(NamedTuple):
@@ -77,7 +90,7 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
     text = str(path_or_repo)
     if path.exists():
         raise CheckpointError(f"{text} is a file", "--model wants a checkpoint folder or a Hub repo id")
-    if not _REPO_ID.match(text):
+    if not is_repo_id(text):
         raise CheckpointError(f"{text}: no such folder", "pass a checkpoint folder or a Hub repo id like owner/name")
     from huggingface_hub import constants, snapshot_download
 
@@ -313,22 +326,32 @@ def plan_load(
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, folder: Path, prefix: str = "") -> None:
+def load_checkpoint(
+    model: nn.Module,
+    folder: Path,
+    prefix: str = "",
+    progress: LoadProgress | None = None,
+    description: str = "loading weights",
+) -> None:
     """Stream the checkpoint in `folder` into `model`, whose root sits at official key `prefix`
-    (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model."""
+    (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model.
+    `progress` is told the bytes to read, then each tensor's bytes once it is in place."""
     files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
     targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
     plan = plan_load(targets, files, prefix)
-    for file, keys in plan.items():
-        with open(file.path, "rb", buffering=0) as fh:
-            for key in keys:
-                module, name, _, hook = targets[key]
-                tensor = file.read(key, fh)
-                if hook:
-                    module.load_tensor(name, tensor)
-                else:
-                    getattr(module, name).copy_(tensor)
-                del tensor
+    total = sum(file.entries[key].end - file.entries[key].start for file, keys in plan.items() for key in keys)
+    with (progress or _no_progress)(total, description) as advance:
+        for file, keys in plan.items():
+            with open(file.path, "rb", buffering=0) as fh:
+                for key in keys:
+                    module, name, _, hook = targets[key]
+                    tensor = file.read(key, fh)
+                    if hook:
+                        module.load_tensor(name, tensor)
+                    else:
+                        getattr(module, name).copy_(tensor)
+                    advance(tensor.nbytes)
+                    del tensor
 
 
 def device_memory_bytes(device: torch.device | str) -> int:
@@ -364,6 +387,7 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     quant: str = "none",
+    progress: LoadProgress | None = None,
 ) -> tuple[KimiVL, KimiVLConfig]:
     """Build `KimiVL` from a checkpoint folder or Hub repo id, weights cast to `dtype` on `device`.
 
@@ -393,7 +417,8 @@ def load_model(
             f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8, or no quantization"
         ) from None
     materialize(model, dtype, device)
-    load_checkpoint(model, folder)
+    quantizing = f", quantizing to {quant.upper()}" if stored == "none" and quant != "none" else ""
+    load_checkpoint(model, folder, progress=progress, description=f"loading {Path(str(path_or_repo)).name}{quantizing}")
     return model.eval(), config
 
 
@@ -403,7 +428,13 @@ def _is_weight_file(path: Path) -> bool:
 
 @torch.no_grad()
 def save_quantized(
-    src: str | Path, dst: Path, quant: str = "nf4", *, dtype: torch.dtype = torch.bfloat16, force: bool = False
+    src: str | Path,
+    dst: Path,
+    quant: str = "nf4",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    force: bool = False,
+    progress: LoadProgress | None = None,
 ) -> list[Path]:
     """Write `src` (folder or Hub id) quantized as `quant` to folder `dst`; returns the files written.
 
@@ -421,7 +452,7 @@ def save_quantized(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
     folder = resolve_checkpoint(src)
-    model, _ = load_model(folder, dtype=dtype, device="cpu", quant=quant)
+    model, _ = load_model(folder, dtype=dtype, device="cpu", quant=quant, progress=progress)
     targets = checkpoint_targets(model, stored_quantized=True)
     if dst.is_file():
         dst.unlink()
@@ -441,14 +472,17 @@ def save_quantized(
         size += tensor.nbytes
     metadata = {QUANT_METADATA_KEY: quant, "format": "pt"}
     written: list[Path] = []
+    mode = user_file_mode()  # safetensors writes its files 0600
     if len(shards) == 1:
         save_file(shards[0], dst / SINGLE_FILE, metadata=metadata)
+        os.chmod(dst / SINGLE_FILE, mode)
         written.append(dst / SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             path = dst / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, path, metadata=metadata)
+            os.chmod(path, mode)
             weight_map.update(dict.fromkeys(shard, path.name))
             written.append(path)
         index = {

@@ -15,9 +15,12 @@ then re-raises.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -52,6 +55,8 @@ class Transcript:
     answer_parts: list[str] = field(default_factory=list)
     done: Done | None = None
     model: str = ""  # named in the 'interrupted' Done when the stream stops before its own
+    notes: list[str] = field(default_factory=list)  # what was capped, skipped or ignored (--json's "notes")
+    inputs: dict[str, list[str]] | None = None  # {"sent": [...], "skipped": [...]} of `ask`
 
     @property
     def thinking(self) -> str:
@@ -82,6 +87,8 @@ class Transcript:
             "model": done["model"],
             "usage": done["usage"],
             "timings": done["timings"],
+            "notes": self.notes,
+            **({"inputs": self.inputs} if self.inputs is not None else {}),
         }
 
 
@@ -234,6 +241,23 @@ def _last_chars(parts: list[str], n: int) -> str:
     return "".join(reversed(tail))[-n:]
 
 
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until it ends, so a redraw is never left half
+    written (the live frame's size would no longer match the screen). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def render_rich(
     events: Iterable[Event],
     transcript: Transcript,
@@ -241,9 +265,14 @@ def render_rich(
     show_thinking: bool | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Live view while streaming, then the full result (also after Ctrl-C or an error)."""
+    """Live view while streaming, then the full result in its place (also after Ctrl-C or an error).
+
+    The live display itself draws the full result when it stops (Rich lets it overflow the
+    screen then), so the text is written once: erasing the live frame and printing the result
+    anew showed it twice whenever the erase missed lines.
+    """
     view = RichView(transcript, show_thinking, clock, tail_chars=console.width * console.height)
-    live = Live(console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False)
+    live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False, redirect_stderr=False)
     last_draw, interval = -REFRESH_S, REFRESH_S
     live.start()
     try:
@@ -253,9 +282,10 @@ def render_rich(
             now = clock()
             if changed or now - last_draw >= interval:
                 started = time.perf_counter()
-                live.update(view.renderable(), refresh=True)
+                with _interrupt_after():
+                    live.update(view.renderable(), refresh=True)
                 interval = max(REFRESH_S, (time.perf_counter() - started) / REDRAW_SHARE)
                 last_draw = now
     finally:
+        live.update(view.renderable(final=True))
         live.stop()
-        console.print(view.renderable(final=True))

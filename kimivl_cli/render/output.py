@@ -16,12 +16,15 @@ from typing import Literal
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -48,17 +51,30 @@ class _Rate(ProgressColumn):
         return Text("" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
 
+_STDERR: Console | None = None
+
+
+def stderr_console() -> Console:
+    """The one Console on stderr every `Output` shares, so progress bars shown at once (loading
+    the model while a page bar runs) nest in one live display instead of overwriting each other."""
+    global _STDERR
+    if _STDERR is None:
+        _STDERR = Console(stderr=True, highlight=False)
+    return _STDERR
+
+
 @dataclass
 class Output:
     """A command's output channels and the user's display choices (`--json`, `--jsonl`, `--quiet`, ...)."""
 
     stdout: Console = field(default_factory=lambda: Console(highlight=False))
-    stderr: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    stderr: Console = field(default_factory=stderr_console)
     json: bool = False
     jsonl: bool = False
     show_thinking: bool | None = None  # None: fold the reasoning on a terminal, omit it elsewhere
     quiet: bool = False
     clock: Callable[[], float] = time.monotonic
+    notes: list[str] = field(default_factory=list)  # every note given, shown or not (--json reports them)
 
     def __post_init__(self) -> None:
         if self.json and self.jsonl:
@@ -93,25 +109,32 @@ class Output:
         return transcript
 
     def note(self, message: str) -> None:
-        """One line for the user on stderr (unless --quiet); never parsed as markup."""
+        """One line for the user on stderr (unless --quiet); never parsed as markup. Kept in `notes`."""
+        if message:
+            self.notes.append(message.removeprefix("note: "))
         if not self.quiet:
             style = "dim" if _fancy(self.stderr) else None
             self.stderr.print(message, markup=False, highlight=False, soft_wrap=True, style=style)
 
+    @property
+    def wants_thinking(self) -> bool:
+        """Whether the generation should stream the reasoning: when it is shown, and on a terminal
+        always (hidden, it is a live "Thinking for 12.3s" status instead of silence)."""
+        return self.show_thinking is not False or self.style == "rich"
+
     @contextmanager
     def progress(self, total: int | None, unit: str = "pages", description: str = "") -> Iterator[Callable[..., None]]:
-        """A progress bar on stderr (count, rate, ETA) yielding `advance(n=1)`; silent off a terminal or with --quiet."""
+        """A progress bar on stderr yielding `advance(n=1)`: count, rate and ETA (bytes, speed and ETA
+        for unit "bytes"; elapsed time for total None); silent off a terminal or with --quiet."""
         if self.quiet or not _fancy(self.stderr):
             yield lambda n=1: None
             return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(unit),
-            _Rate(unit),
-            TimeRemainingColumn(),
-        )
+        if unit == "bytes":
+            counts: tuple[ProgressColumn, ...] = (DownloadColumn(), TransferSpeedColumn())
+        else:
+            counts = (MofNCompleteColumn(), TextColumn(unit), _Rate(unit))
+        clock = TimeElapsedColumn() if total is None else TimeRemainingColumn()
+        columns = (TextColumn("{task.description}"), BarColumn(), *counts, clock)
         with Progress(*columns, console=self.stderr, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)

@@ -10,6 +10,7 @@ from typing import Any
 _COUNT = {"type": "integer", "minimum": 0}
 _SECONDS = {"type": "number", "minimum": 0}
 _FINISH_REASON = {"enum": ["stop", "length", "interrupted"]}
+_NAMES = {"type": "array", "items": {"type": "string"}}
 
 USAGE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -41,8 +42,20 @@ ANSWER_SCHEMA: dict[str, Any] = {
         "model": {"type": "string"},
         "usage": USAGE_SCHEMA,
         "timings": TIMINGS_SCHEMA,
+        "notes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Every option capped or ignored and input skipped, as told on stderr.",
+        },
+        "inputs": {
+            "type": "object",
+            "description": "The input files sent, and the files in folders that were skipped.",
+            "properties": {"sent": _NAMES, "skipped": _NAMES},
+            "required": ["sent", "skipped"],
+            "additionalProperties": False,
+        },
     },
-    "required": ["answer", "thinking", "finish_reason", "model", "usage", "timings"],
+    "required": ["answer", "thinking", "finish_reason", "model", "usage", "timings", "notes"],
     "additionalProperties": False,
 }
 

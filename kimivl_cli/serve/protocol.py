@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from kimivl_cli.backends import ChatOptions
-from kimivl_cli.engine.events import Done, Event, ThinkingDelta
+from kimivl_cli.engine.events import Done, Event, JsonFormat, ThinkingDelta
 from kimivl_cli.errors import InputError
 
 if TYPE_CHECKING:
@@ -48,8 +48,10 @@ def parse_request(body: Any, allow_local_files: bool) -> ChatRequest:
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise InputError("'messages' must be a non-empty list")
-    if body.get("n", 1) != 1:
-        raise InputError("only n=1 is supported")
+    if body.get("n") not in (None, 1):
+        raise InputError(f"n={body['n']!r}: only n=1 is supported (one choice per request)", "send n requests")
+    if body.get("tools") or body.get("functions"):
+        raise InputError("tools and functions are not supported: this server has no tool-calling format")
     messages: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     for i, message in enumerate(raw_messages):
@@ -71,10 +73,40 @@ def parse_request(body: Any, allow_local_files: bool) -> ChatRequest:
             top_p=_number(body, "top_p", float),
             seed=_number(body, "seed", int),
             thinking_budget=_number(body, "thinking_budget", int),
+            json_format=_response_format(body.get("response_format")),
+            stop=_stop(body.get("stop")),
         ),
         stream=bool(body.get("stream", False)),
         include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
     )
+
+
+def _response_format(value: Any) -> JsonFormat | None:
+    """OpenAI's `response_format`: text (None), json_object, or json_schema {name, schema, strict}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat()
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InputError("response_format.json_schema.schema must be a JSON Schema object")
+        return JsonFormat(schema)
+    raise InputError(f"response_format type {kind!r} is not supported", "use text, json_object or json_schema")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or a list of up to 4 strings."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+        raise InputError("'stop' must be a string or a list of up to 4 strings")
+    return tuple(s for s in stops if s)
 
 
 def _number(body: Mapping[str, Any], key: str, kind: type) -> Any:

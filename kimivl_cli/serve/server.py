@@ -1,10 +1,11 @@
 """`kimivl serve`: an OpenAI-compatible HTTP server over one `ChatBackend`, standard library only.
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` (`stream: true` -> server-sent events,
-`data: {...}` chunks ending with `data: [DONE]`), `GET /health`. Every response is JSON (or
-SSE); every failure is an OpenAI-style error object with a status code: 400 bad request,
-401 missing/wrong API key, 404/405 unknown route, 413 body too large, 503 queue full, 500 a
-failed generation. Tracebacks go to the server log, never to the client.
+`data: {...}` chunks ending with `data: [DONE]`), `GET /health` (no API key needed). Every
+response is JSON (or SSE); every failure is an OpenAI-style error object with a status code: 400
+bad request (also what is not supported: tools, n > 1), 401 missing/wrong API key, 404 unknown
+route or model name, 405, 413 body too large, 503 busy (queue full), 500 a failed generation.
+Tracebacks go to the server log, never to the client.
 
 Threads: `ThreadingHTTPServer` gives each connection a thread that parses, queues and writes;
 one `Worker` thread runs the model (see `worker`).
@@ -102,7 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, route) -> None:
         try:
-            self._authorize()
+            if self.path.split("?", 1)[0].rstrip("/") != "/health":  # health checks carry no key
+                self._authorize()
             route()
         except HttpError as exc:
             self._send_json(exc.status, error_json(exc.message, exc.kind, exc.code))
@@ -153,6 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain_body()
             raise HttpError(404 if path not in ("/v1/models", "/health") else 405, f"no POST route {path or '/'}")
         body = self._read_json()
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and model != self.server.model_name:
+            raise HttpError(
+                404,
+                f"the model {model!r} does not exist: this server serves {self.server.model_name!r}",
+                code="model_not_found",
+            )
         try:
             request = parse_request(body, self.server.allow_local_files)
         except KimivlError as exc:

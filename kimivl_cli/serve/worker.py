@@ -38,12 +38,14 @@ class Job:
 
 
 class Worker:
-    """The single consumer of the queue. `queue_size` waiting requests at most, plus the running one."""
+    """The single consumer of the queue. `queue_size` waiting requests at most (0: none, a busy
+    worker refuses), plus the running one."""
 
     def __init__(self, backend: ChatBackend, queue_size: int) -> None:
         self.backend = backend
         self.queue_size = queue_size
-        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._slots = threading.BoundedSemaphore(queue_size + 1)  # running + waiting; freed at END
         self._stop = threading.Event()
         self.running = False
         self.served = 0
@@ -55,11 +57,10 @@ class Worker:
         return self._jobs.qsize()
 
     def submit(self, request: ChatRequest) -> Job:
+        if not self._slots.acquire(blocking=False):
+            raise QueueFull
         job = Job(request)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        self._jobs.put(job)
         return job
 
     def close(self, timeout: float = 5.0) -> None:
@@ -80,12 +81,14 @@ class Worker:
                 finally:
                     self.running = False
                     self.served += 1
+            self._slots.release()
             job.outbox.put(END)
         while True:  # stopping: whoever still waits gets an answer, not a hang
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
+            self._slots.release()
             job.outbox.put(RuntimeFailure("the server is shutting down"))
             job.outbox.put(END)
 

@@ -140,6 +140,7 @@ class Segments:
     def __init__(self, options: MediaOptions, image_config: ImageProcessorConfig) -> None:
         self.options = options
         self.image_config = image_config
+        self.notes: list[str] = []  # what was capped while reading, for the user
         self._stack = ExitStack()
 
     def __enter__(self) -> Segments:
@@ -168,13 +169,22 @@ class Segments:
             yield PdfPage(doc, index, cost, doc.text(index))
 
     def _video(self, item: MediaInput) -> list[Segment]:
-        from kimivl_cli.media.video import VideoFile
+        from kimivl_cli.media.video import DEFAULT_MAX_FRAMES, VideoFile
 
         with VideoFile(item) as video:
             if self.options.fps is not None:
                 frames = video.sample(fps=self.options.fps)
+                wanted, asked = math.ceil(video.duration * self.options.fps - 1e-9), f"--fps {self.options.fps:g}"
             else:
                 frames = video.sample(count=self.options.frames or DEFAULT_FRAMES)
+                wanted, asked = self.options.frames or DEFAULT_FRAMES, f"--frames {self.options.frames}"
+            if len(frames) < wanted:
+                why = (
+                    f"it has only {video.frame_count}"
+                    if len(frames) == video.frame_count
+                    else f"at most {DEFAULT_MAX_FRAMES} are sampled from one video"
+                )
+                self.notes.append(f"{item.name}: {asked} asks for {wanted} frames, sending {len(frames)} ({why})")
         segments: list[Segment] = []
         for frame in frames:
             segments += [f"{timestamp(frame.timestamp)}\n", frame.to_pil()]
@@ -310,15 +320,38 @@ def _plan_notes(
     ]
 
 
-def resolve(args: Sequence[str]) -> list[MediaInput]:
-    """The inputs named in `args` ('-' = stdin): images, PDFs, videos and text files."""
-    return resolve_inputs(list(args), kinds=ASK_KINDS)
+def resolve(args: Sequence[str], skipped: list[str] | None = None) -> list[MediaInput]:
+    """The inputs named in `args` ('-' = stdin): images, PDFs, videos and text files; files in
+    folders that are none of these are added to `skipped`."""
+    return resolve_inputs(list(args), kinds=ASK_KINDS, skipped=skipped)
+
+
+def folder_note(args: Sequence[str], items: Sequence[MediaInput], skipped: Sequence[str]) -> str | None:
+    """What was sent from folders and what was skipped, when an argument is a folder."""
+    folders = [arg for arg in args if arg != "-" and os.path.isdir(arg)]
+    if not folders:
+        return None
+    inside = [item.name for item in items if any(_under(item.name, folder) for folder in folders)]
+    sent = f"sending {len(inside)} file{'s' if len(inside) != 1 else ''} from {', '.join(folders)}: {_names(inside)}"
+    if not skipped:
+        return sent
+    return f"{sent}; skipped {len(skipped)} (not an image, PDF, video or text file): {_names(skipped)}"
+
+
+def _under(name: str, folder: str) -> bool:
+    return os.path.commonpath([os.path.abspath(name), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
+def _names(paths: Sequence[str], shown: int = 10) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
 
 
 @contextmanager
 def read_inputs(
     items: Sequence[MediaInput], options: MediaOptions, image_config: ImageProcessorConfig
-) -> Iterator[list[Segment]]:
-    """The segments of every input, in order; PDFs stay open while the block runs (pages render late)."""
+) -> Iterator[tuple[list[Segment], list[str]]]:
+    """The segments of every input, in order, and notes on what was capped; PDFs stay open while
+    the block runs (pages render late)."""
     with Segments(options, image_config) as reader:
-        yield [seg for item in items for seg in reader.read(item)]
+        yield [seg for item in items for seg in reader.read(item)], reader.notes

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kimivl_cli.errors import InputError
 
 if TYPE_CHECKING:
-    from kimivl_cli.backends import ChatBackend
+    from kimivl_cli.backends import ChatBackend, ChatOptions
     from kimivl_cli.engine.engine import Engine
+    from kimivl_cli.model.weights import LoadProgress
 
 QUANT_MODES = ("auto", "nf4", "int8", "none")
 BACKENDS = ("local", "openai")
@@ -31,20 +33,46 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def open_engine(model: str, device: str = "auto", quant: str = "auto") -> Engine:
+INT8_EXPERTS_NOTE = (
+    "--quant int8 quantizes attention and the dense and shared MLPs; the routed experts (most of the "
+    "weights) stay bf16, so it saves little memory: use --quant nf4 to fit a smaller device"
+)
+
+
+def open_engine(
+    model: str,
+    device: str = "auto",
+    quant: str = "auto",
+    progress: LoadProgress | None = None,
+    note: Callable[[str], None] = lambda message: None,
+) -> Engine:
     """Load the checkpoint `model` (folder or Hub id) into an Engine on the chosen device.
 
     Weights are bf16; `quant` nf4/int8 quantizes the language model's linears while loading, auto
-    does so only when bf16 would not fit the device (`model.weights.choose_quant`).
+    does so only when bf16 would not fit the device (`model.weights.choose_quant`). A checkpoint
+    saved quantized loads as saved. `progress` shows the loading; what differs from what was
+    asked is told to `note` and kept in the engine's `notes`.
     """
     import torch
 
     from kimivl_cli.engine.engine import Engine
+    from kimivl_cli.model.weights import SafetensorsFile, checkpoint_files, resolve_checkpoint, stored_quant
 
     quant = quant.lower()
     if quant not in QUANT_MODES:
         raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
-    return Engine.load(model, dtype=torch.bfloat16, device=resolve_device(device), quant=quant)
+    folder = resolve_checkpoint(model)
+    stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
+    notes = []
+    if quant == "none" and stored != "none":
+        notes.append(f"--quant none ignored: {model} was saved quantized as {stored}, so it loads as {stored}")
+    if "int8" in (quant, stored):
+        notes.append(INT8_EXPERTS_NOTE)
+    engine = Engine.load(model, dtype=torch.bfloat16, device=resolve_device(device), quant=quant, progress=progress)
+    for message in notes:
+        note(message)
+    engine.notes += notes
+    return engine
 
 
 def open_backend(
@@ -54,12 +82,15 @@ def open_backend(
     quant: str = "auto",
     api_base: str | None = None,
     api_key: str | None = None,
+    progress: LoadProgress | None = None,
+    note: Callable[[str], None] = lambda message: None,
 ) -> ChatBackend:
     """The backend the options name; nothing is loaded or contacted yet.
 
-    local: `model` is a checkpoint (default `DEFAULT_MODEL`), loaded on first use. openai: `model`
-    is the served model's name (default: the server's first `/v1/models` entry); device and
-    quant belong to the server and are ignored.
+    local: `model` is a checkpoint (default `DEFAULT_MODEL`), loaded on first use (shown by
+    `progress`). openai: `model` is the served model's name (default: the server's first
+    `/v1/models` entry); device and quant belong to the server and are ignored. Options not
+    honoured are told to `note` and kept in the backend's `notes`.
     """
     backend = backend.lower()
     if backend == "local":
@@ -67,7 +98,7 @@ def open_backend(
 
         if quant.lower() not in QUANT_MODES:  # checked now: a typo should not wait for the first page
             raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
-        return LocalBackend.lazy(lambda: open_engine(model or DEFAULT_MODEL, device, quant))
+        return LocalBackend.lazy(lambda: open_engine(model or DEFAULT_MODEL, device, quant, progress, note))
     if backend == "openai":
         from kimivl_cli.backends.openai import OpenAIBackend
 
@@ -76,8 +107,28 @@ def open_backend(
                 "--backend openai needs the server's address",
                 "add --api-base http://HOST:8000/v1, or set KIMIVL_API_BASE",
             )
-        return OpenAIBackend(api_base, api_key, model)
+        server = OpenAIBackend(api_base, api_key, model)
+        ignored = [
+            f"--{name} {value}" for name, value in (("device", device), ("quant", quant)) if value.lower() != "auto"
+        ]
+        if ignored:
+            server.notes.append(f"{', '.join(ignored)} ignored: the server chooses its own device and weights")
+        for message in server.notes:
+            note(message)
+        return server
     raise InputError(f"unknown --backend {backend!r}", f"use {' or '.join(BACKENDS)}")
+
+
+def sampling_notes(backend: ChatBackend, options: ChatOptions) -> list[str]:
+    """What of the sampling options `backend` may not honour, one line each."""
+    from kimivl_cli.backends.openai import OpenAIBackend
+
+    if isinstance(backend, OpenAIBackend) and options.thinking_budget is not None:
+        return [
+            f"--thinking-budget {options.thinking_budget} is sent as the request field thinking_budget: "
+            "kimivl serve honours it, vLLM and SGLang ignore it"
+        ]
+    return []
 
 
 def batch_concurrency(backend: ChatBackend, concurrency: int) -> tuple[int, str | None]:

@@ -30,11 +30,12 @@ HELP = """\
 /pdf PATH [PAGES]     attach a PDF's pages, e.g. /pdf manual.pdf 3-5
 /reset                forget the conversation and pending attachments
 /save FILE            write the conversation as JSON (/save! FILE overwrites)
+/load FILE            go on from a conversation saved with /save (its text; images are not kept)
 /thinking on|off      show or fold the reasoning trace
 /help                 this list
 /exit                 leave (also Ctrl-D)"""
 
-COMMANDS = ("image", "pdf", "reset", "save", "save!", "thinking", "help", "exit", "quit")
+COMMANDS = ("image", "pdf", "reset", "save", "save!", "load", "thinking", "help", "exit", "quit")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,41 @@ class Conversation:
                 thinking = thinking.removeprefix(THINK_START)
                 turns.append({"role": "assistant", "text": answer, "thinking": thinking})
         return {"model": model, "system": self.system, "turns": turns}
+
+    def load(self, path: str | Path) -> str:
+        """Replace the conversation by one written by `save`; -> a note. Images are not in the file:
+        their turns keep their text and the note says how many were left out."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            turns = data["turns"]
+            pairs = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
+            history: list[dict[str, Any]] = []
+            for user, assistant in pairs:
+                if (user["role"], assistant["role"]) != ("user", "assistant"):
+                    raise ValueError("turns must alternate user, assistant")
+                reply, thinking = str(assistant["text"]), str(assistant.get("thinking") or "")
+                history += [
+                    {"role": "user", "content": [{"type": "text", "text": str(user["text"])}]},
+                    {
+                        "role": "assistant",
+                        "content": f"{THINK_START}{thinking}{THINK_END}{reply}" if thinking else reply,
+                    },
+                ]
+            attachments = [list(user.get("attachments") or []) for user, _ in pairs]
+            dropped = sum(int(user.get("images") or 0) for user, _ in pairs)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{path} is not a conversation saved by /save ({exc})") from None
+        self.reset()
+        self.history, self.attachments = history, attachments
+        if isinstance(data.get("system"), str):
+            self.system = data["system"]
+        images = (
+            f"; its {dropped} image{'s are' if dropped != 1 else ' is'} not restored (attach again)" if dropped else ""
+        )
+        return f"loaded {len(pairs)} exchange{'s' if len(pairs) != 1 else ''} from {path}{images}"
 
     def save(self, path: str | Path, model: str, overwrite: bool = False) -> Path:
         """Write the transcript as JSON; an existing file is kept unless `overwrite`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kimivl_cli.engine.events import JsonFormat
 from kimivl_cli.video.scenes import Describe, TimedFrame
 
 if TYPE_CHECKING:
@@ -22,14 +23,16 @@ def chat_messages(frames: Sequence[TimedFrame], prompt: str) -> list[dict[str, A
     return [{"role": "user", "content": content}]
 
 
-def describe_with(answer: Callable[[list[dict[str, Any]], list[Image.Image]], Generation]) -> Describe:
+def describe_with(
+    answer: Callable[[list[dict[str, Any]], list[Image.Image], JsonFormat | None], Generation],
+) -> Describe:
     """A `Describe` over `answer` (a `backends.AnswerOnly`: local engine or server, reasoning dropped).
 
     A lazily opened local engine loads on the first call, so `--shots-only` and early input
     errors never pay for the weights.
     """
 
-    def describe(frames: Sequence[TimedFrame], prompt: str) -> str:
-        return answer(chat_messages(frames, prompt), [frame.image for frame in frames]).text
+    def describe(frames: Sequence[TimedFrame], prompt: str, json_format: JsonFormat | None = None) -> str:
+        return answer(chat_messages(frames, prompt), [frame.image for frame in frames], json_format).text
 
     return describe

@@ -3,11 +3,13 @@
 json    {"video", "fps", "frames", "scenes": [{"index", "start_frame", "end_frame", "start", "end", "description"}]}
 jsonl   one scene object per line, with "video"
 csv     PySceneDetect's `list-scenes` layout (a "Timecode List:" row, then its ten columns; 1-based
-        start frames, end frames inclusive), so scripts written for it read ours
+        start frames, end frames inclusive), so scripts written for it read ours, plus a last
+        "Description" column
 srt/vtt one subtitle cue per scene (the description, or "Scene N")
 md      a Markdown table plus a YouTube-style chapter list to paste into a description
 edl     CMX3600 edit decision list, one cut event per scene (non-drop-frame timecode)
-chapters FFmpeg metadata (`ffmpeg -i in.mp4 -i chapters.txt -map_metadata 1 -codec copy out.mp4`)
+chapters YouTube-style chapters, `0:00 Title` per line, to paste into a video description
+ffmetadata FFmpeg metadata chapters (`ffmpeg -i in.mp4 -i chapters.txt -map_metadata 1 -codec copy out.mp4`)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def to_csv(sl: SceneList) -> str:
             "Length (frames)",
             "Length (timecode)",
             "Length (seconds)",
+            "Description",
         ]
     )
     for s in sl.scenes:
@@ -73,6 +76,7 @@ def to_csv(sl: SceneList) -> str:
                 s.end_frame - s.start_frame + 1,
                 clock(length),
                 f"{length:.3f}",
+                " ".join(s.description.split()),
             ]
         )
     return out.getvalue()
@@ -110,10 +114,17 @@ def to_md(sl: SceneList) -> str:
     for s in sl.scenes:
         cells = [str(s.index), clock(s.start, 1), clock(s.end, 1), f"{s.start_frame}-{s.end_frame}"]
         lines.append("| " + " | ".join([*cells, _md_cell(s.description)]) + " |")
-    lines += ["", "Chapters (YouTube style):", "", "```text"]
-    lines += [f"{short_clock(s.start)} {_md_cell(s.title)}" for s in sl.scenes]
-    lines += ["```", ""]
+    lines += ["", "Chapters (YouTube style):", "", "```text", *youtube_chapters(sl), "```", ""]
     return "\n".join(lines)
+
+
+def youtube_chapters(sl: SceneList) -> list[str]:
+    """`0:00 Title`, one line per scene, as YouTube reads chapters from a video's description."""
+    return [f"{short_clock(s.start)} {_md_cell(s.title)}" for s in sl.scenes]
+
+
+def to_chapters(sl: SceneList) -> str:
+    return "\n".join(youtube_chapters(sl)) + "\n"
 
 
 def to_edl(sl: SceneList) -> str:
@@ -136,7 +147,7 @@ def _ffmeta_escape(text: str) -> str:
     return text
 
 
-def to_chapters(sl: SceneList) -> str:
+def to_ffmetadata(sl: SceneList) -> str:
     lines = [";FFMETADATA1", f"title={_ffmeta_escape(Path(sl.video).name)}", ""]
     for s in sl.scenes:
         start, end = round(s.start * 1000), round(s.end * 1000)
@@ -160,6 +171,7 @@ WRITERS: dict[str, Callable[[SceneList], str]] = {
     "md": to_md,
     "edl": to_edl,
     "chapters": to_chapters,
+    "ffmetadata": to_ffmetadata,
 }
 FORMATS = tuple(WRITERS)
 

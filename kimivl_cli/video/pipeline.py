@@ -6,11 +6,11 @@ Kept out of the CLI so that tests and other front ends drive it with a fake `Des
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.files import write_atomic
 from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.formats import FORMATS, render_many
 from kimivl_cli.video.scenes import (
@@ -20,6 +20,7 @@ from kimivl_cli.video.scenes import (
     parse_scenes,
     parse_verdict,
     read_keyframes,
+    scenes_format,
     scenes_prompt,
     shot_scenes,
     verify_keyframes,
@@ -29,7 +30,7 @@ from kimivl_cli.video.shots import Candidate, DetectorParams, ShotList, detect_s
 from kimivl_cli.video.timeline import SceneList
 
 MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
-EXTENSIONS = {fmt: f".{fmt}" for fmt in FORMATS} | {"chapters": ".ffmetadata.txt"}
+EXTENSIONS = {fmt: f".{fmt}" for fmt in FORMATS} | {"chapters": ".chapters.txt", "ffmetadata": ".ffmetadata.txt"}
 
 
 @dataclass(frozen=True)
@@ -53,27 +54,45 @@ class VideoResult:
     shots: ShotList
 
 
-def check_request(videos: list[str], fmt: str, output: Path | None, force: bool) -> list[Path] | None:
+def check_request(videos: list[str], fmt: str, output: str | None, force: bool) -> list[Path] | None:
     """Refuse bad combinations before any decoding or model loading.
 
-    Returns one output file per video when `output` is a folder (`talk.mp4` -> `FOLDER/talk.srt`),
-    else None: everything goes to stdout or into the one file `output`. Formats that hold one
-    video (csv, srt, vtt, edl, chapters) need a folder for several videos.
+    `output` ending in `/` (or an existing folder) is a folder, created if missing: one file per
+    video in it (`talk.mp4` -> `FOLDER/talk.srt`), the list returned. Otherwise None: everything
+    goes to stdout or into the one file `output`. Formats that hold one video (csv, srt, vtt, edl,
+    chapters, ffmetadata) need a folder for several videos.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
-    if output is not None and output.is_dir():
-        return per_video_files(videos, fmt, output, force)
+    if output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir()):
+        files = per_video_files(videos, fmt, Path(output), force)
+        output_folder(Path(output))
+        return files
     if len(videos) > 1 and fmt not in MULTI_VIDEO_FORMATS:
         raise InputError(
             f"--format {fmt} holds one video",
-            f"pass -o FOLDER for one file per video, or use {', '.join(MULTI_VIDEO_FORMATS)}",
+            f"pass -o FOLDER/ (a trailing slash makes a folder) for one file per video, or use "
+            f"{', '.join(MULTI_VIDEO_FORMATS)}",
         )
-    if output is not None and output.exists() and not force:
-        raise InputError(f"{output} already exists", "pass --force to overwrite it")
-    if output is not None and not output.parent.is_dir():
-        raise InputError(f"{output.parent} is not a folder", "create it first")
+    path = Path(output) if output is not None else None
+    if path is not None and path.exists() and not force:
+        raise InputError(f"{path} already exists", "pass --force to overwrite it")
+    if path is not None and not path.parent.is_dir():
+        raise InputError(
+            f"{path.parent} is not a folder", "create it first, or end -o with / to write into a new folder"
+        )
     return None
+
+
+def output_folder(folder: Path) -> Path:
+    """`folder`, created (with its parents) if missing; InputError if it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{folder} is a file, not a folder", "drop the trailing / to write into one file") from None
+    except OSError as exc:
+        raise InputError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
+    return folder
 
 
 def per_video_files(videos: list[str], fmt: str, folder: Path, force: bool) -> list[Path]:
@@ -101,7 +120,9 @@ def video_scenes(video: str | Path, options: VideoScenesOptions, describe: Descr
     else:
         keyframes = choose_keyframes(shots.shots, shots.fps, options.max_frames, options.sample_fps)
         frames = read_keyframes(video, keyframes)
-        text = describe(frames, scenes_prompt(shots.shots, len(frames), options.prompt_file))
+        prompt = scenes_prompt(shots.shots, len(frames), options.prompt_file)
+        # our prompt asks for this JSON; a user's own prompt may ask for something else
+        text = describe(frames, prompt, scenes_format(shots.shots) if options.prompt_file is None else None)
         scenes, notes = parse_scenes(text, shots.shots, shots.fps, shots.frames)
         warnings += notes
     return VideoResult(SceneList(str(video), shots.fps, shots.frames, scenes, warnings), shots)
@@ -124,7 +145,7 @@ def verify_shots(
         frames = [decoded[k.frame] for k in keys if k.frame in decoded]
         before = sum(k.frame < candidate.span[0] for k in keys if k.frame in decoded)
         prompt = verify_prompt(candidate, shots.fps, before, len(frames) - before)
-        return bool(frames) and parse_verdict(describe(frames, prompt))
+        return bool(frames) and parse_verdict(describe(frames, prompt, None))
 
     pairs = list(zip(shots.uncertain, per_candidate, strict=True))
     verdicts = ordered_map(confirms, pairs, concurrency)
@@ -142,12 +163,5 @@ def write_output(lists: list[SceneList], fmt: str, output: Path | None, force: b
         return text
     if output.exists() and not force:  # checked again: it may have appeared while we worked
         raise InputError(f"{output} already exists", "pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(output, text)
     return None

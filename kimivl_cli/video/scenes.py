@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Optional
 
 from PIL import Image
 
+from kimivl_cli.engine.events import JsonFormat
 from kimivl_cli.media.video import VideoFile
 from kimivl_cli.prompts import load_prompt
 from kimivl_cli.video.shots import Candidate, Shot
@@ -44,9 +46,9 @@ class TimedFrame:
     image: Image.Image
 
 
-Describe = Callable[[Sequence[TimedFrame], str], str]
-"""describe(frames_with_timestamps, prompt) -> model text (the engine provides it)."""
-
+Describe = Callable[[Sequence[TimedFrame], str, Optional[JsonFormat]], str]
+"""describe(frames_with_timestamps, prompt, json_format) -> model text (the engine provides it);
+`json_format` not None asks for JSON of that shape (the local engine guarantees it)."""
 
 # -- keyframes ---------------------------------------------------------------------------------
 
@@ -105,6 +107,25 @@ def scenes_prompt(shots: Sequence[Shot], frame_count: int, prompt_file: str | Pa
     lines = "\n".join(f"- shot {s.index + 1}: {stamp(s.start)} - {stamp(s.end)}" for s in shots)
     return Template(load_prompt("video_scenes.md", prompt_file)).safe_substitute(
         count=frame_count, duration=clock(duration, 1), shots=lines, end=clock(duration, 1)
+    )
+
+
+def scenes_format(shots: Sequence[Shot]) -> JsonFormat:
+    """What prompts/video_scenes.md asks for, as a JSON Schema whose times are the shots' own
+    boundaries (scenes are groups of shots): decoding held to it always gives usable scenes."""
+    starts = list(dict.fromkeys(clock(s.start, 1) for s in shots)) or ["00:00:00.0"]
+    ends = list(dict.fromkeys(clock(s.end, 1) for s in shots)) or ["00:00:00.0"]
+    scene = {
+        "type": "object",
+        "properties": {"start": {"enum": starts}, "end": {"enum": ends}, "description": {"type": "string"}},
+        "required": ["start", "end", "description"],
+    }
+    return JsonFormat(
+        {
+            "type": "object",
+            "properties": {"scenes": {"type": "array", "minItems": 1, "items": scene}},
+            "required": ["scenes"],
+        }
     )
 
 

@@ -62,7 +62,7 @@ def test_video_frames_follow_their_timestamps_and_text_is_inlined(
     notes = tmp_path / "notes.txt"
     notes.write_text("Rider numbers: 7 and 12.")
     budget = Budget(131072, 16)
-    with read_inputs(resolve([str(bikes_mp4), str(notes)]), MediaOptions(frames=4), CFG) as segments:
+    with read_inputs(resolve([str(bikes_mp4), str(notes)]), MediaOptions(frames=4), CFG) as (segments, _notes):
         prompt = build_prompt(segments, "Who wins?", system=None, tokenizer=tokenizer, image_config=CFG, budget=budget)
     (user,) = prompt.messages
     items = user["content"]
@@ -76,7 +76,7 @@ def test_video_frames_follow_their_timestamps_and_text_is_inlined(
 def test_long_pdf_is_cut_to_the_relevant_pages_and_fits(libtasn1_pdf: Path, tokenizer: Tokenizer) -> None:
     question = "What does asn1_der_decoding_element return?"
     budget = Budget(2048, 8, "--max-context 2,048")
-    with read_inputs(resolve([str(libtasn1_pdf)]), MediaOptions(), CFG) as segments:
+    with read_inputs(resolve([str(libtasn1_pdf)]), MediaOptions(), CFG) as (segments, _notes):
         prompt = build_prompt(
             segments, question, system="Be brief.", tokenizer=tokenizer, image_config=CFG, budget=budget
         )
@@ -94,7 +94,7 @@ def test_long_pdf_is_cut_to_the_relevant_pages_and_fits(libtasn1_pdf: Path, toke
 
 
 def test_page_range_at_natural_size_and_a_context_too_small(libtasn1_pdf: Path, tokenizer: Tokenizer) -> None:
-    with read_inputs(resolve([str(libtasn1_pdf)]), MediaOptions(pages="2-3"), CFG) as segments:
+    with read_inputs(resolve([str(libtasn1_pdf)]), MediaOptions(pages="2-3"), CFG) as (segments, _notes):
         prompt = build_prompt(
             segments, "Summarise", system=None, tokenizer=tokenizer, image_config=CFG, budget=Budget(131072, 512)
         )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pexpect
 
 from kimivl_cli.cli.chat import PROMPT
@@ -101,3 +102,41 @@ def test_piped_lines_give_plain_answers_and_a_failed_step_sets_the_exit_code(
     assert [t["role"] for t in turns] == ["user", "assistant"] * 2
     assert [t["images"] for t in turns if t["role"] == "user"] == [1, 1]
     assert all(t["text"] in stdout for t in turns if t["role"] == "assistant")  # answers on stdout, as said
+
+
+def _piped(checkpoint: Path, script: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    args = ["-m", "kimivl_cli", "chat", "--model", str(checkpoint), "--max-tokens", "3", "--seed", "0", *flags]
+    result = subprocess.run(
+        [sys.executable, *args], input=script.encode(), capture_output=True, timeout=300, env={**ENV, "NO_COLOR": "1"}
+    )
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def test_piped_answers_are_separated_and_json_gives_one_object_each(tiny_checkpoint: Path) -> None:
+    from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA
+
+    plain = _piped(tiny_checkpoint, "First?\nSecond?\n")
+    assert plain.returncode == 0, plain.stderr
+    answers = plain.stdout.split("\n\n")
+    assert len(answers) == 3 and answers[-1] == "" and all(a.strip() for a in answers[:2])  # a blank line after each
+    objects = [json.loads(line) for line in _piped(tiny_checkpoint, "First?\nSecond?\n", "--json").stdout.splitlines()]
+    assert len(objects) == 2
+    for data in objects:
+        jsonschema.validate(data, ANSWER_SCHEMA)
+    events = [json.loads(line) for line in _piped(tiny_checkpoint, "First?\nSecond?\n", "--jsonl").stdout.splitlines()]
+    for event in events:
+        jsonschema.validate(event, EVENT_SCHEMA)
+    assert [e["kind"] for e in events].count("done") == 2
+
+
+def test_load_goes_on_from_a_saved_conversation(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    first = _piped(tiny_checkpoint, f"/image {CHART}\nWhat is it?\n/save {saved}\n")
+    assert first.returncode == 0, first.stderr
+    later = tmp_path / "later.json"
+    second = _piped(tiny_checkpoint, f"/load {saved}\nAnd then?\n/save {later}\n/load {tmp_path / 'none.json'}\n")
+    assert "loaded 1 exchange from" in second.stderr and "its 1 image is not restored" in second.stderr
+    assert second.returncode == 2 and "none.json: no such file" in second.stderr  # the failed step is reported
+    turns = json.loads(later.read_text())["turns"]
+    assert [t["text"] for t in turns if t["role"] == "user"] == ["What is it?", "And then?"]
+    assert json.loads(saved.read_text())["turns"][1]["text"] == turns[1]["text"]  # the earlier answer carried over

@@ -44,12 +44,23 @@ def test_model_location(tmp_path: Path) -> None:
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     (snapshot.parents[1] / "blobs").mkdir()
+    unfinished = model_location("org/tiny", str(hub))  # a snapshot without weights (download cut short)
+    assert not unfinished["ready"] and "model.safetensors" in unfinished["problem"]
+    (snapshot / "model.safetensors").write_bytes(b"")
     cached = model_location("org/tiny", str(hub))
     assert (cached["source"], cached["ready"], cached["path"]) == ("hub", True, str(snapshot))
     assert model_location(str(snapshot))["source"] == "folder" and model_location(str(snapshot))["ready"]
     missing = model_location("org/other", str(hub))
     assert not missing["ready"] and "hf download org/other" in missing["problem"]
     assert model_location("not a model")["source"] == "invalid"
+    path_like = model_location("./nonexistent")  # a path, not the Hub id "./nonexistent"
+    assert path_like["source"] == "invalid" and "no such folder" in path_like["problem"]
+
+
+def test_a_missing_model_folder_is_an_error(tmp_path: Path) -> None:
+    result = kimivl("info", "-m", "./nonexistent", env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2 and result.stderr.startswith("error: --model ./nonexistent: no such folder")
+    assert "model: ./nonexistent (invalid, not ready)" in result.stdout
 
 
 def test_text_report_and_bad_device() -> None:
@@ -69,4 +80,5 @@ def test_reports_what_quant_auto_picks(tiny_checkpoint: Path, tmp_path: Path) ->
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"")
     assert "quant_auto_problem" in gather(str(broken), "cpu")["model"]

@@ -49,6 +49,23 @@ def test_images_from_stdin_and_folders(tmp_path: Path) -> None:
     assert found[1]["pages"][0]["tokens"] == found[2]["pages"][0]["tokens"] > 300
 
 
+def test_what_ask_takes_text_files_animations_and_the_default_frames(tmp_path: Path, bikes_mp4: Path) -> None:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(5)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    (tmp_path / "notes.jpg").write_text("Rider numbers: 7 and 12.\nSecond line\n")  # text, whatever the name
+    result = kimivl("inspect", str(tmp_path / "anim.gif"), str(tmp_path / "notes.jpg"), str(bikes_mp4))
+    assert result.returncode == 0, result.stderr
+    gif, text, video = result.stdout.splitlines()
+    assert "animated: 5 frames, the first is sent" in gif
+    assert "text, " in text and "on 2 lines" in text and "inlined into the prompt" in text
+    assert "230 tokens per frame, 1840 tokens for the default 8 frames" in video
+    data = json.loads(kimivl("inspect", "--json", str(tmp_path), str(bikes_mp4)).stdout)["inputs"]
+    assert [d["kind"] for d in data] == ["image", "text", "video"] and data[0]["animation_frames"] == 5
+    assert data[2]["default_tokens"] == 8 * data[2]["tokens_per_frame"]
+
+
 def broken_inputs(tmp: Path, libtasn1_pdf: Path, bikes_mp4: Path) -> dict[str, Path]:
     pdf, mp4 = libtasn1_pdf.read_bytes(), bikes_mp4.read_bytes()
     files = {
@@ -68,7 +85,6 @@ def broken_inputs(tmp: Path, libtasn1_pdf: Path, bikes_mp4: Path) -> dict[str, P
         ("truncated.pdf", "no readable pages"),
         ("zero.png", "is empty"),
         ("truncated.mp4", "not a readable video"),
-        ("text.jpg", "is text, not an image"),
         ("missing.png", "no such file"),
     ],
 )
@@ -92,4 +108,4 @@ def test_encrypted_pdf_needs_password(tmp_path: Path) -> None:
     locked = kimivl("inspect", str(tmp_path / "locked.pdf"))
     assert locked.returncode == 2 and "--password" in locked.stderr
     opened = kimivl("inspect", str(tmp_path / "locked.pdf"), "--password", "pw")
-    assert opened.returncode == 0 and "1 pages" in opened.stdout
+    assert opened.returncode == 0 and ", 1 page, " in opened.stdout and "1 pages" not in opened.stdout

@@ -7,6 +7,7 @@ import json
 import re
 
 import jsonschema
+import pyte
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Us
 from kimivl_cli.errors import InputError
 from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA, Output, Transcript
 from kimivl_cli.render.answer import RichView, printable, render_rich
+from tests.render.conftest import ticking
 
 ESCAPE = re.compile(r"\x1b\[")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -29,9 +31,12 @@ def texts(events: list[Event]) -> tuple[str, str]:
     return thinking, "".join(e.text for e in events if isinstance(e, AnswerDelta))
 
 
-def final_screen(raw: str) -> str:
-    """What stays on the terminal: the text printed after the live view ended, without escapes."""
-    return ANSI.sub("", raw.rpartition(SHOW_CURSOR)[2])
+def final_screen(raw: str, width: int = 72, height: int = 24) -> str:
+    """What stays on the terminal, scrollback included: `raw` played on an emulated terminal."""
+    screen = pyte.HistoryScreen(width, height, history=100_000)
+    pyte.Stream(screen).feed(raw.replace("\n", "\r\n"))  # a tty's output newline also returns the carriage
+    scrolled = ["".join(char.data for char in line.values()) for line in screen.history.top]
+    return "\n".join(line.rstrip() for line in [*scrolled, *screen.display]).strip("\n")
 
 
 def flat(screen: str) -> str:
@@ -96,9 +101,9 @@ def test_terminal_live_view_follows_the_newest_lines(captured) -> None:
     cap = captured(terminal=True, height=12)
     cap.output.stream(events)
     frames = cap.out.getvalue().rpartition(SHOW_CURSOR)[0].split("\x1b[2K\x1b[1A")  # erase-up between frames
-    assert max(frame.count("\n") for frame in frames) < 12
-    final = final_screen(cap.out.getvalue())
-    assert all(line in final for line in lines)  # the whole answer is printed at the end
+    assert max(frame.count("\n") for frame in frames[:-1]) < 12  # the last frame is the whole answer
+    final = final_screen(cap.out.getvalue(), height=12).splitlines()
+    assert [line for line in final if line] == lines  # the whole answer at the end, each line once
 
 
 @pytest.mark.parametrize("n", [1, 3, 40])
@@ -111,9 +116,11 @@ def test_terminal_ctrl_c_prints_what_arrived_then_reraises(streams, captured, n)
     thinking, answer = texts(events[:n])
     assert (transcript.thinking, transcript.answer) == (thinking, answer)  # the caller keeps the partial reply
     assert transcript.final().finish_reason == "interrupted"
-    final = flat(final_screen(cap.out.getvalue()))
+    screen = final_screen(cap.out.getvalue())
+    final = flat(screen)
     assert flat(thinking) in final
     assert all(word.strip("*") in final for word in answer.split())
+    assert screen.count("╭─") == 1 and screen.count(" Thinking ") == 1  # shown once, not twice
 
 
 def test_render_rich_uses_its_clock_when_the_engine_gives_no_time() -> None:
@@ -121,7 +128,7 @@ def test_render_rich_uses_its_clock_when_the_engine_gives_no_time() -> None:
     cap = Console(file=io.StringIO(), force_terminal=True, width=60)
     events = [ThinkingDelta("a"), ThinkingDelta("b"), AnswerDelta("c"), Done(usage=Usage(thinking_tokens=9))]
     render_rich(events, Transcript(), cap, clock=lambda: float(next(ticks)))
-    assert "Thought for 3.0s · 9 tokens" in final_screen(cap.file.getvalue())
+    assert "Thought for 3.0s · 9 tokens" in final_screen(cap.file.getvalue(), width=60, height=25)
 
 
 # --- pipes and NO_COLOR -----------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def test_jsonl_after_ctrl_c_ends_with_an_interrupted_done(streams, captured) -> 
 def test_schemas_are_valid_and_strict() -> None:
     jsonschema.Draft202012Validator.check_schema(ANSWER_SCHEMA)
     jsonschema.Draft202012Validator.check_schema(EVENT_SCHEMA)
-    good = {"answer": "", "thinking": "", "finish_reason": "stop", "model": "", **_zeros()}
+    good = {"answer": "", "thinking": "", "finish_reason": "stop", "model": "", **_zeros(), "notes": []}
     ANSWER.validate(good)
     for broken in (
         {**good, "finish_reason": "crashed"},
@@ -278,3 +285,34 @@ def test_control_characters_from_the_model_never_reach_the_terminal(captured) ->
     cap = captured(terminal=False, json=True)
     cap.output.stream(HOSTILE)
     assert json.loads(cap.out.getvalue())["answer"] == "ok \x1b[31mred\x1b[0m\r\x9b2J\tdone\n"  # data stays exact
+
+
+@pytest.mark.parametrize("redraw", [2, 12])
+def test_ctrl_c_in_the_middle_of_a_redraw_leaves_the_answer_once(monkeypatch, redraw: int) -> None:
+    """SIGINT lands while a live frame is half rendered: the frame is finished first, then the
+    whole partial answer stays on the (emulated) terminal exactly once."""
+    import os
+    import signal
+
+    from rich.markdown import Markdown
+
+    from kimivl_cli.render import answer
+
+    drawn = [0]
+
+    class Interrupting(Markdown):
+        def __rich_console__(self, console, options):
+            drawn[0] += 1
+            for i, segment in enumerate(super().__rich_console__(console, options)):
+                if drawn[0] == redraw and i == 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield segment
+
+    monkeypatch.setattr(answer, "Markdown", Interrupting)
+    lines = [f"line {i} " + "word " * 8 for i in range(40)]
+    console = Console(file=io.StringIO(), force_terminal=True, width=72, height=12)
+    transcript = Transcript()
+    with pytest.raises(KeyboardInterrupt):
+        render_rich(iter([AnswerDelta(line + "\n\n") for line in lines]), transcript, console, clock=ticking())
+    shown = [line for line in final_screen(console.file.getvalue(), height=12).splitlines() if line]
+    assert len(transcript.answer_parts) >= redraw - 1 and shown == [line.strip() for line in transcript.answer_parts]

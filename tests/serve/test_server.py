@@ -30,11 +30,11 @@ def _ask(text: str, with_image: bool) -> list[dict]:
     return [{"role": "user", "content": [*items, {"type": "text", "text": text}]}]
 
 
-def _body(stream: bool = False, image: Image.Image | None = None, **extra) -> dict:
+def _body(stream: bool = False, image: Image.Image | None = None, model: str = "scripted", **extra) -> dict:
     parts = [{"type": "text", "text": "Describe."}]
     if image is not None:
         parts.insert(0, {"type": "image_url", "image_url": {"url": image_data_uri(image)}})
-    return {"model": "any", "messages": [{"role": "user", "content": parts}], "stream": stream, **extra}
+    return {"model": model, "messages": [{"role": "user", "content": parts}], "stream": stream, **extra}
 
 
 # --- the tiny engine, end to end ------------------------------------------------------------------
@@ -56,7 +56,9 @@ def test_openai_backend_against_serve_matches_the_local_engine(tiny_backend, sta
 
 def test_non_streaming_completion_shape(tiny_backend, start_server) -> None:
     server = start_server(tiny_backend)
-    status, headers, payload = http("POST", server.url + "/chat/completions", _body(image=_image(), max_tokens=4))
+    status, headers, payload = http(
+        "POST", server.url + "/chat/completions", _body(image=_image(), max_tokens=4, model=tiny_backend.name)
+    )
     assert status == 200 and headers["Content-Type"] == "application/json"
     data = json.loads(payload)
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
@@ -70,7 +72,9 @@ def test_non_streaming_completion_shape(tiny_backend, start_server) -> None:
 
 def test_streaming_chunks_end_with_done(tiny_backend, start_server) -> None:
     server = start_server(tiny_backend)
-    body = _body(stream=True, image=_image(), max_tokens=4, stream_options={"include_usage": True})
+    body = _body(
+        stream=True, image=_image(), max_tokens=4, stream_options={"include_usage": True}, model=tiny_backend.name
+    )
     status, headers, payload = http("POST", server.url + "/chat/completions", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = sse_events(payload)
@@ -90,7 +94,7 @@ def test_load_50_concurrent_requests_answered_or_rejected(tiny_backend, start_se
     url = server.url + "/chat/completions"
 
     def one(i: int) -> tuple[int, dict, bytes]:
-        return http("POST", url, _body(stream=i % 2 == 0, max_tokens=3), timeout=120)
+        return http("POST", url, _body(stream=i % 2 == 0, max_tokens=3, model=tiny_backend.name), timeout=120)
 
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(one, range(50)))
@@ -111,7 +115,7 @@ def test_load_50_concurrent_requests_answered_or_rejected(tiny_backend, start_se
     health = json.loads(payload)
     assert status == 200 and health["status"] == "ok" and health["served"] == answered
     assert not health["running"] and health["waiting"] == 0
-    assert http("POST", url, _body(max_tokens=2))[0] == 200
+    assert http("POST", url, _body(max_tokens=2, model=tiny_backend.name))[0] == 200
 
 
 # --- scripted backends: protocol edges ------------------------------------------------------------
@@ -246,12 +250,12 @@ def test_local_files_only_when_allowed(start_server, tmp_path) -> None:
     assert http("POST", allowed.url + "/chat/completions", missing)[0] == 400
 
 
-def test_api_key_on_every_route(start_server) -> None:
+def test_api_key_on_every_route_but_health(start_server) -> None:
     server = start_server(ScriptedBackend(), api_key=KEY)
     base = server.url.removesuffix("/v1")
+    assert http("GET", base + "/health")[0] == 200  # load balancers' health checks carry no key
     for method, path, body in [
         ("GET", "/v1/models", None),
-        ("GET", "/health", None),
         ("POST", "/v1/chat/completions", _body()),
     ]:
         for key in (None, "wrong"):

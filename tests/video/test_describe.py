@@ -40,7 +40,7 @@ def test_verify_shots_asks_about_the_flash(synthetic_clip: Path, tmp_path: Path)
     calls: list[tuple[list[int], str]] = []
 
     def describe(answer: str):
-        def run(frames: Sequence[TimedFrame], prompt: str) -> str:
+        def run(frames: Sequence[TimedFrame], prompt: str, json_format=None) -> str:
             calls.append(([f.frame for f in frames], prompt))
             return answer if "yes or no" in prompt else "no scenes here"
 
@@ -68,8 +68,8 @@ def test_prompt_file_replaces_the_scene_prompt(bikes_mp4: Path, tmp_path: Path) 
     custom.write_text("Custom: $count frames, $unknown stays.")
     seen: list[str] = []
     options = VideoScenesOptions(max_frames=2, prompt_file=custom)
-    video_scenes(bikes_mp4, options, lambda frames, prompt: seen.append(prompt) or "")
-    assert seen == ["Custom: 2 frames, $unknown stays."]
+    video_scenes(bikes_mp4, options, lambda frames, prompt, fmt: seen.append((prompt, fmt)) or "")
+    assert seen == [("Custom: 2 frames, $unknown stays.", None)]  # the user's prompt decides the format
 
 
 def test_engine_opens_on_first_call_and_bad_models_are_user_errors() -> None:

@@ -52,9 +52,21 @@ def test_csv_in_pyscenedetect_layout(scene_list: SceneList) -> None:
     rows = list(csv.reader(io.StringIO(render(scene_list, "csv"))))
     assert rows[0] == ["Timecode List:", "00:00:01.200", "00:00:03.040", "00:00:05.480", "00:00:07.480", "00:00:09.680"]
     assert rows[1][:5] == ["Scene Number", "Start Frame", "Start Timecode", "Start Time (seconds)", "End Frame"]
-    assert len(rows[1]) == 10
+    assert len(rows[1]) == 11 and rows[1][-1] == "Description"  # PySceneDetect's ten, then ours
     # PySceneDetect writes 1-based start frames and the exclusive 0-based end (= inclusive 1-based).
-    assert rows[2] == ["1", "1", "00:00:00.000", "0.000", "30", "00:00:01.200", "1.200", "30", "00:00:01.200", "1.200"]
+    assert rows[2][:10] == [
+        "1",
+        "1",
+        "00:00:00.000",
+        "0.000",
+        "30",
+        "00:00:01.200",
+        "1.200",
+        "30",
+        "00:00:01.200",
+        "1.200",
+    ]
+    assert [row[10] for row in rows[2:5]] == ["A rider jumps.", "Close-up, a --> second line | pipe", ""]
     assert rows[-1] == [
         "6",
         "243",
@@ -66,6 +78,7 @@ def test_csv_in_pyscenedetect_layout(scene_list: SceneList) -> None:
         "8",
         "00:00:00.320",
         "0.320",
+        "End",
     ]
 
 
@@ -77,8 +90,10 @@ def test_csv_matches_pyscenedetect_writer(scene_list: SceneList) -> None:
     tc = [scenedetect.FrameTimecode(f, FPS) for f in [*starts, 250]]
     theirs = io.StringIO()
     write_scene_list(theirs, list(itertools.pairwise(tc)), include_cut_list=False)
-    ours = render(scene_list, "csv").split("\n", 1)[1]
-    assert ours == theirs.getvalue()
+    rows = list(csv.reader(io.StringIO(render(scene_list, "csv").split("\n", 1)[1])))
+    ours = io.StringIO()
+    csv.writer(ours, lineterminator="\n").writerows(row[:10] for row in rows)  # without our Description
+    assert ours.getvalue() == theirs.getvalue()
 
 
 def _cues(text: str, comma: bool) -> list[tuple[float, float, str]]:
@@ -135,8 +150,15 @@ def test_edl_cmx3600(scene_list: SceneList) -> None:
     assert all(e["src"] == e["rec"] for e in events)
 
 
-def test_chapters_ffmetadata(scene_list: SceneList) -> None:
-    text = render(scene_list, "chapters")
+def test_chapters_youtube_list(scene_list: SceneList) -> None:
+    lines = render(scene_list, "chapters").splitlines()
+    assert lines[:3] == ["0:00 A rider jumps.", "0:01 Close-up, a -->", "0:03 Scene 3"]
+    assert len(lines) == 6 and lines[-1] == "0:09 End"
+    assert lines == render(scene_list, "md").split("```text\n")[1].split("\n```")[0].splitlines()
+
+
+def test_ffmetadata_chapters(scene_list: SceneList) -> None:
+    text = render(scene_list, "ffmetadata")
     assert text.startswith(";FFMETADATA1\n")
     chapters = re.findall(r"\[CHAPTER\]\nTIMEBASE=1/1000\nSTART=(\d+)\nEND=(\d+)\ntitle=(.*)", text)
     assert [(int(a), int(b)) for a, b, _ in chapters][:2] == [(0, 1200), (1200, 3040)]

@@ -18,6 +18,7 @@ from kimivl_cli.video.scenes import (
     parse_time,
     parse_verdict,
     read_keyframes,
+    scenes_format,
     scenes_prompt,
 )
 from kimivl_cli.video.shots import shots_from_boundaries
@@ -137,16 +138,21 @@ def test_verdict() -> None:
 def test_pipeline_with_a_fake_model(bikes_mp4: Path) -> None:
     seen: dict = {}
 
-    def describe(frames, prompt: str) -> str:
-        seen["frames"], seen["prompt"] = frames, prompt
+    def describe(frames, prompt: str, json_format) -> str:
+        seen["frames"], seen["prompt"], seen["format"] = frames, prompt, json_format
         return '{"scenes": [{"start": "00:00:00.0", "description": "Intro"}, {"start": "00:00:05.5", "description": "Race"}]}'
 
     result = video_scenes(bikes_mp4, VideoScenesOptions(max_frames=8), describe)
     assert len(seen["frames"]) == 8 and seen["frames"][0].label.startswith("[00:00:")
     assert max(seen["frames"][0].image.size) <= 896
     assert [(s.start_frame, s.description) for s in result.scenes.scenes] == [(0, "Intro"), (137, "Race")]
+    assert seen["format"] == scenes_format(result.shots.shots)  # held to the JSON the prompt asks for
+    assert seen["format"].schema["properties"]["scenes"]["items"]["properties"]["start"]["enum"][:2] == [
+        "00:00:00.0",
+        "00:00:01.2",
+    ]  # scenes start where shots do
 
-    garbage = video_scenes(bikes_mp4, VideoScenesOptions(max_frames=4), lambda frames, prompt: "lorem ipsum")
+    garbage = video_scenes(bikes_mp4, VideoScenesOptions(max_frames=4), lambda frames, prompt, fmt: "lorem ipsum")
     assert [s.start_frame for s in garbage.scenes.scenes] == SHOT_STARTS and garbage.scenes.warnings
 
 

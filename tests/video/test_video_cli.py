@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,11 +87,14 @@ def test_several_videos_refusals(tmp_path: Path, synthetic_clip: Path) -> None:
     twin.parent.mkdir()
     twin.write_bytes(synthetic_clip.read_bytes())
     with pytest.raises(InputError, match="would both be written"):
-        check_request([str(synthetic_clip), str(twin)], "srt", tmp_path, force=False)
+        check_request([str(synthetic_clip), str(twin)], "srt", str(tmp_path), force=False)
     (tmp_path / "synthetic.srt").write_text("keep")
     with pytest.raises(InputError, match="already exists"):
-        check_request([str(synthetic_clip)], "srt", tmp_path, force=False)
-    assert check_request([str(synthetic_clip)], "chapters", tmp_path, force=False) == [
+        check_request([str(synthetic_clip)], "srt", str(tmp_path), force=False)
+    assert check_request([str(synthetic_clip)], "chapters", str(tmp_path), force=False) == [
+        tmp_path / "synthetic.chapters.txt"
+    ]
+    assert check_request([str(synthetic_clip)], "ffmetadata", str(tmp_path), force=False) == [
         tmp_path / "synthetic.ffmetadata.txt"
     ]
     with pytest.raises(InputError) as refused:
@@ -106,3 +110,28 @@ def test_video_paths_sniff_content_and_expand_folders(tmp_path: Path, synthetic_
     assert video_paths([str(tmp_path)]) == [str(tmp_path / "b.avi")]
     with pytest.raises(InputError, match="not a video"):
         video_paths([str(tmp_path / "a.mp4")])
+
+
+def test_the_local_model_is_held_to_the_scene_json(synthetic_clip: Path, tiny_checkpoint: Path) -> None:
+    """Random weights, but grammar-constrained: the answer always parses into scenes on shot starts."""
+    shots = json.loads(kimivl("video-scenes", str(synthetic_clip), "--shots-only", "-q").stdout)["scenes"]
+    run = kimivl(
+        "video-scenes", str(synthetic_clip), "--model", str(tiny_checkpoint), "--max-frames", "2",
+        "--max-tokens", "100", "--seed", "1", "--format", "json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr  # no fallback to the bare shots
+    scenes = json.loads(run.stdout)["scenes"]
+    assert scenes[0]["start_frame"] == 0 and {s["start_frame"] for s in scenes} <= {s["start_frame"] for s in shots}
+    assert any(s["description"] for s in scenes)
+
+
+def test_a_bar_counts_the_videos_described_on_a_terminal(synthetic_clip: Path, tiny_checkpoint: Path) -> None:
+    import pexpect
+
+    args = ["-m", "kimivl_cli", "video-scenes", str(synthetic_clip), "-m", str(tiny_checkpoint), "--max-tokens", "8"]
+    child = pexpect.spawn(sys.executable, args, encoding="utf-8", codec_errors="replace", timeout=300)
+    child.expect(pexpect.EOF)
+    child.close()
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
+    assert child.exitstatus == 0 and "scenes described" in drawn and "0/1 videos" in drawn
