@@ -32,7 +32,7 @@ from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
 from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
 from kimivl_cli.engine.stream import ThinkingBudget, ThinkingSplitter
 from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
-from kimivl_cli.errors import InputError
+from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.processor.chat import THINK_END, THINK_START, Message, encode_chat
@@ -139,16 +139,23 @@ class Engine:
 
         quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
         """
+        from kimivl_cli.files import inside
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_repo)
+        # The small files first: a broken tokenizer or config fails before the weights load.
+        config = KimiVLConfig.from_file(inside(folder, "config.json"))
+        tokenizer = Tokenizer.from_dir(folder)
+        image_config = ImageProcessorConfig.from_file(inside(folder, "preprocessor_config.json"))
+        check_agreement(config, tokenizer, image_config)
+        defaults = SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo))
         model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
         return cls(
             model,
             config,
-            tokenizer=Tokenizer.from_dir(folder),
-            image_config=ImageProcessorConfig.from_file(folder / "preprocessor_config.json"),
-            defaults=SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo)),
+            tokenizer=tokenizer,
+            image_config=image_config,
+            defaults=defaults,
             name=str(path_or_repo),
             **kwargs,
         )
@@ -415,6 +422,42 @@ class Engine:
             ),
             model=self.name,
         )
+
+
+TEMPLATE_TOKENS = ("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>")
+
+
+def check_agreement(config: KimiVLConfig, tokenizer: Tokenizer, image_config: ImageProcessorConfig) -> None:
+    """The checkpoint's files agree with one another. Tokenizer and model on ids: every id the model
+    can emit decodes, every special token a prompt uses is an embedding row, the image placeholder
+    is the config's (a truncated `tiktoken.model` shifts all special ids and fails here, not in the
+    middle of a generation). Image processor and vision tower on patch and merge sizes."""
+    vision = config.vision
+    if (image_config.patch_size, tuple(image_config.merge_kernel_size)) != (
+        vision.patch_size,
+        tuple(vision.merge_kernel_size),
+    ):
+        raise CheckpointError(
+            f"preprocessor_config.json (patch {image_config.patch_size}, merge {list(image_config.merge_kernel_size)}) "
+            f"disagrees with config.json (patch {vision.patch_size}, merge {list(vision.merge_kernel_size)})",
+            "the two files do not belong together",
+        )
+    vocab = config.text.vocab_size
+    if not tokenizer.num_base_tokens < vocab <= tokenizer.vocab_size:
+        raise CheckpointError(
+            f"tiktoken.model has {tokenizer.num_base_tokens} tokens (+{tokenizer.vocab_size - tokenizer.num_base_tokens}"
+            f" special), which does not fit config.json's vocab_size {vocab}",
+            "the tokenizer file is truncated or belongs to another model",
+        )
+    if tokenizer.media_pad_id != config.media_placeholder_token_id:
+        raise CheckpointError(
+            f"<|media_pad|> is id {tokenizer.media_pad_id} in the tokenizer but "
+            f"{config.media_placeholder_token_id} in config.json",
+            "the tokenizer and the weights do not belong together",
+        )
+    for name in (*TEMPLATE_TOKENS, tokenizer.names.eos):
+        if tokenizer.token_id(name) >= vocab:
+            raise CheckpointError(f"the tokenizer's {name} is outside the model's vocabulary of {vocab}")
 
 
 def _sync(device: torch.device) -> None:
