@@ -7,6 +7,7 @@ stderr and its exit code; other exceptions too (exit 1) unless `--debug`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -14,7 +15,8 @@ import typer
 
 from kimivl_cli import __version__
 from kimivl_cli.cli import ask, chat, info, inspect, ocr, quantize, serve, video_scenes
-from kimivl_cli.errors import KimivlError
+from kimivl_cli.cli.signals import sigterm_as_sigint, terminating
+from kimivl_cli.errors import KimivlError, notes
 
 app = typer.Typer(
     name="kimivl",
@@ -55,13 +57,37 @@ for module in (ask, chat, ocr, video_scenes, inspect, info, quantize, serve):
     module.register(app)
 
 
+class _NoteLines(logging.Handler):
+    """`errors.notes` records as `note: ...` lines on the stderr of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def _route_logs(debug: bool) -> None:
+    """Our notes to stderr, one line each; libraries' warnings (bitsandbytes on some CPUs) nowhere,
+    unless debugging: they are not ours to show."""
+    if not any(isinstance(h, _NoteLines) for h in notes.handlers):
+        notes.addHandler(_NoteLines())
+        notes.propagate = False
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
+    _route_logs(debug)
+    with sigterm_as_sigint():
+        _run(debug)
+
+
+def _run(debug: bool) -> None:
     try:
         code = app(standalone_mode=False, prog_name="kimivl")
         if isinstance(code, int) and code:
-            # Typer returns 130 (Ctrl-C caught inside click) instead of raising.
+            if code == 130 and terminating():  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
+                print("terminated", file=sys.stderr)
+                sys.exit(143)
             sys.exit(code)
     except KimivlError as exc:
         if debug:
@@ -70,11 +96,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if terminating():  # SIGTERM: the shell's 128 + 15
+            print("terminated", file=sys.stderr)
+            sys.exit(143)
+        print("aborted" if isinstance(exc, typer.Abort) else "interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
         # The reader went away (`| head`): quiet exit, as other Unix tools do.

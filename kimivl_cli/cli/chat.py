@@ -25,7 +25,7 @@ from kimivl_cli.cli.ask import (
     system_options,
 )
 from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sampling_options
-from kimivl_cli.errors import InputError, KimivlError
+from kimivl_cli.errors import InputError, KimivlError, Terminated
 
 if TYPE_CHECKING:
     from kimivl_cli.tasks.ask import MediaOptions
@@ -110,7 +110,9 @@ def register(app: typer.Typer) -> None:
                             sampling, show_thinking=output.show_thinking is not False, max_context=max_context
                         )
                         output.stream(backend.chat(messages, images, options), transcript)
-                    except KeyboardInterrupt:
+                    except KeyboardInterrupt as exc:
+                        if isinstance(exc, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
+                            raise
                         output.note("interrupted")
                     except KimivlError:
                         # e.g. the attachments overflow the context: drop them, or every question would fail

@@ -139,7 +139,7 @@ class Engine:
 
         quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
         """
-        from kimivl_cli.files import inside
+        from kimivl_cli.guards import inside
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_repo)

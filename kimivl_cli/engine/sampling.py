@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kimivl_cli.errors import CheckpointError, InputError
-from kimivl_cli.files import inside, read_json
+from kimivl_cli.guards import inside, read_json
 
 # Model-card settings (spec section 8): the Thinking model reasons for thousands of tokens.
 THINKING_DEFAULTS = {"temperature": 0.8, "max_new_tokens": 32768}
@@ -61,6 +61,7 @@ class SamplingParams:
             ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
             ("thinking_budget", self.thinking_budget is None or self.thinking_budget >= 0, "at least 0"),
+            ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "an integer that fits 64 bits"),
         ]
         for name, ok, expected in checks:
             if not ok:

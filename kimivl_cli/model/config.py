@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kimivl_cli.errors import CheckpointError
-from kimivl_cli.files import read_json, short_repr
+from kimivl_cli.guards import read_json, short_repr
 
 MAX_POSITIONS = 1 << 24
 """Most positions a config may claim: 128x the real model's 128K (the cache is sized from it)."""

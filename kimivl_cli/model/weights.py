@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from kimivl_cli.errors import CheckpointError, InputError, RuntimeFailure
-from kimivl_cli.files import inside, is_regular, read_json, short_repr
+from kimivl_cli.guards import inside, is_regular, read_json, short_repr
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.quant.modules import quantize_linears_
@@ -101,7 +101,7 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (sharded via the index, or single); refuses pickle.
 
-    Every file must resolve inside the folder (`files.inside`): an index naming `../x` or an
+    Every file must resolve inside the folder (`guards.inside`): an index naming `../x` or an
     absolute path, or a shard that is a symlink out of the folder, is refused before it is opened.
     """
     index = inside(folder, INDEX_FILE)

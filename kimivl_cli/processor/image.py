@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from kimivl_cli.errors import CheckpointError, InputError
-from kimivl_cli.files import read_json
+from kimivl_cli.guards import read_json
 
 MAX_GRID_SIDE = 512  # MoonViT's 2D RoPE table is 512 x 512 patches
 MAX_IN_TOKEN_LIMIT = (MAX_GRID_SIDE // 2) ** 2  # tokens of the largest grid the tower takes, with 2x2 merging

@@ -19,7 +19,7 @@ from pathlib import Path
 import tiktoken
 
 from kimivl_cli.errors import CheckpointError
-from kimivl_cli.files import inside, is_regular, read_json, short_repr
+from kimivl_cli.guards import inside, is_regular, read_json, short_repr
 
 # The official split pattern uses `[...&&[^\p{Han}]]` set intersection; written here as a
 # negative lookahead per character, which tiktoken's fancy-regex and Python's `regex` both read

@@ -1,4 +1,4 @@
-"""Rules for the files kimivl reads, shared by every layer.
+"""Guards on the files kimivl reads and writes, shared by every layer.
 
 - A checkpoint reads only files inside its own folder: `inside` resolves a name the checkpoint
   gives (a shard in the index, `config.json`...) with symlinks followed, and refuses anything that
@@ -8,7 +8,10 @@
   depth refused with a message instead of a RecursionError. Messages name the file, never its
   content.
 - `is_regular` tells files from FIFOs, sockets and devices, which a folder walk must never open
-  (opening a FIFO blocks until someone writes to it).
+  (opening a FIFO blocks until someone writes to it); `read_stream` reads a pipe or device named
+  on purpose (stdin, `<(cmd)`) once and bounded (`/dev/zero` ends with a message, not MemoryError);
+  `check_output` keeps writers off anything but regular files (`-o /dev/null --force` must not
+  delete the device).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from kimivl_cli.errors import CheckpointError
+from kimivl_cli.errors import CheckpointError, InputError
+
+MAX_STREAM_BYTES = 256 << 20
+"""Most bytes read into memory from stdin, a pipe or a device (`kimivl ask - < x`, `<(cmd)`):
+larger inputs go through a file, which is read in pieces."""
 
 MAX_JSON_BYTES = 64 << 20
 """Largest checkpoint JSON read: a real shard index is ~100 KB, the tokenizer config a few KB."""
@@ -55,6 +62,27 @@ def is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def read_stream(stream: BinaryIO, name: str, limit: int = MAX_STREAM_BYTES) -> bytes:
+    """All of a pipe's or device's bytes, at most `limit` (InputError beyond, before holding more)."""
+    chunks, size = [], 0
+    try:
+        while chunk := stream.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise InputError(f"{name} gives more than {limit >> 20} MiB", "save it to a file and pass that")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read {name} ({exc.strerror or exc})") from None
+    return b"".join(chunks)
+
+
+def check_output(path: Path) -> None:
+    """InputError when `path` exists and is not a regular file or folder: a FIFO, socket or device
+    is never truncated, replaced or unlinked as an output."""
+    if path.exists() and not is_regular(path) and not path.is_dir():
+        raise InputError(f"{path} is not a regular file", "give a file path, or leave out -o to write to stdout")
 
 
 def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
