@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from kimivl_cli.errors import CheckpointError, InputError, RuntimeFailure
-from kimivl_cli.guards import inside, is_regular, read_json, short_repr
+from kimivl_cli.guards import check_output, inside, is_regular, read_json, short_repr
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.quant.modules import quantize_linears_
@@ -527,6 +528,26 @@ def _is_weight_file(path: Path) -> bool:
     return path.name == INDEX_FILE or path.suffix == ".safetensors"
 
 
+STAGING_PREFIX = ".kimivl-quantize-"
+"""Folder inside DST where `save_quantized` writes before moving files into place; one left by a
+killed run (with safetensors' own `.tmpXXXXXX` files in it) is removed by the next `--force`."""
+_SAFETENSORS_PARTIAL = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here, then renames (a kill leaves it)
+
+
+def _check_destination(folder: Path, dst: Path, force: bool) -> None:
+    """DST must not be SRC or inside it (writing there replaces the weights being read), must be a
+    folder or absent, and may hold files only with `force`."""
+    check_output(dst)
+    source, target = folder.resolve(), dst.resolve()
+    if target == source or target.is_relative_to(source):
+        raise InputError(
+            f"{dst} is {'the source checkpoint' if target == source else 'inside the source checkpoint'} {folder}",
+            "write the quantized checkpoint to a new folder elsewhere",
+        )
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
+
+
 @torch.no_grad()
 def save_quantized(
     src: str | Path, dst: Path, quant: str = "nf4", *, dtype: torch.dtype = torch.bfloat16, force: bool = False
@@ -538,24 +559,49 @@ def save_quantized(
     (`...q_proj.packed`, `...mlp.experts.gate_proj_packed` [E, N, K/2]...), everything else under its
     official key in `dtype`, with `{"kimivl_quant": quant, "format": "pt"}` as metadata. The other
     files of `src` (config, tokenizer, preprocessor and generation configs) are copied beside.
-    An existing non-empty `dst` is an `InputError` unless `force`, which replaces its weight files.
+    An existing non-empty `dst` is an `InputError` unless `force`, which replaces its weight files;
+    `dst` may not be `src` or inside it. Files are written to a staging folder in `dst` and moved
+    into place once all are complete, so a killed run leaves the old weights and a staging folder
+    that the next `force` removes.
     """
     from safetensors.torch import save_file
 
     if quant not in QUANT_MODES or quant == "none":
         raise InputError(f"cannot quantize as {quant!r}", "use --quant nf4 or --quant int8")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
     folder = resolve_checkpoint(src)
+    _check_destination(folder, dst, force)
+    copied = [inside(folder, p.name) for p in sorted(folder.iterdir()) if is_regular(p) and _is_copied_file(p)]
     model, _ = load_model(folder, dtype=dtype, device="cpu", quant=quant)
     targets = checkpoint_targets(model, stored_quantized=True)
     if dst.is_file():
         dst.unlink()
     dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.iterdir():
-        if _is_weight_file(old):
-            old.unlink()
+    for stale in dst.iterdir():  # what a killed run left: our staging folder, or safetensors' partial file
+        if stale.name.startswith(STAGING_PREFIX) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif _SAFETENSORS_PARTIAL.fullmatch(stale.name) and is_regular(stale):
+            stale.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dst))
+    try:
+        names = _write_shards(targets, staging, quant, save_file)
+        for path in copied:
+            shutil.copyfile(path, staging / path.name)
+        for old in dst.iterdir():
+            if _is_weight_file(old):
+                old.unlink()
+        for name in [*names, *(p.name for p in copied)]:
+            os.replace(staging / name, dst / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dst / name for name in [*names, *(p.name for p in copied)]]
 
+
+def _is_copied_file(path: Path) -> bool:
+    return not _is_weight_file(path) and path.suffix not in PICKLE_SUFFIXES
+
+
+def _write_shards(targets: dict[str, Target], folder: Path, quant: str, save_file) -> list[str]:
+    """The model's tensors as safetensors shards of up to `SHARD_BYTES` (+ index) in `folder`; their names."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, (module, name, _, hook) in targets.items():
@@ -566,25 +612,15 @@ def save_quantized(
         shards[-1][key] = tensor
         size += tensor.nbytes
     metadata = {QUANT_METADATA_KEY: quant, "format": "pt"}
-    written: list[Path] = []
     if len(shards) == 1:
-        save_file(shards[0], dst / SINGLE_FILE, metadata=metadata)
-        written.append(dst / SINGLE_FILE)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            path = dst / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, path, metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, path.name))
-            written.append(path)
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
-            "weight_map": weight_map,
-        }
-        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        written.append(dst / INDEX_FILE)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not _is_weight_file(path) and path.suffix not in PICKLE_SUFFIXES:
-            shutil.copyfile(path, dst / path.name)
-            written.append(dst / path.name)
-    return written
+        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+        return [SINGLE_FILE]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+        names.append(name)
+    index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return [*names, INDEX_FILE]
