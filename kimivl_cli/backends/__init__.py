@@ -72,11 +72,13 @@ def collect(events: Iterable[Event]) -> Completion:
 
 @dataclass(frozen=True)
 class Generation:
-    """A batch task's reply: the answer text and the request's token counts (0 when unknown)."""
+    """A batch task's reply: the answer text, the request's token counts (0 when unknown) and why it
+    ended ('length': cut at the token limit)."""
 
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 class AnswerOnly:
@@ -96,4 +98,4 @@ class AnswerOnly:
         with self._slots:
             reply = collect(self.backend.chat(messages, images, self.options))
         usage = reply.done.usage
-        return Generation(reply.answer, usage.prompt_tokens, usage.completion_tokens)
+        return Generation(reply.answer, usage.prompt_tokens, usage.completion_tokens, reply.done.finish_reason)

@@ -34,7 +34,8 @@ class FakeBackend:
         reply = self.generate(messages, images)
         reply = reply if isinstance(reply, Generation) else Generation(reply)
         yield AnswerDelta(reply.text)
-        yield Done(usage=Usage(prompt_tokens=reply.prompt_tokens, answer_tokens=reply.completion_tokens))
+        usage = Usage(prompt_tokens=reply.prompt_tokens, answer_tokens=reply.completion_tokens)
+        yield Done(finish_reason=reply.finish_reason, usage=usage)
 
 
 def use_fake_model(generate, setattr=setattr) -> None:

@@ -19,7 +19,7 @@ import pytest
 from ocr_helpers import ROOT, fake_generate, kimivl_command
 from PIL import Image
 
-from kimivl_cli.tasks.ocr.output import truncate_to_complete
+from kimivl_cli.tasks.ocr.output import read_pages
 from tests.ocr.conftest import make_pdf
 
 
@@ -36,7 +36,7 @@ def page_keys(path: Path) -> list[tuple[str, int]]:
 def test_text_method_keeps_every_word_of_the_text_layer(run_kimivl, libtasn1_pdf: Path) -> None:
     result = run_kimivl("ocr", libtasn1_pdf, "--method", "text", "--keep-headers")
     assert result.returncode == 0, result.stderr
-    sections = re.split(r"^<!-- page: .* \d+ crc32=[0-9a-f]{8} -->$", result.stdout, flags=re.MULTILINE)[1:]
+    sections = [p.markdown for p in read_pages(result.stdout.encode(), "markdown")[0]]
     doc = pymupdf.open(libtasn1_pdf)
     assert len(sections) == doc.page_count
     for page, markdown in zip(doc, sections, strict=True):
@@ -57,8 +57,20 @@ def test_jsonl_pages_then_resume_does_nothing(run_kimivl, libtasn1_pdf: Path, tm
     assert first.returncode == 0, first.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["page"] for r in records] == [1, 2, 3]
-    assert set(records[0]) == {"file", "page", "markdown", "method", "tokens", "seconds"}
+    assert set(records[0]) == {
+        "file",
+        "page",
+        "markdown",
+        "method",
+        "tokens",
+        "seconds",
+        "route",
+        "reason",
+        "blank",
+        "finish_reason",
+    }
     assert {r["method"] for r in records} == {"text"}
+    assert all(r["reason"] for r in records)
     again = run_kimivl("ocr", libtasn1_pdf, "--pages", "1-3", "--jsonl", "--method", "text", "-o", out, "--resume")
     assert again.returncode == 0, again.stderr
     assert "0 pages written" in again.stderr and "3 already there" in again.stderr
@@ -73,11 +85,20 @@ def test_existing_output_needs_force(run_kimivl, libtasn1_pdf: Path, tmp_path: P
     assert out.read_text() == "precious\n"
     forced = run_kimivl("ocr", libtasn1_pdf, "--pages", "1", "--method", "text", "-o", out, "--force")
     assert forced.returncode == 0 and out.read_text().startswith("<!-- page: ")
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
-@pytest.mark.parametrize(("fmt", "jobs"), [("markdown", 1), ("jsonl", 1), ("jsonl", 3)])
+@pytest.mark.parametrize(
+    ("fmt", "jobs", "sig"),
+    [
+        ("markdown", 1, signal.SIGINT),
+        ("jsonl", 1, signal.SIGINT),
+        ("jsonl", 3, signal.SIGINT),
+        ("markdown", 1, signal.SIGTERM),
+    ],
+)
 def test_sigint_keeps_finished_pages_and_resume_completes(
-    run_kimivl, libtasn1_pdf: Path, tmp_path: Path, fmt: str, jobs: int
+    run_kimivl, libtasn1_pdf: Path, tmp_path: Path, fmt: str, jobs: int, sig: int
 ) -> None:
     """Also with --concurrency 3: requests still running are abandoned, written pages stay whole."""
     out = tmp_path / f"out.{fmt}"
@@ -92,18 +113,16 @@ def test_sigint_keeps_finished_pages_and_resume_completes(
         not out.exists() or out.read_text().count("crc32=" if fmt == "markdown" else "\n") < 2
     ):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    finished = truncate_to_complete(out, fmt)  # type: ignore[arg-type]
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), stderr
+    assert "finished pages are in" in stderr
+    finished = read_pages(out.read_bytes(), fmt)[0]  # type: ignore[arg-type]
     assert 2 <= len(finished) < 5
     resumed = run_kimivl(*args, "--resume", generate=fake_generate)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{5 - len(finished)} pages written" in resumed.stderr
-    if fmt == "jsonl":
-        keys = page_keys(out)
-    else:
-        keys = [(m[1], int(m[2])) for m in re.finditer(r"^<!-- page: (.*) (\d+) crc32=", out.read_text(), re.MULTILINE)]
+    keys = [p.key for p in read_pages(out.read_bytes(), fmt)[0]]  # type: ignore[arg-type]
     assert sorted(p for _, p in keys) == [5, 6, 7, 8, 9]  # each page once
 
 
@@ -123,20 +142,29 @@ def test_folder_of_mixed_files_in_stable_order(run_kimivl, tmp_path: Path, ocr_b
     assert names == [
         ("b.pdf", 1, "anchored"),
         ("c.png", 1, "vision"),
-        ("sub/a.pdf", 1, "anchored"),
-        ("sub/a.pdf", 2, "anchored"),
+        ("sub/a.pdf", 1, "text"),  # prose: the text path, no model
+        ("sub/a.pdf", 2, "text"),
     ]
     assert records[1]["markdown"].startswith("# Fake page") and "```" not in records[1]["markdown"]
-    assert all(r["tokens"] > 0 for r in records)
+    assert [r["tokens"] > 0 for r in records] == [True, True, False, False]
 
 
-def test_blank_pages_are_skipped(run_kimivl, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["text", "auto"])
+def test_blank_pages_write_nothing(run_kimivl, tmp_path: Path, method: str) -> None:
     pdf = make_pdf(tmp_path / "blank.pdf", ["", "hello world"])
-    result = run_kimivl("ocr", pdf, "--method", "text", "--jsonl")
+    result = run_kimivl("ocr", pdf, "--method", method, "--jsonl", generate=fake_generate)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["page"], r["method"]) for r in records] == [(1, "blank"), (2, "text")]
-    assert records[1]["markdown"] == "hello world"
+    assert [(r["page"], r["method"], r["blank"]) for r in records] == [(1, "blank", True), (2, "text", False)]
+    assert records[0]["markdown"] == "" and records[1]["markdown"] == "hello world"
+    markdown = run_kimivl("ocr", pdf, "--method", method, generate=fake_generate)
+    assert [p.markdown for p in read_pages(markdown.stdout.encode(), "markdown")[0]] == ["", "hello world"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize(
@@ -176,8 +204,8 @@ def test_encrypted_pdf_opens_with_password(run_kimivl, tmp_path: Path) -> None:
     assert "secret words" in result.stdout
 
 
-def test_prompt_file_replaces_the_instruction(run_kimivl, tmp_path: Path) -> None:
-    pdf = make_pdf(tmp_path / "doc.pdf", ["anchor words here"])
+def test_prompt_file_replaces_the_instruction(run_kimivl, tmp_path: Path, ocr_bench_dir: Path) -> None:
+    pdf = ocr_bench_dir / "pdfs" / "olmo2-pg4.pdf"  # a ruled table: routed to the model
     seen: list[str] = []
 
     def generate(messages: list[dict], images: list) -> str:
@@ -187,7 +215,7 @@ def test_prompt_file_replaces_the_instruction(run_kimivl, tmp_path: Path) -> Non
     (tmp_path / "mine.md").write_text("Transcribe it my way.\n")
     result = run_kimivl("ocr", pdf, "--prompt-file", tmp_path / "mine.md", generate=generate)
     assert result.returncode == 0, result.stderr
-    assert seen[0].startswith("Transcribe it my way.") and "anchor words here" in seen[0]  # anchors appended
+    assert seen[0].startswith("Transcribe it my way.") and "Source" in seen[0]  # anchors appended
     missing = run_kimivl("ocr", pdf, "--prompt-file", tmp_path / "nope.md", generate=generate)
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read prompt file")
     assert len(seen) == 1

@@ -97,7 +97,7 @@ def test_pages_written_in_order_resumed_pages_never_sent() -> None:
         job.image.info["page"] = job.page
     sink = ListSink()
     done = {("scan.tif", 2), ("scan.tif", 5)}
-    count = run_pages(jobs, OcrOptions(method="vision", max_side=112), sink, generate, done, concurrency=3)
-    assert count == 6
+    summary = run_pages(jobs, OcrOptions(method="vision", max_side=112), sink, generate, done, concurrency=3)
+    assert summary.written == 6
     assert [r.page for r in sink.records] == [1, 3, 4, 6, 7, 8]
     assert sorted(sent) == [1, 3, 4, 6, 7, 8]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from kimivl_cli.cli import app
 from kimivl_cli.tasks.ocr import Generation, OcrOptions, PageJob
-from kimivl_cli.tasks.ocr.pipeline import ocr_page
+from kimivl_cli.tasks.ocr.pipeline import RunSummary, prepare_page
 from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE
 
 
@@ -71,7 +71,10 @@ def test_model_run_then_resume(tiny_checkpoint: Path, libtasn1_pdf: Path, scanne
 @given(answer=st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
 def test_any_model_text_gives_a_page(answer: str) -> None:
     job = PageJob("scan.png", 1, image=_ink_image())
-    record = ocr_page(job, OcrOptions(method="vision"), lambda messages, images: Generation(answer, 10, 3))
+    options = OcrOptions(method="vision")
+    record = prepare_page(job, options).finish(
+        lambda messages, images: Generation(answer, 10, 3), options, RunSummary()
+    )
     assert record.method == "vision" and record.markdown.strip()
     assert record.tokens == 13
 
@@ -79,7 +82,8 @@ def test_any_model_text_gives_a_page(answer: str) -> None:
 def test_empty_answer_keeps_the_page_with_a_note() -> None:
     job = PageJob("scan.png", 1, image=_ink_image())
     for answer in ["", "   \n", "```markdown\n```"]:
-        record = ocr_page(job, OcrOptions(method="vision"), lambda messages, images, a=answer: a)
+        options = OcrOptions(method="vision")
+        record = prepare_page(job, options).finish(lambda messages, images, a=answer: a, options, RunSummary())
         assert record.markdown == EMPTY_PAGE_NOTE, answer
 
 

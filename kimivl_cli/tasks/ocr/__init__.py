@@ -6,6 +6,26 @@ skip), `run_pages` does each page and appends it at once. The model enters only 
 """
 
 from kimivl_cli.tasks.ocr.output import PageRecord, open_sink
-from kimivl_cli.tasks.ocr.pipeline import Generate, Generation, OcrOptions, PageJob, plan_pages, run_pages
+from kimivl_cli.tasks.ocr.pipeline import (
+    Generate,
+    Generation,
+    OcrOptions,
+    PageJob,
+    RunSummary,
+    plan_pages,
+    run_pages,
+    terminate_as_interrupt,
+)
 
-__all__ = ["Generate", "Generation", "OcrOptions", "PageJob", "PageRecord", "open_sink", "plan_pages", "run_pages"]
+__all__ = [
+    "Generate",
+    "Generation",
+    "OcrOptions",
+    "PageJob",
+    "PageRecord",
+    "RunSummary",
+    "open_sink",
+    "plan_pages",
+    "run_pages",
+    "terminate_as_interrupt",
+]

@@ -6,23 +6,27 @@ item per entry of `images`). The CLI passes `backends.AnswerOnly` over the local
 server; tests pass a fake. `--method text` never calls it. It may be called from several
 threads at once (`run_pages(concurrency=N)`); the documents are only read in the caller's.
 
-Per page, by method:
-- `text`: Markdown from the text layer; pages without one fall back to the model (`vision`).
-- `auto`: the page image plus its text-layer lines as anchors (`anchored`); no text layer: `vision`.
-- `vision`: the page image only.
-A page that renders near-uniform at 24 dpi and has no text layer is recorded as `blank`, model unused.
+Per page, by method (`routing` classifies every page first, cheaply, with a reason):
+- `text`: Markdown from the text layer (`textlayer`), never the model; a page with no text
+  layer is not written and is named as needing the model.
+- `auto`: pages routed to the text path take it; the others go to the model with their
+  text-layer lines as anchors (`anchored`), or the image alone (`vision`) without a text layer.
+  If the model cannot be loaded, pages with a text layer take the text path (said in the summary).
+- `vision`: every page to the model, image only.
+A blank page writes nothing (its record says `blank: true`); the model is never asked about it.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-import numpy as np
 from PIL import Image
 
 from kimivl_cli.backends import Generation
@@ -32,16 +36,14 @@ from kimivl_cli.tasks.ocr import textlayer
 from kimivl_cli.tasks.ocr.output import PageKey, PageRecord, PageSink
 from kimivl_cli.tasks.ocr.postprocess import EMPTY_PAGE_NOTE, clean_markdown
 from kimivl_cli.tasks.ocr.prompts import anchor_text, ocr_messages
+from kimivl_cli.tasks.ocr.routing import Route, route_image, route_page
 from kimivl_cli.tasks.pool import ordered_map
 
 if TYPE_CHECKING:
     from kimivl_cli.processor.image import ImageProcessorConfig
 
 Method = Literal["auto", "vision", "text"]
-BLANK_NOTE = "<!-- blank page: skipped -->"
 BLANK_DPI = 24
-BLANK_STD = 4.0  # grey-level standard deviation (0-255) below which a page is uniform
-BLANK_INK = 0.002  # share of pixels clearly darker than the background
 
 
 class Generate(Protocol):
@@ -112,15 +114,6 @@ def _style(job: PageJob) -> textlayer.DocumentStyle:
     return job._style[0]
 
 
-def is_blank(image: Image.Image) -> bool:
-    """Near-uniform: tiny grey spread, or almost no pixels darker than the background. O(pixels)."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    if grey.std() < BLANK_STD:
-        return True
-    background = float(np.median(grey))
-    return float((grey < background - 60).mean()) < BLANK_INK
-
-
 def render_page(job: PageJob, options: OcrOptions) -> Image.Image:
     """The page image the model sees: `--dpi`, `--max-side`, or sized to the page token budget."""
     from kimivl_cli.processor.image import resize_to_token_budget
@@ -139,66 +132,134 @@ def render_page(job: PageJob, options: OcrOptions) -> Image.Image:
 
 
 @dataclass
+class NeedsModel:
+    """A page the model should have done and did not: `--method text`, or the model failed to load."""
+
+    job: PageJob
+    route: Route
+    start: float
+
+
+@dataclass
+class RunSummary:
+    """What `run_pages` did: pages written, pages the model should do (written from the text
+    layer, or not written at all), pages cut at the token limit, and why the model was unavailable."""
+
+    written: int = 0
+    via_text: list[tuple[PageKey, str]] = field(default_factory=list)
+    unwritten: list[tuple[PageKey, str]] = field(default_factory=list)
+    truncated: list[PageKey] = field(default_factory=list)
+    model_error: str | None = None
+
+    def merge(self, other: RunSummary) -> None:
+        """Add another run's summary (one per output file)."""
+        self.written += other.written
+        self.via_text += other.via_text
+        self.unwritten += other.unwritten
+        self.truncated += other.truncated
+        self.model_error = self.model_error or other.model_error
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM handled like Ctrl-C while pages run (finished pages stay whole; the caller says so)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
 class PreparedPage:
     """A page made ready in the calling thread (PyMuPDF is not thread-safe): either finished
-    already (`record`) or waiting for the model with its `messages` and `image`."""
+    already (`record`), or waiting for the model with its `messages` and `image`."""
 
     job: PageJob
     start: float
+    route: Route
     record: PageRecord | None = None
     messages: list[dict] = field(default_factory=list)
     image: Image.Image | None = None
     method: str = "vision"
 
-    def finish(self, generate: Generate | None, options: OcrOptions) -> PageRecord:
-        """The record: the model's answer, cleaned (thread-safe: touches no document)."""
+    def finish(self, generate: Generate | None, options: OcrOptions, state: RunSummary) -> PageRecord | NeedsModel:
+        """The record: the model's answer, cleaned (thread-safe: touches no document). Without a
+        usable model (none given, or it failed to load in `auto`), a `NeedsModel` for the caller."""
         if self.record is not None:
             return self.record
         job, image = self.job, self.image
-        if generate is None:
-            raise InputError(
-                f"{job.file} page {job.page} has no text layer and needs the model", "load a model or use a text PDF"
-            )
+        if generate is None or state.model_error is not None:
+            return NeedsModel(job, self.route, self.start)
         from kimivl_cli.processor.image import image_token_count
 
-        answer = generate(self.messages, [image])
+        try:
+            answer = generate(self.messages, [image])
+        except InputError as exc:
+            if options.method != "auto":
+                raise
+            state.model_error = state.model_error or exc.message
+            return NeedsModel(job, self.route, self.start)
         result = answer if isinstance(answer, Generation) else Generation(answer)
         tokens = result.prompt_tokens + result.completion_tokens
         tokens = tokens or image_token_count(image.width, image.height, options.processor_config())
         markdown = clean_markdown(result.text) or EMPTY_PAGE_NOTE
-        return PageRecord(job.file, job.page, markdown, self.method, tokens, _since(self.start))
+        return _record(job, markdown, self.method, self.route, self.start, tokens, result.finish_reason)
 
 
-def _since(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
+def _record(
+    job: PageJob, markdown: str, method: str, route: Route, start: float, tokens: int = 0, finish: str | None = None
+) -> PageRecord:
+    return PageRecord(
+        job.file,
+        job.page,
+        markdown,
+        method,
+        tokens,
+        round(time.perf_counter() - start, 3),
+        route=route.target,
+        reason=route.reason,
+        blank=route.target == "blank",
+        finish_reason=finish,
+    )
+
+
+def _route(job: PageJob, words: list) -> Route:
+    if job.doc is None:
+        return route_image(job.image)
+    thumbnail = None if words else job.doc.render(job.index, dpi=BLANK_DPI)
+    return route_page(job.doc.page(job.index), words, thumbnail)
+
+
+def text_markdown(job: PageJob, options: OcrOptions) -> str:
+    """The page from its text layer (no model)."""
+    return textlayer.page_markdown(job.doc.page(job.index), _style(job), keep_headers=options.keep_headers)
 
 
 def prepare_page(job: PageJob, options: OcrOptions) -> PreparedPage:
-    """Everything that reads the document: blank and text-layer pages finish here, others are rendered."""
+    """Everything that reads the document: blank and text-path pages finish here, others are rendered."""
     start = time.perf_counter()
     words = job.doc.words(job.index) if job.doc is not None else []
-    method = options.method
-    if not words:
-        thumbnail = job.image if job.image is not None else job.doc.render(job.index, dpi=BLANK_DPI)
-        if is_blank(thumbnail):
-            return PreparedPage(job, start, PageRecord(job.file, job.page, BLANK_NOTE, "blank", 0, _since(start)))
-        method = "vision"
-    elif method == "text":
-        markdown = textlayer.page_markdown(job.doc.page(job.index), _style(job), keep_headers=options.keep_headers)
-        return PreparedPage(
-            job, start, PageRecord(job.file, job.page, markdown or EMPTY_PAGE_NOTE, "text", 0, _since(start))
-        )
+    route = _route(job, words)
+    if route.target == "blank":
+        return PreparedPage(job, start, route, _record(job, "", "blank", route, start))
+    if options.method == "text" or (options.method == "auto" and route.target == "text"):
+        if not words:
+            return PreparedPage(job, start, route)  # nothing to read without the model
+        markdown = text_markdown(job, options) or EMPTY_PAGE_NOTE
+        return PreparedPage(job, start, route, _record(job, markdown, "text", route, start))
     anchors = None
-    if method == "auto":
+    if options.method == "auto" and words:
         rect = job.doc.page(job.index).rect
         anchors = anchor_text(words, rect.width, rect.height)
     messages = ocr_messages(anchors, options.prompt_file)
-    return PreparedPage(job, start, None, messages, render_page(job, options), "anchored" if anchors else "vision")
-
-
-def ocr_page(job: PageJob, options: OcrOptions, generate: Generate | None) -> PageRecord:
-    """One page to a record; the model runs only when the method and the page need it."""
-    return prepare_page(job, options).finish(generate, options)
+    return PreparedPage(
+        job, start, route, None, messages, render_page(job, options), "anchored" if anchors else "vision"
+    )
 
 
 def run_pages(
@@ -209,18 +270,33 @@ def run_pages(
     done: set[PageKey] | frozenset[PageKey] = frozenset(),
     on_page: Callable[[PageRecord], None] | None = None,
     concurrency: int = 1,
-) -> int:
-    """OCR the pages not in `done` and write each to `sink` in page order; returns the count.
+) -> RunSummary:
+    """OCR the pages not in `done` and write each to `sink` in page order.
 
     With `concurrency` N, up to N pages wait on `generate` at once (pages are read and rendered
     here, one at a time, just ahead of need); a page is written as soon as it and all pages
-    before it are finished. Pages in `done` are never prepared nor sent.
+    before it are finished. Pages in `done` are never prepared nor sent. A page the model should
+    do but cannot is written from its text layer where it has one (`summary.via_text`), else
+    left out (`summary.unwritten`).
     """
+    summary = RunSummary()
     todo = (prepare_page(job, options) for job in jobs if job.key not in done)
-    count = 0
-    for record in ordered_map(lambda page: page.finish(generate, options), todo, concurrency):
+    for outcome in ordered_map(lambda page: page.finish(generate, options, summary), todo, concurrency):
+        record = outcome
+        if isinstance(outcome, NeedsModel):
+            job, route = outcome.job, outcome.route
+            markdown = text_markdown(job, options) if job.doc is not None and job.doc.words(job.index) else ""
+            if not markdown:
+                summary.unwritten.append((job.key, route.reason))
+                continue
+            summary.via_text.append((job.key, route.reason))
+            record = _record(job, markdown, "text", route, outcome.start)
+        elif options.method == "text" and outcome.route == "model":
+            summary.via_text.append((outcome.key, outcome.reason))
+        if record.finish_reason == "length":
+            summary.truncated.append(record.key)
         sink.write(record)
-        count += 1
+        summary.written += 1
         if on_page:
             on_page(record)
-    return count
+    return summary
