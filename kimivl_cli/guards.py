@@ -71,7 +71,7 @@ def read_stream(stream: BinaryIO, name: str, limit: int = MAX_STREAM_BYTES) -> b
         while chunk := stream.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                raise InputError(f"{name} gives more than {limit >> 20} MiB", "save it to a file and pass that")
+                raise InputError(f"{name} gives more than {limit / 2**20:.0f} MiB", "save it to a file and pass that")
             chunks.append(chunk)
     except OSError as exc:
         raise InputError(f"cannot read {name} ({exc.strerror or exc})") from None

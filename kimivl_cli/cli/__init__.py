@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import typer
 
@@ -73,6 +74,16 @@ def _route_logs(debug: bool) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+def _exit_now(code: int) -> None:
+    """Exit after an interrupt. Requests still running in pool threads (`--concurrency`) are
+    abandoned rather than waited for: outputs are already whole (written atomically or page by page)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
@@ -85,9 +96,9 @@ def _run(debug: bool) -> None:
     try:
         code = app(standalone_mode=False, prog_name="kimivl")
         if isinstance(code, int) and code:
-            if code == 130 and terminating():  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
-                print("terminated", file=sys.stderr)
-                sys.exit(143)
+            if code == 130:  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
+                print("terminated" if terminating() else "interrupted", file=sys.stderr)
+                _exit_now(143 if terminating() else 130)
             sys.exit(code)
     except KimivlError as exc:
         if debug:
@@ -95,13 +106,15 @@ def _run(debug: bool) -> None:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
+        if exc.exit_code == 130:  # a command that caught Ctrl-C or SIGTERM itself
+            _exit_now(143 if terminating() else 130)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:
         if terminating():  # SIGTERM: the shell's 128 + 15
             print("terminated", file=sys.stderr)
-            sys.exit(143)
+            _exit_now(143)
         print("aborted" if isinstance(exc, typer.Abort) else "interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_now(130)
     except BrokenPipeError:
         # The reader went away (`| head`): quiet exit, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -114,5 +127,6 @@ def _run(debug: bool) -> None:
     except Exception as exc:
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        detail = " ".join(str(exc).split())[:300]  # one line, whatever the exception says
+        print(f"error: {type(exc).__name__}: {detail} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 from kimivl_cli.errors import InputError, notes
-from kimivl_cli.guards import is_regular, read_stream
+from kimivl_cli.guards import MAX_STREAM_BYTES, is_regular, read_stream
 from kimivl_cli.media.sniff import SNIFF_BYTES, MediaKind, sniff
 
 MEDIA_KINDS = frozenset({MediaKind.IMAGE, MediaKind.PDF, MediaKind.VIDEO})
@@ -127,9 +127,14 @@ def resolve_inputs(
 
 
 def _read_special(path: Path, name: str) -> MediaInput:
+    """A pipe or device: its first bytes say what it is (`/dev/zero` is refused there), then the
+    rest is read, bounded."""
     try:
         with open(path, "rb") as fh:
-            data = read_stream(fh, name)
+            head = fh.read(SNIFF_BYTES)
+            if head and sniff(head) is MediaKind.UNKNOWN:
+                raise InputError(f"{name}: not a file type kimivl reads", "files are recognised by content")
+            data = head + read_stream(fh, name, MAX_STREAM_BYTES - len(head))
     except OSError as exc:
         raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
     if not data:

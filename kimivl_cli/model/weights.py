@@ -96,7 +96,20 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        raise CheckpointError(f"could not download {text}: {type(exc).__name__}: {exc}", _hub_hint(text)) from None
+        raise CheckpointError(f"could not download {text} ({_hub_reason(exc)})", _hub_hint(text)) from None
+
+
+def _hub_reason(exc: Exception) -> str:
+    """What went wrong with a download, in words (the Hub's exceptions carry paragraphs)."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and log in"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository on the Hub, or it is private"
+    if isinstance(exc, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError)):
+        return "the Hub is not reachable from here"
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

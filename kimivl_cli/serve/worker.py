@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,18 +50,22 @@ class Job:
 
     def items(self, client_gone: Callable[[], bool] | None = None, poll: float = 0.2):
         """Everything the worker sends for this job, up to (not including) END. With `client_gone`,
-        checked every `poll` s while nothing arrives: the job is cancelled when it says so."""
+        asked every `poll` s (whether or not events arrive): the job is cancelled when it says so."""
+        check_at = time.monotonic() + poll
         while True:
             try:
                 item = self.outbox.get(timeout=poll if client_gone else None)
             except queue.Empty:
-                if client_gone is not None and client_gone():
+                item = None
+            if client_gone is not None and time.monotonic() >= check_at:
+                check_at = time.monotonic() + poll
+                if client_gone():
                     self.cancelled.set()
                     return
-                continue
             if item is END:
                 return
-            yield item
+            if item is not None:
+                yield item
 
 
 class Worker:
