@@ -46,8 +46,11 @@ def inside(folder: Path, name: str, what: str = "") -> Path:
     The file need not exist. `what` names who points there, for the message (e.g. the index file).
     """
     path = folder / name
-    resolved = path.resolve()
-    if any(resolved.is_relative_to(root) for root in _allowed_roots(folder)):
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        resolved = None
+    if resolved is not None and any(resolved.is_relative_to(root) for root in _allowed_roots(folder)):
         return path
     where = f"{what} names {short_repr(name)}, which" if what else short_repr(name)
     raise CheckpointError(
@@ -85,9 +88,9 @@ def check_output(path: Path) -> None:
         raise InputError(f"{path} is not a regular file", "give a file path, or leave out -o to write to stdout")
 
 
-def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """The parsed JSON of a checkpoint file. FileNotFoundError passes through (the caller says
-    what is missing); anything else wrong is a CheckpointError naming the file."""
+def read_checkpoint_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a checkpoint file: regular, at most `max_bytes` (CheckpointError otherwise,
+    naming the file, never quoting it). FileNotFoundError passes through: the caller says what is missing."""
     if path.exists() and not is_regular(path):
         raise CheckpointError(f"{path}: not a regular file", "replace it with the checkpoint's own file")
     try:
@@ -98,7 +101,14 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
     except OSError as exc:
         raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
     if len(data) > max_bytes:
-        raise CheckpointError(f"{path}: over {max_bytes >> 20} MiB, too large for a checkpoint JSON file")
+        raise CheckpointError(f"{path}: over {max_bytes >> 20} MiB, too large for this checkpoint file")
+    return data
+
+
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON of a checkpoint file (`read_checkpoint_file`'s rules, and any nesting depth
+    refused with a message instead of a RecursionError)."""
+    data = read_checkpoint_file(path, max_bytes)
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -551,7 +551,10 @@ def _check_destination(folder: Path, dst: Path, force: bool) -> None:
     """DST must not be SRC or inside it (writing there replaces the weights being read), must be a
     folder or absent, and may hold files only with `force`."""
     check_output(dst)
-    source, target = folder.resolve(), dst.resolve()
+    try:
+        source, target = folder.resolve(), dst.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{dst}: the path does not resolve (a symlink loop?)") from None
     if target == source or target.is_relative_to(source):
         raise InputError(
             f"{dst} is {'the source checkpoint' if target == source else 'inside the source checkpoint'} {folder}",

@@ -19,7 +19,7 @@ from pathlib import Path
 import tiktoken
 
 from kimivl_cli.errors import CheckpointError
-from kimivl_cli.guards import inside, is_regular, read_json, short_repr
+from kimivl_cli.guards import inside, read_checkpoint_file, read_json, short_repr
 
 # The official split pattern uses `[...&&[^\p{Han}]]` set intersection; written here as a
 # negative lookahead per character, which tiktoken's fancy-regex and Python's `regex` both read
@@ -52,18 +52,10 @@ _RUNS = re.compile(r"\s+|\S+")  # `re`'s \s is exactly str.isspace, as in the re
 def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     """Parse a tiktoken BPE file: one `base64(token) rank` per line."""
     path = Path(path)
-    if path.exists() and not is_regular(path):
-        raise CheckpointError(f"{path}: not a regular file", "replace it with the checkpoint's tiktoken.model")
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_TIKTOKEN_BYTES + 1)
+        lines = read_checkpoint_file(path, MAX_TIKTOKEN_BYTES).splitlines()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no tiktoken.model", "the checkpoint folder lacks its tokenizer") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable tiktoken.model ({exc.strerror or exc})") from None
-    if len(data) > MAX_TIKTOKEN_BYTES:
-        raise CheckpointError(f"{path}: over {MAX_TIKTOKEN_BYTES >> 20} MiB, too large for a tiktoken.model")
-    lines = data.splitlines()
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serve.conftest import start_server  # noqa: F401  (the fixture, for the serve cases here)
+
 ROOT = Path(__file__).resolve().parents[2]
 EXCEPTION_NAME = re.compile(r"\b[A-Z]\w*(Error|Exception)\b")
 

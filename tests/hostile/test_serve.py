@@ -6,15 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,24 +19,8 @@ from PIL import Image
 from kimivl_cli.errors import InputError
 from kimivl_cli.serve import ChatServer
 from kimivl_cli.serve import server as server_module
-from tests.hostile.conftest import ROOT, nested_json, refused
+from tests.hostile.conftest import nested_json, refused
 from tests.serve.conftest import ScriptedBackend, http
-
-
-@pytest.fixture
-def start_server() -> Iterator:
-    servers: list[ChatServer] = []
-
-    def start(backend, **kw) -> ChatServer:
-        server = ChatServer(backend, "127.0.0.1", 0, **kw)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +75,19 @@ def test_a_full_server_refuses_before_decoding(start_server, monkeypatch) -> Non
         assert running.result()[0] == 200
 
 
-def test_a_multi_page_tiff_part_decodes_its_first_page_only(start_server) -> None:
+def test_a_multi_page_tiff_part_decodes_its_first_page_only(start_server, monkeypatch) -> None:
     """20 pages of 4000 x 4000 (320 MP, over the per-input budget) as one image part: the part is one
     image, so only the first page's header and pixels are read, and the request is served."""
+    from kimivl_cli.media import images
+
+    decoded: list[tuple[int, int]] = []
+    real = images._to_rgb
+    monkeypatch.setattr(images, "_to_rgb", lambda image, bg: decoded.append(image.size) or real(image, bg))
     backend = ScriptedBackend()
     server = start_server(backend)
     status, _, payload = http("POST", server.url + "/chat/completions", _body(_tiff_uri(20, 4000)))
     assert status == 200, payload
-    assert [image.size for image in backend.calls[0][1]] == [(4000, 4000)]
+    assert [image.size for image in backend.calls[0][1]] == [(4000, 4000)] == decoded  # one page decoded
 
 
 # --- 10. bodies and numbers past every limit: 400 / 413, never 500 or a broken pipe ----------------
@@ -218,27 +202,16 @@ def test_a_busy_port_or_bad_host_fails_before_the_model_loads(kimivl, tmp_path: 
     refused(kimivl("serve", "--model", missing, "--host", "bad host name!"), "cannot listen")
 
 
-def test_startup_says_whether_authentication_is_on(tiny_checkpoint: Path) -> None:
-    for key, said in (("sk-1", "API key required"), (None, "no API key")):
-        args = [sys.executable, "-m", "kimivl_cli", "serve", "--model", tiny_checkpoint, "--port", "0"]
-        env = {k: v for k, v in os.environ.items() if k != "KIMIVL_API_KEY"}
-        proc = subprocess.Popen(
-            [*map(str, args), *(["--api-key", key] if key else [])],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
-        try:
-            line = ""
-            while "serving" not in line:
-                line = proc.stderr.readline()
-                assert line or proc.poll() is None, "serve exited early"
-            assert said in line and re.search(r"at http://127\.0\.0\.1:\d+/v1", line), line
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def test_startup_says_whether_authentication_is_on(kimivl, tiny_checkpoint: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ChatServer, "serve_forever", lambda self, poll_interval=0.5: None)  # start, then stop
+    base = ("serve", "--model", tiny_checkpoint, "--port", "0", "--device", "cpu")
+    for extra, said in (
+        (("--api-key", "sk-1"), "API key required"),
+        ((), "no API key: anyone on this machine can use it"),
+        (("--host", "0.0.0.0"), "no API key: anyone who can reach it can use it"),
+    ):
+        result = kimivl(*base, *extra)
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stderr.splitlines() if line.startswith("serving "))
+        assert said in line and re.search(r"at http://[\d.]+:\d+/v1", line), line
+    assert "warning: serving on 0.0.0.0 without --api-key" in result.stderr
