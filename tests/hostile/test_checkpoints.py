@@ -237,3 +237,19 @@ def test_weights_larger_than_memory_are_a_runtime_error(kimivl, checkpoint: Path
 
     monkeypatch.setattr(weights, "device_memory_bytes", lambda device: 1 << 20)  # a 1 MiB machine
     refused(ask(kimivl, checkpoint), "need", "--quant nf4", code=1)
+
+
+# --- options past their ranges (the engine's settings, whichever command sets them) -----------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--seed", str(2**70), "seed must be an integer that fits 64 bits"),
+        ("--seed", str(-(2**64)), "seed must be an integer that fits 64 bits"),
+        ("--temperature", "inf", "temperature must be a number >= 0"),
+        ("--top-p", "nan", "--top-p"),
+    ],
+)
+def test_sampling_options_past_their_range(kimivl, tiny_checkpoint: Path, option: str, value: str, needle: str) -> None:
+    refused(kimivl(*ASK, tiny_checkpoint, option, value, "hi"), needle)
