@@ -97,7 +97,8 @@ def _run(debug: bool) -> None:
         code = app(standalone_mode=False, prog_name="kimivl")
         if isinstance(code, int) and code:
             if code == 130:  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
-                print("terminated" if terminating() else "interrupted", file=sys.stderr)
+                if terminating():
+                    print("terminated", file=sys.stderr)
                 _exit_now(143 if terminating() else 130)
             sys.exit(code)
     except KimivlError as exc:
