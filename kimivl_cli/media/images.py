@@ -26,12 +26,13 @@ from kimivl_cli.media.inputs import Source, as_input
 from kimivl_cli.media.sniff import MediaKind
 
 DEFAULT_MAX_PIXELS = 100_000_000
-"""Per image, page or video frame: above any camera here (a 100 MP frame is ~300 MB as RGB). Pillow
-itself also refuses more than 2 * `Image.MAX_IMAGE_PIXELS` (~179 MP) whatever this is set to."""
+"""Per image, page or video frame: above any camera here (a 100 MP image is ~400 MB in memory, as
+Pillow keeps RGB at 4 bytes a pixel). Pillow itself also refuses more than 2 * `Image.MAX_IMAGE_PIXELS`
+(~179 MP) whatever this is set to."""
 
 MAX_INPUT_PIXELS = 200_000_000
 """Per input: the pixels of all pages of an image file, or of all frames kept from a video, together
-(~600 MB as RGB). Checked from the headers before decoding."""
+(~800 MB as Pillow RGB, 600 MB as video frames). Checked from the headers before decoding."""
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _MULTIPAGE = {"TIFF"}  # formats whose frames are pages; the others give their first frame

@@ -4,7 +4,7 @@ Every case is built here or in its test from a few bytes or a few generated pixe
 is committed. `refused` is the contract every bad input must meet: exit 2 (bad input) or 1 (a
 true runtime failure), exactly one `error:` line on stderr (notes aside), no traceback, no
 exception class name where a sentence belongs. `peak_rss` runs a command in a subprocess and
-reads its peak resident memory from the kernel (`wait4`), for the memory budgets.
+reads its peak resident memory from the kernel (VmHWM), for the memory budgets.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,28 +48,42 @@ class Run:
     peak_mb: float
 
 
+# The peak is the process's own VmHWM, read at exit: `wait4`'s `ru_maxrss` would not do, since Linux
+# folds the forking parent's memory (the pytest worker's) into a child's maximum at exec.
+_PEAK_RUNNER = """
+import atexit, os, sys
+def peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["KIMIVL_TEST_PEAK_FILE"], "w") as out:
+        out.write(kb)
+atexit.register(peak)
+sys.argv = ["kimivl", *sys.argv[1:]]
+from kimivl_cli.cli import main
+main()
+"""
+
+
 def peak_rss(*args: object, timeout: float = 120, stdin: bytes = b"") -> Run:
-    """`kimivl ARGS` in a fresh process: its exit code, output and peak RSS in MiB (`ru_maxrss`,
-    from `wait4`: the kernel's own high-water mark, not a sample). A hang fails the test."""
-    command = [sys.executable, "-m", "kimivl_cli", *map(str, args)]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given:
-        given.write(stdin)
-        given.seek(0)
-        proc = subprocess.Popen(command, stdin=given, stdout=out, stderr=err, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise AssertionError(f"kimivl {' '.join(map(str, args))} hung for {timeout} s")
-            time.sleep(0.02)
-        _, status, usage = reaped
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-        return Run(proc.returncode, *text, usage.ru_maxrss / 1024)
+    """`kimivl ARGS` in a fresh process: its exit code, output and peak RSS in MiB (the kernel's own
+    high-water mark of the process, VmHWM, not a sample). A hang fails the test."""
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = Path(scratch) / "peak"
+        env = {**os.environ, "KIMIVL_TEST_PEAK_FILE": str(peak_file)}
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _PEAK_RUNNER, *map(str, args)],
+                input=stdin,
+                capture_output=True,
+                timeout=timeout,
+                cwd=ROOT,
+                env=env,
+            )
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"kimivl {' '.join(map(str, args))} hung for {timeout} s") from None
+        peak_mb = int(peak_file.read_text()) / 1024
+        decode = lambda data: data.decode(errors="replace")  # noqa: E731
+        return Run(proc.returncode, decode(proc.stdout), decode(proc.stderr), peak_mb)
 
 
 def write_json(path: Path, data: object) -> None:
