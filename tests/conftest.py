@@ -48,6 +48,21 @@ def packaged_file(distribution: str, suffix: str) -> Path:
     pytest.skip(f"{suffix} not found in {distribution}")
 
 
+@pytest.fixture
+def cpu_plan(monkeypatch: pytest.MonkeyPatch):
+    """`cpu_plan(field=value, ...)`: run the test with those fields of this machine's CPU plan replaced
+    (e.g. `nf4_fused_max_rows=0`: every NF4 product dequantises, as on a machine where that wins)."""
+    import dataclasses
+
+    from kimivl_cli.kernels import cpu
+
+    def force(**fields: object) -> None:
+        forced = dataclasses.replace(cpu.plan(), **fields)
+        monkeypatch.setattr(cpu, "plan", lambda: forced)
+
+    return force
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return shared_path("golden")

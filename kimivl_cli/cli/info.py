@@ -158,6 +158,12 @@ def _triton(has_gpu: bool) -> str:
     return f"{triton.__version__}: driver ready for {target.backend} {target.arch}"
 
 
+def _cpu_kernels() -> str:
+    from kimivl_cli.kernels.cpu import describe  # measures once per machine (cached), then reads the cache
+
+    return describe()
+
+
 def model_location(model: str, hub_cache: str | None = None) -> dict[str, Any]:
     """Where `model` would load from: a folder, or a snapshot in the Hub cache (`hub_cache`,
     default `HF_HUB_CACHE`, i.e. `$HF_HOME/hub`). Looks only at the disk, never the network."""
@@ -200,6 +206,7 @@ def gather(model: str, device: str) -> dict[str, Any]:
         "device": devices,
         "bitsandbytes": _probe(lambda: _bitsandbytes(has_gpu)),
         "triton": _probe(lambda: _triton(has_gpu)),
+        "cpu_kernels": _probe(_cpu_kernels),
         "model": {**(found := model_location(model)), **_auto_quant(found, devices["selected"])},
     }
 
@@ -238,6 +245,11 @@ def _text(info: dict[str, Any]) -> str:
     lines.append(f"device: {device['selected']} (--device {device['requested']}){problem}")
     for name in ("bitsandbytes", "triton"):
         lines.append(f"{name}: {'ok' if info[name]['ok'] else 'FAILED'}, {info[name]['detail']}")
+    kernels = info["cpu_kernels"]
+    lines.append(
+        "cpu kernels: "
+        + ("\n  ".join(kernels["detail"].splitlines()) if kernels["ok"] else f"FAILED, {kernels['detail']}")
+    )
     where = model.get("path") or model.get("problem", "")
     state = "ready" if model["ready"] else "not ready"
     lines.append(f"model: {model['model']} ({model['source']}, {state}): {where}")

@@ -17,6 +17,7 @@ grows. Legend: B batch, T tokens in a step, L prompt length, V vocab, D text hid
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -120,10 +121,14 @@ class Engine:
         self.lm = lm
         self.dtype = lm.model.embed_tokens.weight.dtype
         self.device = lm.model.embed_tokens.weight.device
-        # On CUDA every step attends over the whole preallocated cache (masked by position) so the
-        # step has static shapes and is captured in a graph (`graph.py`); on CPU only the filled slots.
-        self.static_decode = self.device.type == "cuda"
-        self.cuda_graphs = self.static_decode  # off: the static step runs eagerly (tests compare the two)
+        # On CUDA one-token steps replay CUDA graphs (`graph.py`); off, they run eagerly (tests compare).
+        self.cuda_graphs = self.device.type == "cuda"
+        # One-token steps on CUDA run as fused Triton kernels when they cover the model.
+        self.fused_decode = None
+        if self.device.type == "cuda":
+            from kimivl_cli.model.fused_decode import FusedDecoder  # imports Triton: only where there is a GPU
+
+            self.fused_decode = FusedDecoder.build(lm)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
 
     @classmethod
@@ -133,14 +138,19 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         quant: str = "none",
+        lm_head: str | None = None,
         **kwargs,
     ) -> Engine:
         """Load weights, tokenizer, `preprocessor_config.json` and `generation_config.json` defaults.
 
         quant "nf4" | "int8" quantizes the language model's linears while loading (model/weights.py).
+        lm_head "int8" | "nf4" quantizes the output head after loading (default: $KIMIVL_LM_HEAD, else
+        "bf16": kept). Off by default: on random-weight models neither keeps 99.5% top-1 agreement
+        with the bf16 head (benchmarks/lm_head_quant.py).
         """
         from kimivl_cli.guards import inside
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
+        from kimivl_cli.quant.modules import quantize_lm_head_
 
         folder = resolve_checkpoint(path_or_repo)
         # The small files first: a broken tokenizer or config fails before the weights load.
@@ -150,6 +160,7 @@ class Engine:
         check_agreement(config, tokenizer, image_config)
         defaults = SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo))
         model, config = load_model(folder, dtype=dtype, device=device, quant=quant)
+        quantize_lm_head_(model.language_model, lm_head or os.environ.get("KIMIVL_LM_HEAD") or "bf16")
         return cls(
             model,
             config,
@@ -209,9 +220,14 @@ class Engine:
         """tokens [B, T], positions [B, T] (or the int start of all rows) -> fp32 logits [B, V] of
         the last token; writes T cache rows.
 
-        No host-device sync on CUDA for T=1 (the MoE takes its gathered path), and with
-        `kv_len = cache.capacity` every shape is static: the unit to capture in a CUDA graph.
+        No host-device sync on CUDA (one token: the fused decode kernels, which attend up to the
+        position read on the device; more: the MoE's fused kernels), and with positions a tensor and
+        a fixed `kv_len` every shape is static: the unit to capture in a CUDA graph.
         """
+        if self.fused_decode is not None and tokens.shape == (1, 1):
+            if isinstance(positions, int):
+                positions = torch.full((1, 1), positions, device=self.device)  # a fill: no host copy
+            return self.fused_decode(tokens, positions, cache)
         hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
         return self.lm.logits(hidden[:, -1])
 
@@ -318,10 +334,7 @@ class Engine:
                     T = tokens.shape[1]
                     if graph is not None and T == 1:
                         logits = graph(tokens, pos)
-                    elif self.static_decode:
-                        positions = torch.arange(pos, pos + T, device=self.device)[None]
-                        logits = self.decode_step(tokens, positions, cache, cache.capacity)
-                    else:  # a Python start: the cache write is a slice copy instead of a scatter
+                    else:  # eager: attention over the filled slots only
                         logits = self.decode_step(tokens, pos, cache, pos + T)
                     pos += T
                 stats.finish_reason = "length"
@@ -351,7 +364,7 @@ class Engine:
         if self._graph is None or self._graph.cache.capacity != bucket:
             self._graph = None
             cache = LatentCache(self.config.text, 1, bucket, self.dtype, self.device)
-            self._graph = DecodeGraph(self.decode_step, cache)
+            self._graph = DecodeGraph(self.decode_step, cache, attends_by_position=self.fused_decode is not None)
         self._graph.in_use = True
         return self._graph
 

@@ -1,29 +1,24 @@
-"""MoE on CPU with NF4 experts: only the experts that received tokens, straight from the codes.
+"""NF4 products and the MoE on CPU, each by the path `cpu.plan()` measured fastest on this machine.
 
 Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token.
-- One token (batch-1 decode): one native call for the whole step (`native.nf4_moe_decode`,
-  int8 activations, ~1.7% of the output norm off the exact result against NF4's own ~15%);
-  at real size ~1 ms on 2 AVX2 cores, memory-bound (see benchmarks/moe.py).
-- More tokens, exact fp32 per active expert: an expert with a few rows runs the native exact
-  GEMV; one with more is decoded to fp32 once per call and used for all of its rows. Measured on
-  AVX2 (no AVX-512/AMX): fp32 GEMMs are ~5x faster than bf16 ones for tens of rows, and
-  bitsandbytes' NF4 dequantiser beats torch ops ~4x. Work O(active experts * I * H) decode +
-  O(T * K * I * H) GEMM; extra memory: one expert's three fp32 matrices (~35 MB).
+- Up to `plan.nf4_fused_max_rows` rows (always one: batch-1 decode), the native int8 kernels read the
+  codes directly (`native.q8_matmul`; the whole routed-expert step, or a whole SwiGLU, is one call:
+  `native.nf4_moe`). Int8 activations: ~1% of the output norm off the exact product, against ~10%
+  for NF4 itself.
+- More rows: the matrix is dequantised once (natively, to the GEMM's dtype) and one GEMM serves all
+  rows (bf16 through oneDNN where the plan says it wins, AMX on CPUs that have it; else fp32).
+  The MoE then loops over the active experts on the host, each expert by its own row count.
 
-This path loops over active experts on the host: it is the CPU path only (GPUs use the
-sync-free Triton kernels in `moe_triton.py`).
+This is the CPU path only (GPUs use the sync-free Triton kernels in `moe_triton.py`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kimivl_cli.kernels import native
+from kimivl_cli.kernels import cpu, native
 from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
-
-# Rows up to which reading the codes once per row (native GEMV, ~0.7 ms per 1408x2048 matrix
-# on one AVX2 core) beats decoding the matrix once to fp32 (~6 ms) and one GEMM.
-GEMV_MAX_ROWS = 4
 
 try:  # bitsandbytes registers its native CPU dequantiser as a torch op on import
     import bitsandbytes  # noqa: F401
@@ -33,21 +28,34 @@ except (ImportError, AttributeError, RuntimeError):
     _BNB_DEQUANT = None
 
 
-def dequantize_fp32(packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """One NF4 matrix (packed [N, Kd/2], absmax [N, Kd/64]) -> fp32 [N, Kd], natively if possible."""
+def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One NF4 matrix (packed [N, Kd/2], absmax [N, Kd/64]) -> [N, Kd] in `dtype` (fp32 math, one rounding)."""
+    if native.available() and dtype in (torch.float32, torch.bfloat16):
+        return native.nf4_dequantize(packed, absmax, dtype)
     shape = [packed.shape[0], packed.shape[1] * 2]
-    if _BNB_DEQUANT is not None and packed.device.type == "cpu":
-        return _BNB_DEQUANT(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
-    return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32))
+    if _BNB_DEQUANT is not None:
+        w = _BNB_DEQUANT(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
+        return w.to(dtype)
+    return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32), dtype)
 
 
-def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the native GEMV from the codes for up to GEMV_MAX_ROWS rows
-    (one row, i.e. batch-1 decode, with int8 activations unless `exact`), else dequantise once to fp32
-    and run one GEMM (the decode cost is shared by all rows)."""
-    if x.shape[0] <= GEMV_MAX_ROWS and native.available():
-        return native.nf4_gemv(x, packed, absmax, int8=x.shape[0] == 1 and not exact)
-    return x.float() @ dequantize_fp32(packed, absmax).t()
+def _fused(rows: int) -> bool:
+    return native.available() and rows <= cpu.plan().nf4_fused_max_rows
+
+
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a dequantised GEMM of x's rows runs in: x's own, unless the plan upcasts half precision."""
+    if x.dtype in (torch.bfloat16, torch.float16) and not cpu.plan().upcasts(x.shape[0]):
+        return x.dtype
+    return torch.float32
+
+
+def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the fused int8 kernel for few rows, else dequantise + one GEMM."""
+    if _fused(x.shape[0]):
+        return native.q8_matmul(x, packed, absmax)
+    dtype = _gemm_dtype(x)
+    return F.linear(x.to(dtype), dequantize_cpu(packed, absmax, dtype)).float()
 
 
 def moe_cpu(
@@ -58,17 +66,18 @@ def moe_cpu(
     up: tuple[torch.Tensor, torch.Tensor],
     down: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Same contract as `moe_triton.fused_moe_nf4`: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype.
+    """Same contract as `moe_triton.fused_moe` but fp32 out: x [T, H], idx/weights [T, K] -> [T, H] fp32.
 
-    One token with the native kernels: the fused int8-activation step; else exact fp32 per expert.
+    One native call when the experts' mean row count is within the fused kernel's range; else a loop
+    over the experts that received tokens, each by its own row count.
     """
-    if x.shape[0] == 1 and native.available():
-        return native.nf4_moe_decode(x[0], idx[0], weights[0], gate, up, down).to(x.dtype).view(1, -1)
+    n_experts = gate[0].shape[0]
+    if _fused(-(-idx.numel() // n_experts)):
+        return native.nf4_moe(x, idx, weights, gate, up, down)
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-    counts = torch.bincount(flat, minlength=gate[0].shape[0]).tolist()
-    xf = x.float()
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
     route_w = weights.reshape(-1).float()
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     start = 0
@@ -78,12 +87,8 @@ def moe_cpu(
         pairs = order[start : start + n]
         start += n
         token = pairs // k
-        xe = xf[token]  # [n, H]
-        g = nf4_linear_cpu(xe, gate[0][e], gate[1][e], exact=True)
-        u = nf4_linear_cpu(xe, up[0][e], up[1][e], exact=True)
-        h = torch.nn.functional.silu(g).mul_(u)  # [n, I]
-        y = nf4_linear_cpu(h, down[0][e], down[1][e], exact=True)  # [n, H]
-        out.index_put_(
-            (token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True
-        )  # index_add_: 10+ ms per call here
-    return out.to(x.dtype)
+        xe = x[token]  # [n, H]
+        h = F.silu(nf4_linear_cpu(xe, gate[0][e], gate[1][e])).mul_(nf4_linear_cpu(xe, up[0][e], up[1][e]))
+        y = nf4_linear_cpu(h.to(x.dtype), down[0][e], down[1][e])  # [n, H]
+        out.index_put_((token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True)  # index_add_: 10+ ms here
+    return out

@@ -1,23 +1,18 @@
-"""The NF4 CPU kernels (`nf4_gemv.c`), compiled on first use and loaded with ctypes.
+"""The CPU kernels (`cpu_kernels.c`): one build per instruction set, compiled on first use, loaded with ctypes.
 
-Why native: at a few tokens the CPU MoE is bound by decoding weights. Any torch formulation
-(dequantise to fp32 then GEMV) writes and rereads 4 bytes per weight (~6 ms per 1408x2048
-expert matrix here); the C kernels read the 0.56-byte codes once.
+Why native: at a few tokens the CPU model is bound by reading weights. Any torch formulation of an NF4
+product (dequantise to fp32, then GEMM) writes and rereads 4 bytes per weight; these kernels read the
+0.56-byte codes once, and a whole routed-expert step is one call instead of dozens of small ops.
 
-Two entry points over them (times: one 1408x2048 matrix, 2 AVX2 cores, weights in cache):
-- `nf4_gemv(x, packed, absmax)`: exact fp32 for a few rows (same sums as dequantise-then-matmul,
-  another order; ~0.3 ms); `nf4_gemv(..., int8=True)` for one row, the int8-activation dot
-  (~0.07 ms; 0.84% of the output norm off the exact result).
-- `nf4_moe_decode(...)`: a whole routed-expert step for one token (gate, up, SiLU·mul, down,
-  routing weights, sum over experts) in one native call, instead of three GEMVs per expert.
+Variants (`VARIANTS`, widest first): avx512_vnni, avx2, neon_dotprod, scalar. A variant is a candidate
+when the CPU has its features (`kernels/cpu.py`, which also honours KIMIVL_CPU_OFF) and it compiles;
+`cpu.plan()` times the candidates once per machine and picks one. KIMIVL_NATIVE=0 turns every native
+kernel off (callers keep their torch paths).
 
-Built with the system C compiler (`cc`, AVX2+FMA when /proc/cpuinfo has them) into
-$KIMIVL_CACHE (default ~/.cache/kimivl)/native, keyed by a digest of source and flags; the
-build is written to a temporary name and renamed, so parallel processes never load half a
-file. No compiler, a failed build or KIMIVL_NATIVE=0: `available()` is False and callers
-keep their torch path. Threads: OpenMP inside the C (torch's own libgomp.so.1, loaded first,
-so torch's warm thread team and `torch.set_num_threads` apply; no Python thread pool: waking
-one cost ~0.1 ms per call here, as much as a whole 1408x2048 GEMV).
+Built with the system C compiler into $KIMIVL_CACHE (default ~/.cache/kimivl)/native, keyed by a digest
+of source and flags; each build is written to a temporary name and renamed, so parallel processes never
+load half a file. OpenMP inside the C uses torch's own libgomp.so.1 (loaded first), so torch's warm thread
+team and `torch.set_num_threads` apply.
 """
 
 from __future__ import annotations
@@ -33,57 +28,66 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("nf4_gemv.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+
+# name: (CPU features it needs, compiler flags)
+VARIANTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "avx512_vnni": (
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"),
+    ),
+    "avx2": (frozenset({"avx2", "fma"}), ("-mavx2", "-mfma")),
+    "neon_dotprod": (frozenset({"asimddp"}), ("-march=armv8.2-a+dotprod",)),
+    "scalar": (frozenset(), ()),
+}
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # name: (restype, argtypes)
-    "nf4_gemv": (None, [_P] * 5 + [_I64] * 3),
-    "nf4_q8_gemv": (ctypes.c_int, [_P] * 4 + [_I64] * 2),
+    "kimivl_variant": (ctypes.c_char_p, []),
+    "nf4_q8_matmul": (ctypes.c_int, [_P] * 4 + [_I64] * 3),
+    "q8_q8_matmul": (ctypes.c_int, [_P] * 4 + [_I64] * 3),
+    "nf4_dequantize": (None, [_P] * 3 + [_I64] * 2 + [ctypes.c_int]),
+    "nf4_moe": (ctypes.c_int, [_P] * 3 + [_I64] * 3 + [_P] * 6 + [_I64] * 2 + [_P]),
     "nf4_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 6 + [_I64] * 2 + [_P]),
+    "bf16_matvec": (None, [_P] * 3 + [_I64] * 2),
+    "bf16_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 3 + [_I64] * 2 + [_P]),
 }
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def compile_command(variant: str, compiler: str, output: str, openmp: bool = True) -> list[str]:
+    """The command that builds `variant` into the shared library `output` (also used for cross builds)."""
+    flags = ["-O3", "-shared", "-fPIC", "-fno-math-errno", *VARIANTS[variant][1]]
+    return [compiler, *flags, *(["-fopenmp"] if openmp else []), str(_SOURCE), "-o", output, "-lm"]
 
 
-def build(simd: bool = True) -> ctypes.CDLL | None:
-    """Compile (once per source and flags) and load the kernels; None without a working compiler.
-
-    OpenMP if the compiler has it (else one thread). `simd=False` builds the portable scalar
-    loops even on an AVX2 machine (tests compare both).
-    """
-    flags = ["-O3", "-shared", "-fPIC", "-fno-math-errno"]
-    if simd and {"avx2", "fma"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma"]
-    for extra in (["-fopenmp"], []):
-        lib = _compile_and_load([*flags, *extra])
+@functools.cache
+def build(variant: str) -> ctypes.CDLL | None:
+    """Compile (once per source and flags) and load `variant`; None without a compiler that builds it.
+    OpenMP if the compiler has it, else one thread."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not _SOURCE.is_file():
+        return None
+    for openmp in (True, False):
+        lib = _compile_and_load(compile_command(variant, compiler, "{out}", openmp))
         if lib is not None:
             return lib
     return None
 
 
-def _compile_and_load(flags: list[str]) -> ctypes.CDLL | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _SOURCE.is_file():
-        return None
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("KIMIVL_CACHE", Path.home() / ".cache" / "kimivl")) / "native"
-    target = root / f"nf4_gemv-{digest}.so"
+def _compile_and_load(cmd: list[str]) -> ctypes.CDLL | None:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+    root = cache_dir() / "native"
+    target = root / f"cpu_kernels-{digest}.so"
     try:
         if not target.is_file():
             root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
             os.close(fd)
-            cmd = [compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(tmp, target)
+            try:
+                subprocess.run([tmp if c == "{out}" else c for c in cmd], check=True, capture_output=True, timeout=180)
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         lib = ctypes.CDLL(str(target))  # torch is loaded: its libgomp.so.1 serves our OpenMP too
     except (OSError, subprocess.SubprocessError):
         return None
@@ -93,9 +97,24 @@ def _compile_and_load(flags: list[str]) -> ctypes.CDLL | None:
     return lib
 
 
+def source_digest() -> str:
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16] if _SOURCE.is_file() else "none"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KIMIVL_CACHE", Path.home() / ".cache" / "kimivl"))
+
+
+def enabled() -> bool:
+    return os.environ.get("KIMIVL_NATIVE", "1") != "0"
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    return None if os.environ.get("KIMIVL_NATIVE", "1") == "0" else build()
+    from kimivl_cli.kernels.cpu import plan  # the plan times this module's builds
+
+    variant = plan().native
+    return None if variant is None else build(variant)
 
 
 def available() -> bool:
@@ -105,62 +124,114 @@ def available() -> bool:
 def _lib(lib: ctypes.CDLL | None) -> ctypes.CDLL:
     lib = lib or _library()
     if lib is None:
-        raise RuntimeError("the native NF4 kernels are not available (see kimivl_cli/kernels/native.py)")
+        raise RuntimeError("the native CPU kernels are not available (see kimivl_cli/kernels/native.py)")
     return lib
 
 
 def _check(status: int) -> None:
     if status != 0:
-        raise MemoryError("the native NF4 kernel could not allocate its scratch buffers")
+        raise MemoryError("a native CPU kernel could not allocate its scratch buffers")
 
 
-def nf4_gemv(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None = None
+def _ptrs(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def q8_matmul(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lib: ctypes.CDLL | None = None
 ) -> torch.Tensor:
-    """x [T, K] (any float dtype, T small), packed [N, K/2] uint8, absmax [N, K/64] fp32 -> x Wᵀ [T, N] fp32.
+    """x [T, K] (any float dtype) @ NF4 Wᵀ -> [T, N] fp32, int8 activations (per 64-block).
 
-    O(T·N·K) work, reads the codes T times: use it for a few rows, dequantise for many. `int8`
-    (one row only): the activation quantized to int8 per 64-block and integer block dots.
+    packed [N, K/2] uint8, absmax [N, K/64] fp32. Reads the codes once per 64 rows of x.
     """
     lib = _lib(lib)
     n, k = packed.shape[0], packed.shape[1] * 2
-    packed, absmax = packed.contiguous(), absmax.contiguous()
+    xf, packed, absmax = x.float().contiguous(), packed.contiguous(), absmax.contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    xf = x.float()
-    if int8:
-        if x.shape[0] != 1:
-            raise ValueError(f"the int8 NF4 GEMV takes one row, got {x.shape[0]}")
-        xf = xf.contiguous()
-        _check(lib.nf4_q8_gemv(xf.data_ptr(), packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), n, k))
-        return out
-    evens, odds = xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous()
-    lib.nf4_gemv(
-        evens.data_ptr(), odds.data_ptr(), packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), x.shape[0], n, k
-    )
+    _check(lib.nf4_q8_matmul(*_ptrs(xf, packed, absmax, out), x.shape[0], n, k))
     return out
 
 
-def nf4_moe_decode(
+def int8_blocks_matmul(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """x [T, K] @ Wᵀ -> [T, N] fp32 for W in int8 blocks (`quant.nf4.quantize_int8_blocks`: q [N, K] int8,
+    scale [N, K/64] fp32), int8 activations per 64-block: integer block sums, one scale per block pair."""
+    lib = _lib(lib)
+    n, k = q.shape
+    xf, q, scale = x.float().contiguous(), q.contiguous(), scale.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _check(lib.q8_q8_matmul(*_ptrs(xf, q, scale, out), x.shape[0], n, k))
+    return out
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """packed [N, K/2], absmax [N, K/64] -> W [N, K] in fp32 or bf16 (level x absmax, rounded once)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native NF4 dequantisation writes fp32 or bf16, not {dtype}")
+    lib = _lib(lib)
+    n, k = packed.shape[0], packed.shape[1] * 2
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    lib.nf4_dequantize(*_ptrs(packed, absmax, out), n, k, int(dtype == torch.bfloat16))
+    return out
+
+
+def nf4_moe(
     x: torch.Tensor,
-    experts: torch.Tensor,
+    idx: torch.Tensor,
     route_w: torch.Tensor,
     gate: tuple[torch.Tensor, torch.Tensor],
     up: tuple[torch.Tensor, torch.Tensor],
     down: tuple[torch.Tensor, torch.Tensor],
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """One token's routed experts: sum_a route_w[a] · down_e(silu(gate_e x) · up_e x), e = experts[a].
+    """Routed experts of T tokens: out_t = sum_a route_w[t, a] · down_e(silu(gate_e x_t) · up_e x_t), e = idx[t, a].
 
-    x [H]; experts [A] int64 and route_w [A] (A active experts); stacked NF4 weights
-    gate/up ([E, I, H/2], [E, I, H/64]), down ([E, H, I/2], [E, H, I/64]) -> [H] fp32.
-    int8 activations (x, then h) as in `nf4_gemv(int8=True)`; one native call (two threaded
-    phases: gate/up over 64-row blocks of I, then down over rows of H); scratch A·I bytes.
+    x [T, H]; idx [T, K] and route_w [T, K]; stacked NF4 weights gate/up ([E, I, H/2], [E, I, H/64]),
+    down ([E, H, I/2], [E, H, I/64]) -> [T, H] fp32. int8 activations (x, then h); one native call.
+    One token takes the decode kernel (all its experts in two threaded phases).
     """
     lib = _lib(lib)
-    hidden, inter = x.shape[0], gate[0].shape[1]
+    (t, hidden), (n_experts, inter) = x.shape, gate[0].shape[:2]
+    xf, ids, rw = x.float().contiguous(), idx.to(torch.int64).contiguous(), route_w.float().contiguous()
+    weights = _ptrs(*(w.contiguous() for w in (*gate, *up, *down)))
+    out = torch.empty(t, hidden, dtype=torch.float32)
+    if t == 1:
+        status = lib.nf4_moe_decode(*_ptrs(xf, ids, rw), ids.shape[1], *weights, hidden, inter, out.data_ptr())
+    else:
+        status = lib.nf4_moe(*_ptrs(xf, ids, rw), t, ids.shape[1], n_experts, *weights, hidden, inter, out.data_ptr())
+    _check(status)
+    return out
+
+
+def bf16_matvec(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [K] (any float dtype) @ W [N, K] bf16 ᵀ -> [N] fp32, fp32 sums (one token's linear)."""
+    lib = _lib(lib)
+    n, k = weight.shape
+    xf, weight = x.float().contiguous(), weight.contiguous()
+    out = torch.empty(n, dtype=torch.float32)
+    lib.bf16_matvec(*_ptrs(xf, weight, out), n, k)
+    return out
+
+
+def bf16_moe_decode(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    route_w: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """One token's experts with bf16 weights, fp32 math: x [H], experts [A], route_w [A], gate/up [E, I, H],
+    down [E, H, I] -> sum_a route_w[a] · down_e(silu(gate_e x) · up_e x) [H] fp32."""
+    lib = _lib(lib)
+    hidden, inter = x.shape[0], gate.shape[1]
     xf, ids, rw = x.float().contiguous(), experts.to(torch.int64).contiguous(), route_w.float().contiguous()
-    weights = [t.contiguous().data_ptr() for t in (*gate, *up, *down)]
     out = torch.empty(hidden, dtype=torch.float32)
-    _check(lib.nf4_moe_decode(xf.data_ptr(), ids.data_ptr(), rw.data_ptr(), ids.shape[0], *weights, hidden, inter,
-                              out.data_ptr()))  # fmt: skip
+    weights = _ptrs(*(w.contiguous() for w in (gate, up, down)))
+    _check(lib.bf16_moe_decode(*_ptrs(xf, ids, rw), ids.shape[0], *weights, hidden, inter, out.data_ptr()))
     return out

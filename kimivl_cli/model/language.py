@@ -17,29 +17,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kimivl_cli.kernels import cpu, native
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import RopeScaling, TextConfig
 
 Trace = dict[str, Any]
 
-# CPUs without native half-precision math (AVX2) run a bf16 GEMM of more than a few rows 5-8x slower
-# than upcasting its weight and running it in fp32 (measured here: 1024 rows x 1024->5632, 605 ms
-# vs 89 ms; 96 rows through one 1024->1408 expert, 32 ms vs 6 ms; the upcast is ~0.1 ms per MB).
-# From this many rows the CPU computes in fp32. GEMVs (decode) stay in the weight's dtype: they are
-# bound by reading the weight, and an fp32 copy would read twice the bytes.
-UPCAST_MIN_ROWS = 4
+_HALF = (torch.bfloat16, torch.float16)
 
 
-def _upcasts(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+def linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x [..., K] @ weightᵀ -> [..., N] in `out_dtype` (default x's). On CPU, one row of bf16 runs the
+    native GEMV (fp32 sums, one rounding: batch-1 decode); more rows of half precision run as the CPU
+    plan measured fastest on this machine (`kernels/cpu.py`: a bf16 GEMM, or an upcast to fp32)."""
+    out_dtype = out_dtype or x.dtype
+    if x.device.type == "cpu" and x.dtype in _HALF:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and weight.dtype == torch.bfloat16 and native.available():
+            return native.bf16_matvec(x.reshape(-1), weight).to(out_dtype).view(*x.shape[:-1], -1)
+        if cpu.plan().upcasts(rows):
+            return F.linear(x.float(), weight.float()).to(out_dtype)
+    return F.linear(x, weight).to(out_dtype)
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., K] @ weightᵀ -> [..., N] in x's dtype. Half precision on CPU with >= UPCAST_MIN_ROWS rows
-    computes in fp32: the same products and fp32 accumulation as the half GEMM, one rounding at the end."""
-    if _upcasts(x) and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
-        return F.linear(x.float(), weight.float()).to(x.dtype)
-    return F.linear(x, weight)
+def _native_bf16(x: Tensor, *weights: Tensor) -> bool:
+    """One token on CPU with bf16 weights and the native kernels: the fused expert/MLP call applies."""
+    return (
+        x.device.type == "cpu"
+        and x.shape[0] == 1
+        and all(w.dtype == torch.bfloat16 for w in weights)
+        and native.available()
+    )
 
 
 class Linear(nn.Linear):
@@ -53,7 +61,8 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x²) + eps) in fp32, cast back, then scaled (the reference's order)."""
+    """x * rsqrt(mean(x²) + eps) in fp32, cast to the weight's dtype, then scaled (the reference's order;
+    the reference casts to x's dtype, the same except for an fp32 residual stream in a bf16 model)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -61,7 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.weight.dtype)
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -133,6 +142,12 @@ class FeedForward(nn.Module):
         self.down_proj = Linear(inter, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        if _native_bf16(flat, *weights):  # one native call: gate, up, SiLU·mul, down
+            one = torch.zeros(1, dtype=torch.int64)
+            out = native.bf16_moe_decode(flat[0], one, torch.ones(1), *(w[None] for w in weights))
+            return out.to(x.dtype).view(x.shape)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -251,11 +266,12 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """q·k = (q_nope W_uk)·c + q_pe·k_pe and attn·v = (attn·c) W_uvᵀ: attend over cache rows.
 
-        Half precision on CPU computes this in fp32 (small strided bf16 bmms are ~3x slower than
-        fp32 ones on AVX2, and it saves rounding q and the output twice): work O(H·T·(Dn·R + L·W)).
+        Half precision on CPU computes this in fp32 (small strided bf16 bmms are slower than fp32 ones
+        on CPUs without native bf16 math, the weights are small, and it saves rounding q and the output
+        twice): work O(H·T·(Dn·R + L·W)).
         """
         B, T, H, _ = q_nope.shape
-        dtype = torch.float32 if _upcasts(q_nope) else q_nope.dtype
+        dtype = torch.float32 if q_nope.device.type == "cpu" else q_nope.dtype
         w_uk, w_uv_t = self._absorb_weights(dtype)  # [H, Dn, R], [H, R, Dv]
         q_lat = torch.matmul(q_nope.to(dtype).transpose(1, 2), w_uk)  # [B, H, T, R]
         q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, H * T, -1)  # heads share keys
@@ -334,9 +350,20 @@ class RoutedExperts(nn.Module):
         self.checkpoint_tensor(name).copy_(tensor)
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation."""
-        if idx.numel() <= self.gate_proj.shape[0] and (x.device.type != "cpu" or torch.compiler.is_compiling()):
-            return self._gathered(x, idx, weights)  # sync-free: CUDA graphs, compiled steps
+        """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation.
+
+        CUDA: the fused Triton MoE (sync-free, reads only the chosen experts' weights in place).
+        CPU: the native bf16 one-token call where it runs, else one token's experts in turn, or grouped
+        by expert; a compiled CPU step gathers instead.
+        """
+        if x.is_cuda:
+            from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
+
+            return fused_moe(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj)
+        if idx.numel() <= self.gate_proj.shape[0] and torch.compiler.is_compiling():
+            return self._gathered(x, idx, weights)  # sync-free: a compiled step has no data-dependent shapes
+        if _native_bf16(x, self.gate_proj, self.up_proj, self.down_proj):
+            return native.bf16_moe_decode(x[0], idx[0], weights[0], self.gate_proj, self.up_proj, self.down_proj)[None]
         if x.device.type == "cpu" and x.shape[0] == 1:
             return self._single(x, idx, weights)
         return self._grouped(x, idx, weights)
@@ -354,8 +381,8 @@ class RoutedExperts(nn.Module):
         """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
 
         Touches only the active experts' weights (batch-1 decode reads K of E). Needs the per-expert
-        counts on the host (`.tolist()`): free on CPU, one sync per MoE layer on a GPU, which is why
-        GPUs take `_gathered` or a fused kernel instead.
+        counts on the host (`.tolist()`): free on CPU, a sync on a GPU, which is why GPUs take the
+        fused kernel instead.
         """
         T, K = idx.shape
         flat = idx.flatten()
@@ -375,7 +402,7 @@ class RoutedExperts(nn.Module):
         return out
 
     def _gathered(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """Sync-free for a few tokens: gather the T·K active experts' weights and batch the GEMVs."""
+        """Sync-free for a few tokens: gather the T·K active experts' weights (a copy) and batch the GEMVs."""
         T, K = idx.shape
         xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [T*K, D, 1]
         flat = idx.flatten()
@@ -446,8 +473,8 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderStack(cfg)
-        # plain: the engine projects one row per step (a GEMV), and loaders expect an nn.Linear here
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # an nn.Linear (loaders expect one): the engine projects one row per step, the native GEMV on CPU
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -483,7 +510,9 @@ class LanguageModel(nn.Module):
             kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
         chunk = Chunk(self.rotary(pos), pos, start, cache, kv_len)
         hidden_states = trace.setdefault("hidden_states", []) if trace is not None else None
-        h = embeds
+        # On CPU the residual stream stays fp32 (sublayers still compute in the weights' dtype): a bf16
+        # stream rounds every layer's sum, the largest error of a bf16 model against its fp32 self.
+        h = embeds.float() if embeds.device.type == "cpu" else embeds
         for layer in self.model.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
@@ -494,5 +523,8 @@ class LanguageModel(nn.Module):
         return h
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [..., D] -> fp32 logits [..., V]."""
+        """hidden [..., D] -> fp32 logits [..., V] (a plain head: never rounded to the model's dtype,
+        which flips ~2% of a random bf16 model's argmaxes)."""
+        if isinstance(self.lm_head, nn.Linear):
+            return linear(hidden, self.lm_head.weight, torch.float32)
         return self.lm_head(hidden).float()

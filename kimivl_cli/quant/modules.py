@@ -19,9 +19,18 @@ import re
 import torch
 from torch import nn
 
-from kimivl_cli.kernels import native
-from kimivl_cli.kernels.moe_cpu import dequantize_fp32, moe_cpu, nf4_linear_cpu
-from kimivl_cli.quant.nf4 import BLOCKSIZE, quantize_int8, quantize_nf4
+from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.moe_cpu import dequantize_cpu, moe_cpu, nf4_linear_cpu
+from kimivl_cli.quant.nf4 import (
+    BLOCKSIZE,
+    Int8BlockTensor,
+    NF4Tensor,
+    dequantize_int8_blocks,
+    dequantize_nf4,
+    quantize_int8,
+    quantize_int8_blocks,
+    quantize_nf4,
+)
 
 # A quantized linear, by module path (any prefix): "...layers.<i>.<one of these>".
 _QUANTIZED_MODULE = re.compile(
@@ -91,7 +100,7 @@ class NF4Linear(_QuantizedLinear):
         self.absmax.copy_(q.absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() // x.shape[-1] <= 16:
+        if x.is_cuda:
             from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
 
             return nf4_matmul(x, self.packed, self.absmax)
@@ -101,8 +110,7 @@ class NF4Linear(_QuantizedLinear):
                 .to(x.dtype)
                 .view(*x.shape[:-1], self.out_features)
             )
-        w = dequantize_fp32(self.packed, self.absmax)
-        return nn.functional.linear(x, w.to(x.dtype))
+        return nn.functional.linear(x, self.weight.to(x.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -111,7 +119,9 @@ class NF4Linear(_QuantizedLinear):
         Costs one dequantisation per access (N*K work, 4*N*K bytes): callers in a decode loop cache
         what they derive from it (MLAttention does).
         """
-        return dequantize_fp32(self.packed, self.absmax)
+        if self.packed.device.type == "cpu":
+            return dequantize_cpu(self.packed, self.absmax)
+        return dequantize_nf4(NF4Tensor(self.packed, self.absmax, torch.float32))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
@@ -140,13 +150,55 @@ class Int8Linear(_QuantizedLinear):
         return self.q.float() * self.scale[:, None]
 
 
+class Int8BlockLinear(nn.Module):
+    """y = x Wᵀ with W in int8 blocks (8.5 bits per weight: `quant.nf4.quantize_int8_blocks`), fp32 out.
+
+    The CPU's quantized `lm_head` (`quantize_lm_head_`): half the bytes of bf16 for the largest single
+    matrix a decode step reads. Native int8 kernels on CPU, else dequantised per call.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        t = quantize_int8_blocks(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("q", t.q)
+        self.register_buffer("scale", t.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and native.available():
+            out = native.int8_blocks_matmul(flat, self.q, self.scale)
+        else:
+            out = nn.functional.linear(flat.float(), dequantize_int8_blocks(Int8BlockTensor(self.q, self.scale)))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 blocks of {BLOCKSIZE}"
+
+
+LM_HEAD_MODES = ("bf16", "int8", "nf4")
+
+
+@torch.no_grad()
+def quantize_lm_head_(lm: nn.Module, mode: str) -> None:
+    """Replace `lm.lm_head` by its quantized copy ("int8": `Int8BlockLinear`, "nf4": `NF4Linear`) and free the
+    original; "bf16" (or tied embeddings, which the head cannot give up) keeps it. Accuracy against the
+    bf16 head: benchmarks/lm_head_quant.py."""
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"unknown lm_head mode {mode!r}: use one of {', '.join(LM_HEAD_MODES)}")
+    if mode == "bf16" or lm.config.tie_word_embeddings:
+        return
+    weight = lm.lm_head.weight
+    lm.lm_head = Int8BlockLinear(weight) if mode == "int8" else NF4Linear.from_weight(weight)
+
+
 class NF4SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with NF4 projections: the dense MLP and the shared experts.
 
-    One token on CPU (batch-1 decode) runs as a single native call, the routed-expert kernel with
-    one expert of weight 1: the activation is quantized once for gate and up and the three
-    matrices stream in one threaded pass (three separate GEMVs measured ~2x slower per byte at
-    full size). Otherwise the three NF4Linear products, as in the bf16 model.
+    On CPU, rows within the fused kernel's range (always one token: batch-1 decode) run as a single
+    native call, the routed-expert kernel with one expert of weight 1: the activation is quantized
+    once for gate and up and the three matrices stream in one threaded pass. Otherwise the three
+    NF4Linear products, as in the bf16 model.
     """
 
     def __init__(self, dim: int, inter: int, device: torch.device | str | None = None) -> None:
@@ -156,14 +208,16 @@ class NF4SwiGLU(nn.Module):
         self.down_proj = NF4Linear(inter, dim, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == x.shape[-1] and native.available():
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and native.available() and rows <= cpu.plan().nf4_fused_max_rows:
             one_expert = [(m.packed[None], m.absmax[None]) for m in (self.gate_proj, self.up_proj, self.down_proj)]
-            first, weight = torch.zeros(1, dtype=torch.int64), torch.ones(1)
-            return native.nf4_moe_decode(x.reshape(-1), first, weight, *one_expert).to(x.dtype).view(x.shape)
+            first, weight = torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1)
+            out = native.nf4_moe(x.reshape(rows, -1), first, weight, *one_expert)
+            return out.to(x.dtype).view(x.shape)
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def extra_repr(self) -> str:
-        return "nf4, one native call per token on CPU"
+        return "nf4, one native call on CPU for few rows"
 
 
 class NF4Experts(nn.Module):
@@ -223,9 +277,9 @@ class NF4Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         weights = (self._weights("gate_proj"), self._weights("up_proj"), self._weights("down_proj"))
         if x.is_cuda:
-            from kimivl_cli.kernels.moe_triton import fused_moe_nf4
+            from kimivl_cli.kernels.moe_triton import fused_moe
 
-            return fused_moe_nf4(x, idx, w, *weights)
+            return fused_moe(x, idx, w, *weights)
         return moe_cpu(x, idx, w, *weights)
 
 

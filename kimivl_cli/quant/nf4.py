@@ -11,6 +11,10 @@ a `[..., N, K]` weight becomes `packed [..., N, K/2]` uint8 and `absmax [..., N,
 fp32 (4.5 bits per weight). K must be a multiple of 64 (true for every Kimi-VL linear).
 
 int8 (`--quant int8`): symmetric per-output-row absmax scale, 8.03 bits per weight.
+
+int8 blocks (the CPU's quantized `lm_head`): symmetric int8 with one fp32 scale per run of 64 weights
+(8.5 bits per weight), each block stored as its 32 even-indexed weights then its 32 odd ones, the
+order in which the native kernels hold a block's activations.
 """
 
 from __future__ import annotations
@@ -149,3 +153,38 @@ def quantize_int8(w: torch.Tensor) -> Int8Tensor:
 
 def dequantize_int8(t: Int8Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return (t.q.float() * t.scale.unsqueeze(-1)).to(dtype or t.dtype)
+
+
+@dataclass
+class Int8BlockTensor:
+    """A `[N, K]` weight in int8 blocks: `q [N, K]` int8 (per 64-block: evens, then odds), `scale [N, K/64]` fp32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+def quantize_int8_blocks(w: torch.Tensor) -> Int8BlockTensor:
+    """q = round(w / s), s = absmax(block) / 127, one block of 64 weights at a time, chunked like `quantize_nf4`."""
+    _check_k(w.shape)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scale = torch.empty(n, k // BLOCKSIZE, dtype=torch.float32, device=w.device)
+    for start in _row_chunks(n, k):
+        blocks = w[start : start + _CHUNK_ELEMENTS // k].float().view(-1, BLOCKSIZE // 2, 2)  # [B, 32, (even, odd)]
+        s = blocks.abs().amax(dim=(1, 2)) / 127
+        codes = torch.round(blocks / s.clamp(min=1e-38)[:, None, None]).to(torch.int8)
+        rows = codes.shape[0] * BLOCKSIZE // k
+        q[start : start + rows] = codes.transpose(1, 2).reshape(rows, k)
+        scale[start : start + rows] = s.view(rows, -1)
+    return Int8BlockTensor(q, scale)
+
+
+def dequantize_int8_blocks(t: Int8BlockTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight `[N, K]` in natural order: q * scale per block, evens and odds interleaved back."""
+    n, k = t.q.shape
+    blocks = t.q.float().view(n, k // BLOCKSIZE, 2, BLOCKSIZE // 2) * t.scale[..., None, None]
+    return blocks.transpose(2, 3).reshape(n, k).to(dtype)

@@ -55,7 +55,7 @@ def test_model_location(tmp_path: Path) -> None:
 def test_text_report_and_bad_device() -> None:
     result = kimivl("info")
     assert result.returncode == 0, result.stderr
-    for label in ("kimivl ", "cpu:", "device:", "bitsandbytes:", "triton:", "model:"):
+    for label in ("kimivl ", "cpu:", "device:", "bitsandbytes:", "triton:", "cpu kernels:", "model:"):
         assert label in result.stdout
     bad = kimivl("info", "--device", "tpu")
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown --device")

@@ -42,5 +42,5 @@ def test_wheel_contains_prompts_and_kernel_source(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for prompt in (ROOT / "prompts").glob("*.md"):
         assert f"kimivl_cli/prompt_templates/{prompt.name}" in names
-    assert "kimivl_cli/kernels/nf4_gemv.c" in names
+    assert "kimivl_cli/kernels/cpu_kernels.c" in names
     assert "kimivl_cli/cli/__init__.py" in names

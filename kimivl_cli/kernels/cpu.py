@@ -1,0 +1,256 @@
+"""What runs where on this CPU: features detected, candidates timed once, choices cached per machine.
+
+CPUs differ in what is fast: with AVX-512 BF16/AMX a bf16 GEMM (oneDNN, through torch) beats
+upcasting to fp32, on AVX2 it is several times slower; AVX-512 VNNI sums int8 blocks in one
+instruction, AVX2 in three. So nothing here is a constant tuned on one machine: `plan()` detects the
+features, times the candidates that matter and keeps the fastest:
+
+- `native`: the kernel build (`native.VARIANTS`) for NF4 and bf16 products (timed: a decode GEMV and a
+  prefill-sized product).
+- `half_gemm`: how a half-precision GEMM of several rows runs: "bf16" (torch's own, oneDNN/AMX where the
+  CPU has it) or "fp32" (weight and input upcast; then `upcast_min_rows` is the smallest row count from
+  which the upcast wins). One-row products use the native bf16 GEMV.
+- `nf4_fused_max_rows`: up to how many rows an NF4 product runs on the fused int8 kernel (reading the
+  codes) rather than dequantising the matrix once and running `half_gemm`'s GEMM.
+
+The plan is measured on first use (about a second, plus compiling the kernels once) and stored in
+$KIMIVL_CACHE/cpu/, keyed by the CPU's features, the torch version, the kernel
+source and the switches below; `kimivl info` shows it with the reasons.
+
+Switches: KIMIVL_CPU_OFF=name[,name...] takes candidates out (kernel variants `avx512_vnni`, `avx2`,
+`neon_dotprod`; `bf16_gemm`; `nf4_fused`), as if the CPU lacked them; KIMIVL_NATIVE=0 turns every native
+kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kimivl_cli.kernels import native
+
+SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused")
+_PLAN_VERSION = 1
+
+
+def switched_off() -> frozenset[str]:
+    """Candidates KIMIVL_CPU_OFF takes out (unknown names are ignored: a stale setting must not break runs)."""
+    names = {n.strip() for n in os.environ.get("KIMIVL_CPU_OFF", "").split(",")}
+    return frozenset(names & set(SWITCHES))
+
+
+@functools.cache
+def features() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (x86 `flags`, ARM `Features`); Apple Silicon
+    (no /proc/cpuinfo) has NEON with the dot product on every model."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    except OSError:
+        pass
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return frozenset({"asimd", "asimddp"})
+    return frozenset()
+
+
+def native_candidates() -> list[str]:
+    """Kernel variants this CPU can run and the switches leave in, widest first ("scalar" last)."""
+    if not native.enabled():
+        return []
+    off, have = switched_off(), features()
+    return [name for name, (needs, _) in native.VARIANTS.items() if name not in off and needs <= have]
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    native: str | None  # kernel variant, None: no native kernels
+    half_gemm: str  # "bf16" | "fp32"
+    upcast_min_rows: int | None  # with half_gemm "fp32": rows from which the upcast wins
+    nf4_fused_max_rows: int  # NF4 products of up to this many rows read the codes (fused int8 kernel)
+    why: dict[str, str] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def upcasts(self, rows: int) -> bool:
+        """Whether a half-precision GEMM of `rows` rows should run in fp32."""
+        return self.half_gemm == "fp32" and self.upcast_min_rows is not None and rows >= self.upcast_min_rows
+
+
+def _best_ms(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Best CPU time of the calling thread (the plan is measured on one thread: a busy neighbour that
+    takes the core away does not count, as wall time would)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
+def _random_nf4(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    return packed, torch.rand(n, k // 64, generator=gen) + 0.5
+
+
+def _choose_native(timings: dict[str, float], why: dict[str, str]) -> str | None:
+    candidates = native_candidates()
+    built = [v for v in candidates if native.build(v) is not None]
+    if not built:
+        why["native"] = "off (KIMIVL_NATIVE=0)" if not native.enabled() else "no C compiler builds the kernels"
+        return None
+    if len(built) == 1:
+        why["native"] = f"{built[0]}: the only variant this CPU runs" + (
+            f" (off: {', '.join(sorted(switched_off()))})" if switched_off() else ""
+        )
+        return built[0]
+    packed, absmax = _random_nf4(2048, 2048)
+    one, many = torch.randn(1, 2048), torch.randn(32, 2048)
+    for v in built[:-1] if built[-1] == "scalar" else built:  # scalar never wins where a SIMD build runs
+        lib = native.build(v)
+        timings[f"native_{v}"] = round(
+            _best_ms(lambda lib=lib: native.q8_matmul(one, packed, absmax, lib=lib))
+            + _best_ms(lambda lib=lib: native.q8_matmul(many, packed, absmax, lib=lib)),
+            3,
+        )
+    timed = {v: timings[f"native_{v}"] for v in built if f"native_{v}" in timings}
+    best = min(timed, key=timed.__getitem__)
+    why["native"] = (
+        f"{best}: fastest of "
+        + ", ".join(f"{v} {t:.2f} ms" for v, t in timed.items())
+        + (" (a 2048x2048 NF4 GEMV + a 32-row product)")
+    )
+    return best
+
+
+def _choose_half_gemm(timings: dict[str, float], why: dict[str, str]) -> tuple[str, int | None]:
+    if "bf16_gemm" in switched_off():
+        why["half_gemm"] = "fp32: bf16_gemm switched off (KIMIVL_CPU_OFF)"
+        return "fp32", 2
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 1024, generator=gen).to(torch.bfloat16)
+    upcast_from = None
+    for rows in (64, 16, 4, 2):
+        x = torch.randn(rows, 1024, generator=gen).to(torch.bfloat16)
+        half = _best_ms(lambda x=x: torch.nn.functional.linear(x, w), 3)
+        upcast = _best_ms(lambda x=x: torch.nn.functional.linear(x.float(), w.float()).to(x.dtype), 3)
+        timings[f"gemm_bf16_{rows}rows"], timings[f"gemm_fp32_upcast_{rows}rows"] = round(half, 3), round(upcast, 3)
+        if upcast >= half:
+            break
+        upcast_from = rows
+    if upcast_from is None:
+        why["half_gemm"] = (
+            f"bf16: {timings['gemm_bf16_64rows']:.2f} ms vs {timings['gemm_fp32_upcast_64rows']:.2f} ms upcast "
+            "(64 x 1024 @ 1024 x 1024)"
+        )
+        return "bf16", None
+    why["half_gemm"] = f"fp32 from {upcast_from} rows: " + ", ".join(
+        f"{r} rows bf16 {timings[f'gemm_bf16_{r}rows']:.2f} / fp32 {timings[f'gemm_fp32_upcast_{r}rows']:.2f} ms"
+        for r in (64, 16, 4, 2)
+        if f"gemm_bf16_{r}rows" in timings
+    )
+    return "fp32", upcast_from
+
+
+def _choose_nf4_rows(variant: str | None, half_gemm: str, timings: dict[str, float], why: dict[str, str]) -> int:
+    if variant is None:
+        why["nf4_fused_max_rows"] = "0: no native kernels (every NF4 product dequantises)"
+        return 0
+    if "nf4_fused" in switched_off():
+        why["nf4_fused_max_rows"] = "1: nf4_fused switched off (KIMIVL_CPU_OFF): only decode reads the codes"
+        return 1
+    lib = native.build(variant)
+    dtype = torch.bfloat16 if half_gemm == "bf16" else torch.float32
+    packed, absmax = _random_nf4(1408, 2048)
+    fused, dequant = {}, {}
+    for rows in (16, 128):
+        x = torch.randn(rows, 2048).to(dtype)
+        fused[rows] = _best_ms(lambda x=x: native.q8_matmul(x, packed, absmax, lib=lib), 3)
+        dequant[rows] = _best_ms(
+            lambda x=x: torch.nn.functional.linear(x, native.nf4_dequantize(packed, absmax, dtype, lib=lib)), 3
+        )
+        timings[f"nf4_fused_{rows}rows"], timings[f"nf4_dequant_gemm_{rows}rows"] = (
+            round(fused[rows], 3),
+            round(dequant[rows], 3),
+        )
+    # both grow linearly in rows: fused ~ a·r, dequantise + GEMM ~ d + g·r; they cross at d / (a - g)
+    a, g = (fused[128] - fused[16]) / 112, (dequant[128] - dequant[16]) / 112
+    d = dequant[16] - 16 * g
+    rows = 1 << 20 if a <= g else max(1, round(d / (a - g)))
+    why["nf4_fused_max_rows"] = (
+        f"{rows}: fused int8 {fused[16]:.2f} / {fused[128]:.2f} ms vs dequantise + {half_gemm} GEMM "
+        f"{dequant[16]:.2f} / {dequant[128]:.2f} ms at 16 / 128 rows (1408 x 2048)"
+    )
+    return rows
+
+
+def _key() -> str:
+    parts = [
+        str(_PLAN_VERSION),
+        platform.machine(),
+        " ".join(sorted(features())),
+        torch.__version__,
+        native.source_digest(),
+        ",".join(sorted(switched_off())),
+        os.environ.get("KIMIVL_NATIVE", "1"),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _measure() -> CpuPlan:
+    timings: dict[str, float] = {}
+    why: dict[str, str] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _best_ms; the candidates scale alike with threads
+    try:
+        variant = _choose_native(timings, why)
+        half_gemm, upcast_from = _choose_half_gemm(timings, why)
+        rows = _choose_nf4_rows(variant, half_gemm, timings, why)
+    finally:
+        torch.set_num_threads(threads)
+    return CpuPlan(variant, half_gemm, upcast_from, rows, why, timings)
+
+
+@functools.cache
+def plan() -> CpuPlan:
+    """This machine's choices: read from the cache, else measured once and stored."""
+    path = native.cache_dir() / "cpu" / f"plan-{_key()}.json"
+    try:
+        return CpuPlan(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    with torch.inference_mode():
+        chosen = _measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(chosen), fh, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measure again next time
+    return chosen
+
+
+def describe() -> str:
+    """One line per choice, for `kimivl info`."""
+    p = plan()
+    cpu_flags = sorted(f for f in features() if f.startswith(("avx", "amx", "fma", "asimd", "sve")))
+    lines = [f"features: {' '.join(cpu_flags) or 'none detected'}"]
+    lines += [f"{name}: {reason}" for name, reason in p.why.items()]
+    if switched_off():
+        lines.append(f"switched off: {', '.join(sorted(switched_off()))} (KIMIVL_CPU_OFF)")
+    return "\n".join(lines)
