@@ -7,6 +7,12 @@ never a traceback (unless `--debug`). Code below the CLI raises these and nothin
 
 from __future__ import annotations
 
+import logging
+
+notes = logging.getLogger("kimivl.notes")
+"""Notes for the user from below the CLI (a file skipped, a cap applied): the CLI prints each
+record as one `note:` line on stderr; nothing else in the package prints."""
+
 
 class KimivlError(Exception):
     """An error with a message for the user, a hint on how to fix it, and an exit code."""
@@ -39,3 +45,8 @@ class RuntimeFailure(KimivlError):
     """Something went wrong while running: out of memory, a kernel failed (exit 1)."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C (see `cli.signals`): whoever catches KeyboardInterrupt to
+    finish cleanly does so for both; a loop that survives Ctrl-C (chat) re-raises this one."""

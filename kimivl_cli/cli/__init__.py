@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 
 import typer
 
 from kimivl_cli import __version__
 from kimivl_cli.cli import ask, chat, info, inspect, ocr, quantize, serve, video_scenes
-from kimivl_cli.errors import KimivlError
+from kimivl_cli.cli.signals import sigterm_as_sigint, terminating
+from kimivl_cli.errors import KimivlError, notes
 
 app = typer.Typer(
     name="kimivl",
@@ -70,15 +72,50 @@ def quiet_libraries() -> None:
     warnings.simplefilter("ignore")
 
 
+class _NoteLines(logging.Handler):
+    """`errors.notes` records as `note: ...` lines on the stderr of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def _route_logs(debug: bool) -> None:
+    """Our notes to stderr, one line each; libraries' warnings (bitsandbytes on some CPUs) nowhere,
+    unless debugging: they are not ours to show."""
+    if not any(isinstance(h, _NoteLines) for h in notes.handlers):
+        notes.addHandler(_NoteLines())
+        notes.propagate = False
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after an interrupt. Requests still running in pool threads (`--concurrency`) are
+    abandoned rather than waited for: outputs are already whole (written atomically or page by page)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
+    _route_logs(debug)
     if not debug:
         quiet_libraries()
+    with sigterm_as_sigint():
+        _run(debug)
+
+
+def _run(debug: bool) -> None:
     try:
         code = app(standalone_mode=False, prog_name="kimivl")
         if isinstance(code, int) and code:
-            # Typer returns 130 (Ctrl-C caught inside click) instead of raising.
+            if code == 130:  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
+                if terminating():
+                    print("terminated", file=sys.stderr)
+                _exit_now(143 if terminating() else 130)
             sys.exit(code)
     except KimivlError as exc:
         if debug:
@@ -86,13 +123,15 @@ def main() -> None:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
+        if exc.exit_code == 130:  # a command that caught Ctrl-C or SIGTERM itself
+            _exit_now(143 if terminating() else 130)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if terminating():  # SIGTERM: the shell's 128 + 15
+            print("terminated", file=sys.stderr)
+            _exit_now(143)
+        print("aborted" if isinstance(exc, typer.Abort) else "interrupted", file=sys.stderr)
+        _exit_now(130)
     except BrokenPipeError:
         # The reader went away (`| head`): quiet exit, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -105,5 +144,6 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        detail = " ".join(str(exc).split())[:300]  # one line, whatever the exception says
+        print(f"error: {type(exc).__name__}: {detail} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -26,7 +26,7 @@ from kimivl_cli.cli.ask import (
     system_options,
 )
 from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sampling_options
-from kimivl_cli.errors import InputError, KimivlError
+from kimivl_cli.errors import InputError, KimivlError, Terminated
 
 if TYPE_CHECKING:
     from kimivl_cli.tasks.ask import MediaOptions
@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
                         output.stream(backend.chat(messages, images, options), transcript)
                         if output.style == "plain" and not interactive:
                             output.stdout.file.write("\n")  # a blank line between answers, for readers and scripts
-                    except KeyboardInterrupt:
+                    except KeyboardInterrupt as exc:
+                        if isinstance(exc, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
+                            raise
                         output.note("interrupted")
                     except KimivlError:
                         # e.g. the attachments overflow the context: drop them, or every question would fail

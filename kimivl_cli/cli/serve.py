@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from typing import Annotated, Optional
 
@@ -12,10 +11,6 @@ import typer
 from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuantOpt, QuietOpt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:
@@ -64,18 +59,17 @@ def register(app: typer.Typer) -> None:
             log.addHandler(logging.StreamHandler(sys.stderr))
         log.setLevel(logging.WARNING if quiet else logging.INFO)
         log.propagate = False
-        if host not in LOOPBACK and not api_key:
-            print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
         output = Output(quiet=quiet)
-        engine = open_engine(
-            model,
-            device,
-            quant,
-            progress=lambda total, what: output.progress(total, unit="bytes", description=what),
-            note=lambda message: output.note(f"note: {message}"),
+        backend = LocalBackend.lazy(
+            lambda: open_engine(
+                model,
+                device,
+                quant,
+                progress=lambda total, what: output.progress(total, unit="bytes", description=what),
+                note=lambda message: output.note(f"note: {message}"),
+            )
         )
-        backend = LocalBackend(engine)
-        server = ChatServer(
+        server = ChatServer(  # binds first: a busy port, a bad --host or an empty key fail before the model loads
             backend,
             host,
             port,
@@ -84,9 +78,16 @@ def register(app: typer.Typer) -> None:
             queue_size=queue_size,
             model_name=served_model_name or model,
         )
-        signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as on Ctrl-C
-        print(f"serving {server.model_name} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
         try:
+            _ = backend.engine  # load now, not on the first request
+            if api_key:
+                auth = "API key required"
+            elif host in LOOPBACK:
+                auth = "no API key: anyone on this machine can use it"
+            else:
+                auth = "no API key: anyone who can reach it can use it"
+                print(f"warning: serving on {host} without --api-key: {auth.partition(': ')[2]}", file=sys.stderr)
+            print(f"serving {server.model_name} at {server.url}, {auth} (Ctrl-C stops)", file=sys.stderr, flush=True)
             server.serve_forever(poll_interval=0.2)
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)

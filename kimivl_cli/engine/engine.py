@@ -34,7 +34,7 @@ from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
 from kimivl_cli.engine.sampling import SamplingParams, is_thinking_model, make_generator, sample
 from kimivl_cli.engine.stream import Phase, StopText, ThinkingBudget, ThinkingSplitter
 from kimivl_cli.engine.vision_cache import DEFAULT_CACHE_BYTES, DEFAULT_PATCH_BUDGET, FeatureCache, encode_images
-from kimivl_cli.errors import InputError
+from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.processor.chat import THINK_END, THINK_START, Message, encode_chat
@@ -172,18 +172,25 @@ class Engine:
         after loading (default: $KIMIVL_LM_HEAD, else "bf16": kept). Off by default: on random-weight
         models neither keeps 99.5% top-1 agreement with the bf16 head (benchmarks/lm_head_quant.py).
         """
+        from kimivl_cli.guards import inside
         from kimivl_cli.model.weights import load_model, resolve_checkpoint
         from kimivl_cli.quant.modules import quantize_lm_head_
 
         folder = resolve_checkpoint(path_or_repo)
+        # The small files first: a broken tokenizer or config fails before the weights load.
+        config = KimiVLConfig.from_file(inside(folder, "config.json"))
+        tokenizer = Tokenizer.from_dir(folder)
+        image_config = ImageProcessorConfig.from_file(inside(folder, "preprocessor_config.json"))
+        check_agreement(config, tokenizer, image_config)
+        defaults = SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo))
         model, config = load_model(folder, dtype=dtype, device=device, quant=quant, progress=progress)
         quantize_lm_head_(model.language_model, lm_head or os.environ.get("KIMIVL_LM_HEAD") or "bf16")
         return cls(
             model,
             config,
-            tokenizer=Tokenizer.from_dir(folder),
-            image_config=ImageProcessorConfig.from_file(folder / "preprocessor_config.json"),
-            defaults=SamplingParams.from_checkpoint(folder, thinking=is_thinking_model(path_or_repo)),
+            tokenizer=tokenizer,
+            image_config=image_config,
+            defaults=defaults,
             name=str(path_or_repo),
             **kwargs,
         )
@@ -520,6 +527,42 @@ def _until_stop(deltas: Sequence[Event], stop_text: StopText) -> Iterator[Event]
             yield delta
         elif text := stop_text.feed(delta.text):
             yield AnswerDelta(text)
+
+
+TEMPLATE_TOKENS = ("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>")
+
+
+def check_agreement(config: KimiVLConfig, tokenizer: Tokenizer, image_config: ImageProcessorConfig) -> None:
+    """The checkpoint's files agree with one another. Tokenizer and model on ids: every id the model
+    can emit decodes, every special token a prompt uses is an embedding row, the image placeholder
+    is the config's (a truncated `tiktoken.model` shifts all special ids and fails here, not in the
+    middle of a generation). Image processor and vision tower on patch and merge sizes."""
+    vision = config.vision
+    if (image_config.patch_size, tuple(image_config.merge_kernel_size)) != (
+        vision.patch_size,
+        tuple(vision.merge_kernel_size),
+    ):
+        raise CheckpointError(
+            f"preprocessor_config.json (patch {image_config.patch_size}, merge {list(image_config.merge_kernel_size)}) "
+            f"disagrees with config.json (patch {vision.patch_size}, merge {list(vision.merge_kernel_size)})",
+            "the two files do not belong together",
+        )
+    vocab = config.text.vocab_size
+    if not tokenizer.num_base_tokens < vocab <= tokenizer.vocab_size:
+        raise CheckpointError(
+            f"tiktoken.model has {tokenizer.num_base_tokens} tokens (+{tokenizer.vocab_size - tokenizer.num_base_tokens}"
+            f" special), which does not fit config.json's vocab_size {vocab}",
+            "the tokenizer file is truncated or belongs to another model",
+        )
+    if tokenizer.media_pad_id != config.media_placeholder_token_id:
+        raise CheckpointError(
+            f"<|media_pad|> is id {tokenizer.media_pad_id} in the tokenizer but "
+            f"{config.media_placeholder_token_id} in config.json",
+            "the tokenizer and the weights do not belong together",
+        )
+    for name in (*TEMPLATE_TOKENS, tokenizer.names.eos):
+        if tokenizer.token_id(name) >= vocab:
+            raise CheckpointError(f"the tokenizer's {name} is outside the model's vocabulary of {vocab}")
 
 
 def _sync(device: torch.device) -> None:

@@ -12,7 +12,6 @@ L history tokens.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from kimivl_cli.errors import CheckpointError, InputError
+from kimivl_cli.guards import inside, read_json
 
 # Model-card settings (spec section 8): the Thinking model reasons for thousands of tokens.
 THINKING_DEFAULTS = {"temperature": 0.8, "max_new_tokens": 32768}
@@ -61,6 +61,7 @@ class SamplingParams:
             ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
             ("thinking_budget", self.thinking_budget is None or self.thinking_budget >= 0, "at least 0"),
+            ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "an integer that fits 64 bits"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -84,7 +85,7 @@ class SamplingParams:
         `do_sample: false` means greedy, as in transformers; `eos_token_id` values join `stop_token_ids`.
         """
         values: dict[str, Any] = dict(THINKING_DEFAULTS if thinking else INSTRUCT_DEFAULTS)
-        path = Path(folder) / "generation_config.json"
+        path = inside(Path(folder), "generation_config.json")
         config = _read_generation_config(path)
         values.update({k: config[k] for k in _GENERATION_CONFIG_KEYS if config.get(k) is not None})
         if config.get("do_sample") is False:
@@ -109,11 +110,11 @@ class SamplingParams:
 
 def _read_generation_config(path: Path) -> Mapping[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})", "fix or delete generation_config.json") from None
+    except CheckpointError as exc:
+        raise CheckpointError(exc.message, "fix or delete generation_config.json") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object", "fix or delete generation_config.json")
     return config

@@ -11,13 +11,16 @@ API (stable; the tasks build on it)::
 
     sniff(data: bytes) -> MediaKind                  # IMAGE, PDF, VIDEO, TEXT, UNKNOWN (a str Enum)
     resolve_inputs(args, stdin=None, *, kinds=MEDIA_KINDS) -> list[MediaInput]
-        # '-' = stdin (read once, in memory); a folder = its supported files, recursive,
-        # hidden ones skipped, natural order of relative paths (page2 before page10)
+        # '-' = stdin, or a named pipe/device: read once, in memory (at most 256 MiB); a folder =
+        # its supported files, recursive, hidden ones and FIFOs/devices skipped (FIFOs never
+        # opened, a note each), natural order of relative paths (page2 before page10)
     MediaInput(name, kind, path=None, data=None)     # .read_bytes(), .open(), .size, .describe()
 
-    load_images(source, *, max_pixels=DEFAULT_MAX_PIXELS, background=None) -> list[PIL.Image.Image]
-        # 8-bit RGB; every page of a TIFF, first frame of a GIF/WebP; EXIF orientation applied;
-        # alpha dropped like the official processor unless `background=(r, g, b)` composites
+    load_images(source, *, max_pixels=DEFAULT_MAX_PIXELS, max_total=MAX_INPUT_PIXELS, max_pages=None,
+                background=None) -> list[PIL.Image.Image]
+        # 8-bit RGB; every page of a TIFF (the first `max_pages`), first frame of a GIF/WebP; EXIF
+        # orientation applied; alpha dropped like the official processor unless `background=(r, g, b)`
+        # composites; every page's size checked from its header before the first is decoded
 
     PdfDocument(source, password=None)               # context manager; .page_count, .repaired
         .render(page, *, dpi=None, max_side=None) -> PIL RGB   # DEFAULT_DPI if neither
@@ -28,7 +31,7 @@ API (stable; the tasks build on it)::
 
     VideoFile(source)                                 # context manager; .fps .frame_count .duration .width .height
         .sample(*, count=None, fps=None, max_frames=DEFAULT_MAX_FRAMES) -> list[Frame]
-        .read(indices) -> list[Frame]                 # exactly these frames, in order
+        .read(indices, max_side=None) -> list[Frame]  # exactly these frames, in order (shrunk as decoded)
         .check_end()                                  # InputError if the last frame does not decode
     Frame(index, timestamp, image)                    # timestamp: seconds from the decoder; image: RGB ndarray
 
@@ -42,7 +45,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from kimivl_cli.media.images import DEFAULT_MAX_PIXELS, load_images
+from kimivl_cli.media.images import DEFAULT_MAX_PIXELS, MAX_INPUT_PIXELS, load_images
 from kimivl_cli.media.inputs import MEDIA_KINDS, MediaInput, Source, as_input, resolve_inputs
 from kimivl_cli.media.sniff import SNIFF_BYTES, MediaKind, sniff
 
@@ -65,6 +68,7 @@ __all__ = [
     "DEFAULT_DPI",
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
+    "MAX_INPUT_PIXELS",
     "MEDIA_KINDS",
     "SNIFF_BYTES",
     "Frame",

@@ -7,8 +7,9 @@
   Alpha is dropped without compositing by default, exactly as the official processor's
   `convert("RGB")` does (the processor goldens hold an RGBA image); pass `background=` to
   composite transparent pixels onto a colour instead (e.g. white for logos on transparency).
-- Decompression bombs: the size in the header is checked against `max_pixels` before any
-  pixel is decoded, so a 20000x20000 header fails in microseconds without allocating.
+- Decompression bombs: the sizes in the headers are checked before any pixel is decoded, per page
+  (`max_pixels`) and for the whole file (`max_total`: a 613 KB TIFF can hold 20 pages of
+  4000x4000), so a bomb fails in milliseconds without allocating.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from kimivl_cli.media.inputs import Source, as_input
 from kimivl_cli.media.sniff import MediaKind
 
 DEFAULT_MAX_PIXELS = 100_000_000
-"""Per image or page: above any camera here (a 100 MP frame is ~300 MB as RGB). Pillow itself also
-refuses more than 2 * `Image.MAX_IMAGE_PIXELS` (~179 MP) whatever this is set to."""
+"""Per image, page or video frame: above any camera here (a 100 MP image is ~400 MB in memory, as
+Pillow keeps RGB at 4 bytes a pixel). Pillow itself also refuses more than 2 * `Image.MAX_IMAGE_PIXELS`
+(~179 MP) whatever this is set to."""
+
+MAX_INPUT_PIXELS = 200_000_000
+"""Per input: the pixels of all pages of an image file, or of all frames kept from a video, together
+(~800 MB as Pillow RGB, 600 MB as video frames). Checked from the headers before decoding."""
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _MULTIPAGE = {"TIFF"}  # formats whose frames are pages; the others give their first frame
@@ -37,13 +43,16 @@ def load_images(
     source: Source,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_total: int = MAX_INPUT_PIXELS,
+    max_pages: int | None = None,
     background: tuple[int, int, int] | None = None,
 ) -> list[Image.Image]:
-    """Every page of an image file (one for most formats) as an 8-bit RGB image.
+    """Every page of an image file (one for most formats; the first `max_pages`) as 8-bit RGB.
 
     Raises InputError for anything that is not a decodable image of at most `max_pixels` pixels
-    per page: unknown formats, truncated or empty files, bombs. Memory: one decoded page at a
-    time plus the RGB results.
+    per page and `max_total` for the pages together: unknown formats, truncated or empty files,
+    bombs. Every page's size is read from its header before the first is decoded. Memory: one
+    decoded page at a time plus the RGB results.
     """
     item = as_input(source)
     if item.kind is not MediaKind.IMAGE:
@@ -54,10 +63,17 @@ def load_images(
         warnings.simplefilter("ignore")
         try:
             image = Image.open(fh, formats=FORMATS)
-            pages = []
-            for index in range(getattr(image, "n_frames", 1) if image.format in _MULTIPAGE else 1):
+            count = getattr(image, "n_frames", 1) if image.format in _MULTIPAGE else 1
+            count = count if max_pages is None else min(count, max_pages)
+            sizes = []
+            for index in range(count):  # headers only: a TIFF seek reads the page's directory, no pixels
                 image.seek(index)
-                _check_size(image, max_pixels, item.name)
+                check_pixels(item.name, *image.size, max_pixels)
+                sizes.append(image.size)
+            check_budget(item.name, sizes, max_total, "pages")
+            pages = []
+            for index in range(count):
+                image.seek(index)
                 pages.append(_to_rgb(image, background))
             return pages
         except InputError:
@@ -75,14 +91,27 @@ def load_images(
 _SIZE_HINT = "downscale it first"
 
 
-def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
-    width, height = image.size
+def check_pixels(name: str, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """InputError unless one image, page or frame of this size is within `max_pixels`."""
     if width <= 0 or height <= 0:
         raise InputError(f"{name}: the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise InputError(
             f"{name}: {width}x{height} is {width * height / 1e6:.3g} MP, over the {max_pixels / 1e6:.3g} MP limit",
             _SIZE_HINT,
+        )
+
+
+def check_budget(
+    name: str, sizes: list[tuple[int, int]], max_total: int = MAX_INPUT_PIXELS, unit: str = "pages", hint: str = ""
+) -> None:
+    """InputError unless the pages or frames of one input, together, are within `max_total` pixels."""
+    total = sum(w * h for w, h in sizes)
+    if total > max_total:
+        raise InputError(
+            f"{name}: {len(sizes)} {unit} of {total / 1e6:.4g} MP together, over the "
+            f"{max_total / 1e6:.3g} MP budget per input",
+            hint or f"split the file or downscale its {unit}",
         )
 
 

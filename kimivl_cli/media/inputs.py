@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from kimivl_cli.errors import InputError
+from kimivl_cli.errors import InputError, notes
+from kimivl_cli.guards import MAX_STREAM_BYTES, is_regular, read_stream
 from kimivl_cli.media.sniff import SNIFF_BYTES, MediaKind, sniff
 
 MEDIA_KINDS = frozenset({MediaKind.IMAGE, MediaKind.PDF, MediaKind.VIDEO})
@@ -80,6 +81,8 @@ def as_input(source: Source) -> MediaInput:
         data = bytes(source)
         return MediaInput("<bytes>", sniff(data[:SNIFF_BYTES]), data=data)
     path = Path(source)
+    if path.exists() and not is_regular(path) and not path.is_dir():
+        return _read_special(path, str(path))
     return MediaInput(str(path), _sniff_file(path, str(path)), path=path)
 
 
@@ -110,10 +113,7 @@ def resolve_inputs(
             stdin_used = True
             if stdin is None and sys.stdin.isatty():
                 raise InputError("'-' reads stdin, but stdin is a terminal", "pipe a file in: kimivl ... - < photo.jpg")
-            try:
-                data = (stdin if stdin is not None else sys.stdin.buffer).read()
-            except OSError as exc:
-                raise InputError(f"cannot read stdin ({exc})") from None
+            data = read_stream(stdin if stdin is not None else sys.stdin.buffer, "stdin")
             item = MediaInput("<stdin>", sniff(data[:SNIFF_BYTES]), data=data)
             if not data:
                 raise InputError("stdin is empty", "pipe a file in, e.g. `cat photo.jpg | kimivl ask - ...`")
@@ -122,11 +122,29 @@ def resolve_inputs(
         path = Path(arg)
         if path.is_dir():
             found.extend(_expand_folder(path, accepted, skipped if skipped is not None else []))
-        elif path.exists():
+        elif is_regular(path):
             found.append(_accept(MediaInput(arg, _sniff_file(path, arg), path=path), accepted))
+        elif path.exists():  # a pipe or device named on purpose (`<(cmd)`, /dev/stdin): read once, like stdin
+            found.append(_accept(_read_special(path, arg), accepted))
         else:
             raise InputError(f"{arg}: no such file or folder")
     return found
+
+
+def _read_special(path: Path, name: str) -> MediaInput:
+    """A pipe or device: its first bytes say what it is (`/dev/zero` is refused there), then the
+    rest is read, bounded."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+            if head and sniff(head) is MediaKind.UNKNOWN:
+                raise InputError(f"{name}: not a file type kimivl reads", "files are recognised by content")
+            data = head + read_stream(fh, name, MAX_STREAM_BYTES - len(head))
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)")
+    return MediaInput(name, sniff(data[:SNIFF_BYTES]), data=data)
 
 
 def _sniff_file(path: Path, name: str) -> MediaKind:
@@ -173,6 +191,9 @@ def _expand_folder(root: Path, accepted: frozenset[MediaKind], skipped: list[str
     files.sort(key=lambda p: (_natural_key(p.relative_to(root)), str(p)))
     found = []
     for path in files:
+        if not is_regular(path):  # opening a FIFO would wait for a writer forever; never open one
+            notes.warning("skipped %s: not a regular file (a FIFO, socket, device or broken link)", path)
+            continue
         try:
             item = MediaInput(str(path), _sniff_file(path, str(path)), path=path)
         except InputError:

@@ -74,6 +74,13 @@ class PdfDocument:
             raise InputError(f"{item.name} is empty (0 bytes)") from None
         except Exception as exc:
             raise InputError(f"{item.name}: not a readable PDF ({_reason(exc)})", "is it truncated?") from None
+        try:
+            self.doc.page_count  # noqa: B018  counting walks the page tree: a cycle in it fails here, once
+        except Exception as exc:
+            self.close()
+            raise InputError(
+                f"{item.name}: broken page tree ({_reason(exc)})", "re-save the PDF with a PDF tool"
+            ) from None
         if self.doc.needs_pass:
             if not password:
                 self.close()
@@ -100,7 +107,10 @@ class PdfDocument:
         """The PyMuPDF page (0-based), for callers that need more than this class offers."""
         if not 0 <= index < self.doc.page_count:  # negative indexes on an empty doc loop forever in PyMuPDF
             raise InputError(f"{self.name}: there is no page {index + 1}", f"pages are 1-{self.doc.page_count}")
-        return self.doc[index]
+        try:
+            return self.doc[index]
+        except Exception as exc:  # a damaged page object (MuPDF's errors have many types)
+            raise InputError(f"{self.name} page {index + 1}: unreadable ({_reason(exc)})") from None
 
     def page_size(self, index: int) -> tuple[float, float]:
         """(width, height) in points, rotation applied."""

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.media.images import check_budget, check_pixels
 from kimivl_cli.media.inputs import Source, as_input
 from kimivl_cli.media.sniff import MediaKind
 
@@ -83,6 +84,8 @@ class VideoFile:
             self.width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             self.height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
             count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if self.width > 0 and self.height > 0:  # from the container's header: before any frame is decoded
+                check_pixels(self.name, self.width, self.height)
             if not self._cap.grab():
                 raise InputError(f"{self.name}: no decodable frames", "is the file truncated or the codec unsupported?")
             self._next = 1  # index of the frame the next grab() returns
@@ -120,8 +123,8 @@ class VideoFile:
         uniform samples. Cost: decodes up to the last sampled frame (see the module docstring)."""
         if (count is None) == (fps is None):
             raise ValueError("give exactly one of count and fps")
-        if (count is not None and count < 1) or (fps is not None and not fps > 0) or max_frames < 1:
-            raise InputError("the number of frames and the sampling rate must be positive")
+        if (count is not None and count < 1) or (fps is not None and not 0 < fps < math.inf) or max_frames < 1:
+            raise InputError("the number of frames and the sampling rate must be positive and finite")
         n = self.frame_count
         if fps is not None:
             step = self.fps / fps  # source frames per sample
@@ -152,11 +155,16 @@ class VideoFile:
         cap.release()
         return count
 
-    def read(self, indices: list[int]) -> list[Frame]:
+    def read(self, indices: list[int], max_side: int | None = None) -> list[Frame]:
         """The frames at `indices` (each once, in stream order), walking short gaps and seeking
-        long ones (`SEEK_GAP`). InputError if one of them cannot be decoded."""
+        long ones (`SEEK_GAP`); each downscaled to `max_side` as it is decoded when given. InputError
+        if one of them cannot be decoded, or if together they exceed `MAX_INPUT_PIXELS` (checked
+        before decoding)."""
+        targets = sorted(set(indices))
+        width, height = _fitted(self.width, self.height, max_side)
+        check_budget(self.name, [(width, height)] * len(targets), unit="frames", hint="sample fewer frames")
         frames = []
-        for target in sorted(set(indices)):
+        for target in targets:
             gap = target - self._next
             if gap < 0 or gap > SEEK_GAP:
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, target)
@@ -170,12 +178,25 @@ class VideoFile:
                 )
             index = round(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) - 1
             self._next = index + 1
-            frames.append(self._frame(self._cap, index))
+            frames.append(self._frame(self._cap, index, max_side))
         return frames
 
-    def _frame(self, cap: cv2.VideoCapture, index: int) -> Frame:
+    def _frame(self, cap: cv2.VideoCapture, index: int, max_side: int | None) -> Frame:
         timestamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
         ok, bgr = cap.retrieve()
         if not ok or bgr is None:
             raise InputError(f"{self.name}: frame {index} cannot be decoded", "is the file truncated?")
+        height, width = bgr.shape[:2]  # rotated phone videos come out turned; a frame may not outgrow the header
+        if width * height > self.width * self.height:
+            raise InputError(f"{self.name}: frame {index} is {width}x{height}, larger than the video's header says")
+        if (size := _fitted(width, height, max_side)) != (width, height):
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         return Frame(index, timestamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def _fitted(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down to fit `max_side`, aspect kept (PIL's `thumbnail` rounding)."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))

@@ -8,12 +8,16 @@ ill-typed fields raise `CheckpointError` naming the field, so a broken
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from kimivl_cli.errors import CheckpointError
+from kimivl_cli.guards import read_json, short_repr
+
+MAX_POSITIONS = 1 << 24
+"""Most positions a config may claim: 128x the real model's 128K (the cache is sized from it)."""
 
 _MISSING = object()
 
@@ -33,8 +37,25 @@ def _take(
         value = float(value)
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-        raise CheckpointError(f"config.json: field {where}.{name} should be {expected}, got {value!r}")
+        raise CheckpointError(f"config.json: field {where}.{name} should be {expected}, got {short_repr(value)}")
+    if kind is float and not math.isfinite(value):
+        raise CheckpointError(f"config.json: field {where}.{name} should be a finite number, got {value!r}")
     return value
+
+
+def _at_least(cfg: Any, where: str, low: int, *names: str) -> None:
+    """Each named size of `cfg` is an integer >= low (0 or negative sizes would divide by zero or
+    build empty tensors; the upper end is checked against the weights when loading)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise CheckpointError(f"config.json: {where}.{name} must be at least {low}, got {value}")
+
+
+def _positive_float(cfg: Any, where: str, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise CheckpointError(f"config.json: {where}.{name} must be above 0, got {getattr(cfg, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -61,8 +82,10 @@ class VisionConfig:
     def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         where = "vision_config"
         merge = _take(d, "merge_kernel_size", list, where)
-        if len(merge) != 2 or not all(isinstance(m, int) and m > 0 for m in merge):
-            raise CheckpointError(f"config.json: {where}.merge_kernel_size should be two positive ints, got {merge!r}")
+        if len(merge) != 2 or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in merge):
+            raise CheckpointError(
+                f"config.json: {where}.merge_kernel_size should be two positive ints, got {short_repr(merge)}"
+            )
         cfg = cls(
             hidden_size=_take(d, "hidden_size", int, where),
             num_hidden_layers=_take(d, "num_hidden_layers", int, where),
@@ -73,6 +96,7 @@ class VisionConfig:
             init_pos_emb_width=_take(d, "init_pos_emb_width", int, where),
             merge_kernel_size=(merge[0], merge[1]),
         )
+        _at_least(cfg, where, 1, *_INT_FIELDS[cls])
         if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
             raise CheckpointError(
                 f"config.json: {where}.hidden_size {cfg.hidden_size} must split into "
@@ -98,7 +122,7 @@ class RopeScaling:
         kind = d.get("type", d.get("rope_type"))
         if kind != "yarn":
             raise CheckpointError(f"config.json: {where} type {kind!r} is not supported", "only 'yarn' or null")
-        return cls(
+        cfg = cls(
             factor=_take(d, "factor", float, where),
             original_max_position_embeddings=_take(d, "original_max_position_embeddings", int, where),
             beta_fast=_take(d, "beta_fast", float, where, 32.0),
@@ -106,6 +130,13 @@ class RopeScaling:
             mscale=_take(d, "mscale", float, where, 1.0),
             mscale_all_dim=_take(d, "mscale_all_dim", float, where, 0.0),
         )
+        if not cfg.factor >= 1:
+            raise CheckpointError(
+                f"config.json: {where}.factor must be at least 1 (it stretches the context), got {cfg.factor}"
+            )
+        _at_least(cfg, where, 1, "original_max_position_embeddings")
+        _positive_float(cfg, where, "beta_fast", "beta_slow")
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -201,14 +232,64 @@ class TextConfig:
             eos_token_id=_take(d, "eos_token_id", optional_int, where, None),
             pad_token_id=_take(d, "pad_token_id", optional_int, where, None),
         )
-        if cfg.n_routed_experts % cfg.n_group or not 0 < cfg.topk_group <= cfg.n_group:
+        _at_least(cfg, where, 1, *_INT_FIELDS[cls])
+        _at_least(cfg, where, 0, "n_shared_experts", "first_k_dense_replace")
+        _positive_float(cfg, where, "rms_norm_eps", "rope_theta")
+        if cfg.qk_rope_head_dim % 2:
+            raise CheckpointError(f"config.json: {where}.qk_rope_head_dim must be even (RoPE rotates pairs)")
+        if cfg.max_position_embeddings > MAX_POSITIONS:
+            raise CheckpointError(
+                f"config.json: {where}.max_position_embeddings {cfg.max_position_embeddings} is implausibly large",
+                f"at most {MAX_POSITIONS}",
+            )
+        per_group = cfg.n_routed_experts // cfg.n_group
+        if (
+            cfg.n_routed_experts % cfg.n_group
+            or not 0 < cfg.topk_group <= cfg.n_group
+            or (cfg.n_group > 1 and per_group < 2)  # a group scores by its best two experts
+        ):
             raise CheckpointError(
                 f"config.json: {where}.n_group {cfg.n_group} / topk_group {cfg.topk_group} do not fit "
                 f"{cfg.n_routed_experts} experts"
             )
-        if not 0 < cfg.num_experts_per_tok <= cfg.n_routed_experts:
-            raise CheckpointError(f"config.json: {where}.num_experts_per_tok {cfg.num_experts_per_tok} is out of range")
+        if not 0 < cfg.num_experts_per_tok <= cfg.topk_group * per_group:
+            raise CheckpointError(
+                f"config.json: {where}.num_experts_per_tok {cfg.num_experts_per_tok} is out of range",
+                f"at most the {cfg.topk_group * per_group} experts of the groups kept",
+            )
         return cfg
+
+
+_INT_FIELDS: dict[type, tuple[str, ...]] = {
+    VisionConfig: (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+        "init_pos_emb_height",
+        "init_pos_emb_width",
+    ),
+    TextConfig: (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "n_routed_experts",
+        "n_group",
+        "topk_group",
+        "moe_layer_freq",
+        "max_position_embeddings",
+    ),
+}
+"""Sizes that must be at least 1 (None allowed where the field is optional, e.g. q_lora_rank)."""
 
 
 @dataclass(frozen=True)
@@ -240,11 +321,9 @@ class KimiVLConfig:
     def from_file(cls, path: str | Path) -> KimiVLConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no config.json", "is this a Kimi-VL checkpoint folder?") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: unreadable config.json ({exc})") from None
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:

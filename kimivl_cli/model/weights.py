@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -35,8 +36,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kimivl_cli.errors import CheckpointError, InputError
+from kimivl_cli.errors import CheckpointError, InputError, RuntimeFailure
 from kimivl_cli.files import user_file_mode
+from kimivl_cli.guards import check_output, inside, is_regular, read_json, short_repr
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.hub import is_repo_id
 from kimivl_cli.model.kimivl import KimiVL
@@ -107,26 +109,51 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        raise CheckpointError(f"could not download {text}: {type(exc).__name__}: {exc}", _hub_hint(text)) from None
+        raise CheckpointError(f"could not download {text} ({_hub_reason(exc)})", _hub_hint(text)) from None
+
+
+def _hub_reason(exc: Exception) -> str:
+    """What went wrong with a download, in words (the Hub's exceptions carry paragraphs)."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and log in"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository on the Hub, or it is private"
+    if isinstance(exc, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError, OSError)):
+        return "the Hub is not reachable from here"
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (sharded via the index, or single); refuses pickle."""
-    index = folder / INDEX_FILE
+    """The safetensors files of a checkpoint folder (sharded via the index, or single); refuses pickle.
+
+    Every file must resolve inside the folder (`guards.inside`): an index naming `../x` or an
+    absolute path, or a shard that is a symlink out of the folder, is refused before it is opened.
+    """
+    index = inside(folder, INDEX_FILE)
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: unreadable shard index ({exc})") from None
-        files = [folder / name for name in names]
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map := weight_map.get("weight_map"), dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object", "the shard index is damaged")
+        values = list(weight_map.values())
+        if not values or not all(isinstance(name, str) and name for name in values):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        names = sorted(set(values))
+        files = [inside(folder, name, INDEX_FILE) for name in names]
         for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index.name} lists {f.name}, which is missing", "the download is incomplete")
+            if not is_regular(f):
+                raise CheckpointError(
+                    f"{INDEX_FILE} lists {f.name}, which is {'not a regular file' if f.exists() else 'missing'}",
+                    "the download is incomplete",
+                )
         return files
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    found = sorted(folder.glob("*.safetensors"))
+    single = inside(folder, SINGLE_FILE)
+    if single.exists():
+        if not is_regular(single):
+            raise CheckpointError(f"{single}: not a regular file", "replace it with the checkpoint's weights")
+        return [single]
+    found = [inside(folder, p.name) for p in sorted(folder.glob("*.safetensors")) if is_regular(p)]
     if found:
         return found
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -152,7 +179,7 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
 
     def alloc(t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
         if id(t) not in made:
-            real = torch.empty(t.shape, dtype=want if t.is_floating_point() else t.dtype, device=device)
+            real = torch.empty(t.shape, dtype=_final_dtype(t, want), device=device)
             made[id(t)] = (t, nn.Parameter(real, requires_grad=False) if isinstance(t, nn.Parameter) else real)
         return made[id(t)][1]
 
@@ -233,28 +260,54 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.metadata: dict[str, str] = {}
         try:
             size = path.stat().st_size
             with open(path, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 if not 2 <= n <= min(size - 8, 1 << 28):
-                    raise ValueError(f"header length {n} does not fit the file")
+                    raise ValueError("the header length does not fit the file")  # never the number: it is file content
                 header = json.loads(fh.read(n))
-            self.entries = {
-                key: self._entry(key, info, 8 + n, size) for key, info in header.items() if key != "__metadata__"
-            }
-            self.metadata = dict(header.get("__metadata__") or {})
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from None
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise ValueError("__metadata__ must map names to strings")
+            self.metadata: dict[str, str] = metadata
+            self.entries = {key: self._entry(key, info, 8 + n) for key, info in header.items()}
+            self._check_layout(8 + n, size)
+        except OSError as exc:
+            raise CheckpointError(f"{path.name}: unreadable ({exc.strerror or exc})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path.name}: not a safetensors file (its header is nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            reason = "its header is not valid JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise CheckpointError(f"{path.name}: not a readable safetensors file ({reason})") from None
 
     @staticmethod
-    def _entry(key: str, info: dict, base: int, size: int) -> _Entry:
-        dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
-        start, end = (base + int(o) for o in info["data_offsets"])
-        if not base <= start <= end <= size or end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{key}: data offsets do not match its shape and dtype")
-        return _Entry(dtype, shape, start, end)
+    def _entry(key: str, info: object, base: int) -> _Entry:
+        if not isinstance(info, dict):
+            raise ValueError(f"{short_repr(key)} has no dtype/shape/data_offsets object")
+        dtype = _DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise ValueError(f"{short_repr(key)} has an unknown dtype")
+        if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+            raise ValueError(f"{short_repr(key)} needs a shape and two data offsets, as non-negative integers")
+        start, end = base + offsets[0], base + offsets[1]
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{short_repr(key)}: data offsets do not match its shape and dtype")
+        return _Entry(dtype, tuple(shape), start, end)
+
+    def _check_layout(self, base: int, size: int) -> None:
+        """Tensors tile the data area exactly, in some order: no overlap, no gap, nothing past the end
+        (the format's own rule; overlapping tensors would alias one another's bytes)."""
+        at = base
+        for e in sorted(self.entries.values(), key=lambda e: (e.start, e.end)):
+            if e.start != at:
+                raise ValueError("tensors overlap" if e.start < at else "tensor data has gaps")
+            at = e.end
+        if at > size:
+            raise ValueError("tensor data runs past the end of the file (truncated download?)")
 
     def read(self, key: str, fh) -> torch.Tensor:
         e = self.entries[key]
@@ -267,6 +320,10 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path.name}: file ends inside {key}", "the download is incomplete")
             done += got
         return buf.view(e.dtype).view(e.shape)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def _listing(keys: list[str]) -> str:
@@ -282,6 +339,22 @@ def stored_quant(files: list[SafetensorsFile]) -> str:
             "re-run `kimivl quantize` from the original checkpoint",
         )
     return modes.pop()
+
+
+def _target_dtype(target: Target) -> torch.dtype:
+    return getattr(target.module, target.name).dtype
+
+
+def _wants_float(target: Target) -> bool:
+    return target.hook or _target_dtype(target).is_floating_point
+
+
+def _dtype_fits(stored: torch.dtype, target: Target) -> bool:
+    """Floating weights may come in any floating dtype (they are cast); integer buffers (packed
+    codes) only in their own. A float weight stored as integers is damage, never a cast."""
+    if _wants_float(target):
+        return stored.is_floating_point
+    return stored == _target_dtype(target)
 
 
 def plan_load(
@@ -307,6 +380,12 @@ def plan_load(
                 raise CheckpointError(
                     f"{path.name}: {key} has shape {list(entry.shape)}, config.json implies {list(target.shape)}",
                     "config.json and the weights do not belong together",
+                )
+            elif not _dtype_fits(entry.dtype, target):
+                raise CheckpointError(
+                    f"{path.name}: {key} is stored as {str(entry.dtype).removeprefix('torch.')}, "
+                    f"the model needs {'floating-point values' if _wants_float(target) else _target_dtype(target)}",
+                    "the weights are damaged or were written by a broken exporter",
                 )
             else:
                 plan[file].append(key)
@@ -339,19 +418,31 @@ def load_checkpoint(
     files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
     targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
     plan = plan_load(targets, files, prefix)
-    total = sum(file.entries[key].end - file.entries[key].start for file, keys in plan.items() for key in keys)
-    with (progress or _no_progress)(total, description) as advance:
-        for file, keys in plan.items():
-            with open(file.path, "rb", buffering=0) as fh:
-                for key in keys:
-                    module, name, _, hook = targets[key]
-                    tensor = file.read(key, fh)
-                    if hook:
-                        module.load_tensor(name, tensor)
-                    else:
-                        getattr(module, name).copy_(tensor)
-                    advance(tensor.nbytes)
-                    del tensor
+    with (progress or _no_progress)(planned_bytes(plan), description) as advance:
+        stream_tensors(targets, plan, advance)
+
+
+def planned_bytes(plan: dict[SafetensorsFile, list[str]]) -> int:
+    return sum(file.entries[key].end - file.entries[key].start for file, keys in plan.items() for key in keys)
+
+
+@torch.no_grad()
+def stream_tensors(
+    targets: dict[str, Target], plan: dict[SafetensorsFile, list[str]], advance: Callable[[int], None]
+) -> None:
+    """Read each planned tensor and copy it into its target (or hand it to the target's hook);
+    `advance` is told each tensor's bytes once it is in place."""
+    for file, keys in plan.items():
+        with open(file.path, "rb", buffering=0) as fh:
+            for key in keys:
+                module, name, _, hook = targets[key]
+                tensor = file.read(key, fh)
+                if hook:
+                    module.load_tensor(name, tensor)
+                else:
+                    getattr(module, name).copy_(tensor)
+                advance(tensor.nbytes)
+                del tensor
 
 
 def device_memory_bytes(device: torch.device | str) -> int:
@@ -399,8 +490,14 @@ def load_model(
     if quant not in (*QUANT_MODES, "auto"):
         raise InputError(f"unknown quantization {quant!r}", f"use one of auto, {', '.join(QUANT_MODES)}")
     folder = resolve_checkpoint(path_or_repo)
-    config = KimiVLConfig.from_file(folder / "config.json")
-    stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
+    config = KimiVLConfig.from_file(inside(folder, "config.json"))
+    files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
+    stored = stored_quant(files)
+    check_counts(config, files, stored)
+    with torch.device("meta"):
+        model = KimiVL(config)
+    if stored == "none":  # config.json against the weights first, before choosing how to quantize them
+        plan_load(checkpoint_targets(model), files)
     if quant == "auto":
         quant = stored if stored != "none" else choose_quant(config, dtype, device)[0]
     if stored != "none" and quant not in ("none", stored):
@@ -408,22 +505,97 @@ def load_model(
             f"{folder} is pre-quantized as {stored}; it cannot be loaded as {quant}",
             f"pass --quant {stored}, or quantize the original checkpoint",
         )
-    with torch.device("meta"):
-        model = KimiVL(config)
     try:
-        quantize_linears_(model.language_model, stored if stored != "none" else quant, device)
+        quantize_linears_(model.language_model, stored if stored != "none" else quant, "meta")
     except ValueError as exc:  # NF4 needs inner dims in multiples of its 64-weight blocks
         raise CheckpointError(
             f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8, or no quantization"
         ) from None
+    # Everything is checked on the meta model, from the shard headers, before one byte is allocated:
+    # keys, shapes, dtypes, then whether the model fits the device at all.
+    targets = checkpoint_targets(model, stored_quantized=stored != "none")
+    plan = plan_load(targets, files)
+    check_fits(model, dtype, device)
     materialize(model, dtype, device)
     quantizing = f", quantizing to {quant.upper()}" if stored == "none" and quant != "none" else ""
-    load_checkpoint(model, folder, progress=progress, description=f"loading {Path(str(path_or_repo)).name}{quantizing}")
+    description = f"loading {Path(str(path_or_repo)).name}{quantizing}"
+    with (progress or _no_progress)(planned_bytes(plan), description) as advance:
+        stream_tensors(targets, plan, advance)
     return model.eval(), config
+
+
+def check_counts(config: KimiVLConfig, files: list[SafetensorsFile], stored: str) -> None:
+    """Layer and expert counts against the number of tensors in the checkpoint, before a model with
+    that many modules is built: each layer has several tensors, each official expert three per layer."""
+    tensors = sum(len(f.entries) for f in files)
+    counts = {
+        "text_config.num_hidden_layers": config.text.num_hidden_layers,
+        "vision_config.num_hidden_layers": config.vision.num_hidden_layers,
+    }
+    if stored == "none":  # pre-quantized checkpoints stack the experts: one tensor for all of them
+        counts["text_config.n_routed_experts"] = config.text.n_routed_experts
+    for name, count in counts.items():
+        if count > tensors:
+            raise CheckpointError(
+                f"config.json: {name} is {count}, but the checkpoint holds only {tensors} tensors",
+                "config.json does not match the weights",
+            )
+
+
+def _final_dtype(t: torch.Tensor, want: torch.dtype) -> torch.dtype:
+    """The dtype `materialize` gives a tensor: `want` for floating ones, its own otherwise."""
+    return want if t.is_floating_point() else t.dtype
+
+
+def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes `materialize(model, dtype, ...)` will allocate (tied tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        want = getattr(module, "param_dtype", None) or dtype
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * _final_dtype(t, want).itemsize
+    return total
+
+
+def check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
+    """RuntimeFailure when the weights alone exceed the device's memory: say so instead of being killed."""
+    need, have = model_bytes(model, dtype), device_memory_bytes(device)
+    if need > have:
+        raise RuntimeFailure(
+            f"the model's weights need {need / 2**30:.1f} GiB, {torch.device(device).type} has "
+            f"{have / 2**30:.1f} GiB available",
+            "use --quant nf4, or a machine with more memory",
+        )
 
 
 def _is_weight_file(path: Path) -> bool:
     return path.name == INDEX_FILE or path.suffix == ".safetensors"
+
+
+STAGING_PREFIX = ".kimivl-quantize-"
+"""Folder inside DST where `save_quantized` writes before moving files into place; one left by a
+killed run (with safetensors' own `.tmpXXXXXX` files in it) is removed by the next `--force`."""
+_SAFETENSORS_PARTIAL = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here, then renames (a kill leaves it)
+
+
+def _check_destination(folder: Path, dst: Path, force: bool) -> None:
+    """DST must not be SRC or inside it (writing there replaces the weights being read), must be a
+    folder or absent, and may hold files only with `force`."""
+    check_output(dst)
+    try:
+        source, target = folder.resolve(), dst.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{dst}: the path does not resolve (a symlink loop?)") from None
+    if target == source or target.is_relative_to(source):
+        raise InputError(
+            f"{dst} is {'the source checkpoint' if target == source else 'inside the source checkpoint'} {folder}",
+            "write the quantized checkpoint to a new folder elsewhere",
+        )
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
 
 
 @torch.no_grad()
@@ -443,24 +615,49 @@ def save_quantized(
     (`...q_proj.packed`, `...mlp.experts.gate_proj_packed` [E, N, K/2]...), everything else under its
     official key in `dtype`, with `{"kimivl_quant": quant, "format": "pt"}` as metadata. The other
     files of `src` (config, tokenizer, preprocessor and generation configs) are copied beside.
-    An existing non-empty `dst` is an `InputError` unless `force`, which replaces its weight files.
+    An existing non-empty `dst` is an `InputError` unless `force`, which replaces its weight files;
+    `dst` may not be `src` or inside it. Files are written to a staging folder in `dst` and moved
+    into place once all are complete, so a killed run leaves the old weights and a staging folder
+    that the next `force` removes.
     """
     from safetensors.torch import save_file
 
     if quant not in QUANT_MODES or quant == "none":
         raise InputError(f"cannot quantize as {quant!r}", "use --quant nf4 or --quant int8")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
     folder = resolve_checkpoint(src)
+    _check_destination(folder, dst, force)
+    copied = [inside(folder, p.name) for p in sorted(folder.iterdir()) if is_regular(p) and _is_copied_file(p)]
     model, _ = load_model(folder, dtype=dtype, device="cpu", quant=quant, progress=progress)
     targets = checkpoint_targets(model, stored_quantized=True)
     if dst.is_file():
         dst.unlink()
     dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.iterdir():
-        if _is_weight_file(old):
-            old.unlink()
+    for stale in dst.iterdir():  # what a killed run left: our staging folder, or safetensors' partial file
+        if stale.name.startswith(STAGING_PREFIX) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif _SAFETENSORS_PARTIAL.fullmatch(stale.name) and is_regular(stale):
+            stale.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dst))
+    try:
+        names = _write_shards(targets, staging, quant, save_file)
+        for path in copied:
+            shutil.copyfile(path, staging / path.name)
+        for old in dst.iterdir():
+            if _is_weight_file(old):
+                old.unlink()
+        for name in [*names, *(p.name for p in copied)]:
+            os.replace(staging / name, dst / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dst / name for name in [*names, *(p.name for p in copied)]]
 
+
+def _is_copied_file(path: Path) -> bool:
+    return not _is_weight_file(path) and path.suffix not in PICKLE_SUFFIXES
+
+
+def _write_shards(targets: dict[str, Target], folder: Path, quant: str, save_file) -> list[str]:
+    """The model's tensors as safetensors shards of up to `SHARD_BYTES` (+ index) in `folder`; their names."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, (module, name, _, hook) in targets.items():
@@ -471,28 +668,18 @@ def save_quantized(
         shards[-1][key] = tensor
         size += tensor.nbytes
     metadata = {QUANT_METADATA_KEY: quant, "format": "pt"}
-    written: list[Path] = []
     mode = user_file_mode()  # safetensors writes its files 0600
     if len(shards) == 1:
-        save_file(shards[0], dst / SINGLE_FILE, metadata=metadata)
-        os.chmod(dst / SINGLE_FILE, mode)
-        written.append(dst / SINGLE_FILE)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            path = dst / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, path, metadata=metadata)
-            os.chmod(path, mode)
-            weight_map.update(dict.fromkeys(shard, path.name))
-            written.append(path)
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
-            "weight_map": weight_map,
-        }
-        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        written.append(dst / INDEX_FILE)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not _is_weight_file(path) and path.suffix not in PICKLE_SUFFIXES:
-            shutil.copyfile(path, dst / path.name)
-            written.append(dst / path.name)
-    return written
+        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+        os.chmod(folder / SINGLE_FILE, mode)
+        return [SINGLE_FILE]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata=metadata)
+        os.chmod(folder / name, mode)
+        weight_map.update(dict.fromkeys(shard, name))
+        names.append(name)
+    index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return [*names, INDEX_FILE]

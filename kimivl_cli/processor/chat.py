@@ -47,27 +47,46 @@ def _content_items(message: Message) -> list[Mapping[str, Any]] | str:
     return list(content)
 
 
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The official template's string, one `<|media_pad|>` per image (before expansion)."""
+def template_parts(messages: Sequence[Message], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    """The official template as (text, is_template) pieces, in order.
+
+    Template pieces (role tags, role names, image blocks) hold the special tokens; content pieces
+    (what users and documents wrote) are encoded as plain text, so a `<|im_end|>` or `<|media_pad|>`
+    typed in a question or found in a PDF stays characters and never becomes a control token.
+    Consecutive content text is one piece, as it is one string in the rendered template.
+    """
     if not messages:
         raise InputError("a conversation needs at least one message")
-    parts = []
+    parts: list[tuple[str, bool]] = []
+
+    def add(text: str, is_template: bool) -> None:
+        if parts and parts[-1][1] == is_template:
+            parts[-1] = (parts[-1][0] + text, is_template)
+        elif text:
+            parts.append((text, is_template))
+
     if messages[0].get("role") != "system":
-        parts.append(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM_PROMPT}<|im_end|>")
+        add(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM_PROMPT}<|im_end|>", True)
     for message in messages:
         role = message.get("role")
         if role not in ROLE_TAGS:
             raise InputError(f"unknown chat role {role!r}", "use system, user or assistant")
-        parts.append(f"{ROLE_TAGS[role]}{role}<|im_middle|>")
+        add(f"{ROLE_TAGS[role]}{role}<|im_middle|>", True)
         content = _content_items(message)
-        if isinstance(content, str):
-            parts.append(content)
-        else:
-            parts.extend(IMAGE_BLOCK if is_image_item(item) else item["text"] for item in content)
-        parts.append("<|im_end|>")
+        for item in [{"text": content}] if isinstance(content, str) else content:
+            if is_image_item(item):
+                add(IMAGE_BLOCK, True)
+            else:
+                add(item["text"], False)
+        add("<|im_end|>", True)
     if add_generation_prompt:
-        parts.append("<|im_assistant|>assistant<|im_middle|>")
-    return "".join(parts)
+        add("<|im_assistant|>assistant<|im_middle|>", True)
+    return parts
+
+
+def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The official template's string, one `<|media_pad|>` per image (before expansion)."""
+    return "".join(text for text, _ in template_parts(messages, add_generation_prompt))
 
 
 def chat_images(messages: Sequence[Message]) -> list[Mapping[str, Any]]:
@@ -94,8 +113,7 @@ def expand_media_text(text: str, tokens_per_image: Sequence[int]) -> str:
 def _check_count(placeholders: int, tokens_per_image: Sequence[int]) -> None:
     if placeholders != len(tokens_per_image):
         raise InputError(
-            f"the prompt has {placeholders} image placeholders but {len(tokens_per_image)} images were given",
-            f"the text must not contain {MEDIA_PAD} itself",
+            f"the prompt has {placeholders} image placeholders but {len(tokens_per_image)} images were given"
         )
 
 
@@ -116,11 +134,15 @@ def encode_chat(
 ) -> ChatPrompt:
     """Render, tokenise, and expand each image's `<|media_pad|>` id into h*w/4 copies in order.
 
-    Expanding ids rather than text gives the same ids (special tokens are atomic) without
-    tokenising thousands of pad strings.
+    Special tokens come only from the template (`template_parts`); message text is plain text
+    whatever it contains. The reference processor encodes the whole rendered string with every
+    special token allowed, so a document containing `<|im_end|>` would end the turn there; for
+    text without special-token strings the ids are the same. Expanding ids rather than text gives
+    the same ids (special tokens are atomic) without tokenising thousands of pad strings.
     """
-    text = render_chat(messages, add_generation_prompt)
-    ids = tokenizer.encode(text)
+    parts = template_parts(messages, add_generation_prompt)
+    text = "".join(piece for piece, _ in parts)
+    ids = [i for piece, is_template in parts for i in tokenizer.encode(piece, allow_special=is_template)]
     pad = tokenizer.media_pad_id
     _check_count(ids.count(pad), tokens_per_image)
     expanded: list[int] = []

@@ -15,7 +15,6 @@ Each image costs h*w/4 `<|media_pad|>` tokens after the 2x2 patch merge.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +25,11 @@ import torch
 from PIL import Image
 
 from kimivl_cli.errors import CheckpointError, InputError
+from kimivl_cli.guards import read_json
 
 MAX_GRID_SIDE = 512  # MoonViT's 2D RoPE table is 512 x 512 patches
+MAX_IN_TOKEN_LIMIT = (MAX_GRID_SIDE // 2) ** 2  # tokens of the largest grid the tower takes, with 2x2 merging
+MAX_PATCH_SIZE = 256  # far above any ViT's (14 here); the model's own is checked against the weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,15 +61,17 @@ class ImageProcessorConfig:
         def number_list(name: str, n: int, default: tuple) -> tuple:
             value = d.get(name, default)
             if not (isinstance(value, list | tuple) and len(value) == n) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
             ):
-                raise CheckpointError(f"preprocessor_config.json: {name} should be {n} numbers, got {value!r}")
+                raise CheckpointError(f"preprocessor_config.json: {name} should be {n} finite numbers, got {value!r}")
             return tuple(value)
 
-        def positive_int(name: str, default: int) -> int:
+        def positive_int(name: str, default: int, most: int) -> int:
             value = d.get(name, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointError(f"preprocessor_config.json: {name} should be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise CheckpointError(
+                    f"preprocessor_config.json: {name} should be an integer from 1 to {most}, got {value!r}"
+                )
             return value
 
         pad_input = d.get("pad_input", cls.pad_input)
@@ -78,8 +82,8 @@ class ImageProcessorConfig:
         if not all(isinstance(m, int) and m > 0 for m in merge) or not all(s > 0 for s in std):
             raise CheckpointError("preprocessor_config.json: merge_kernel_size and image_std must be positive")
         return cls(
-            in_token_limit=positive_int("in_token_limit", cls.in_token_limit),
-            patch_size=positive_int("patch_size", cls.patch_size),
+            in_token_limit=positive_int("in_token_limit", cls.in_token_limit, MAX_IN_TOKEN_LIMIT),
+            patch_size=positive_int("patch_size", cls.patch_size, MAX_PATCH_SIZE),
             merge_kernel_size=merge,
             pad_input=pad_input,
             image_mean=number_list("image_mean", 3, cls.image_mean),
@@ -90,13 +94,11 @@ class ImageProcessorConfig:
     def from_file(cls, path: str | Path) -> ImageProcessorConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path)
         except FileNotFoundError:
             raise CheckpointError(
                 f"{path}: no preprocessor_config.json", "is this a Kimi-VL checkpoint folder?"
             ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: unreadable preprocessor_config.json ({exc})") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: top level is not a JSON object")
         return cls.from_dict(raw)

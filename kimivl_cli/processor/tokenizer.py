@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import tiktoken
 
 from kimivl_cli.errors import CheckpointError
+from kimivl_cli.guards import inside, read_checkpoint_file, read_json, short_repr
 
 # The official split pattern uses `[...&&[^\p{Han}]]` set intersection; written here as a
 # negative lookahead per character, which tiktoken's fancy-regex and Python's `regex` both read
@@ -43,6 +43,7 @@ PAT_STR = "|".join(
 NUM_RESERVED_SPECIAL_TOKENS = 256
 NUM_SPECIAL_TOKENS = NUM_RESERVED_SPECIAL_TOKENS + 2  # the reference's range(B, B + 256 + 2)
 
+MAX_TIKTOKEN_BYTES = 256 << 20  # the real tiktoken.model is ~2.5 MB
 MAX_ENCODE_CHARS = 400_000  # tiktoken panics on longer inputs (openai/tiktoken#195)
 MAX_RUN_CHARS = 25_000  # longest run of (non-)whitespace handed to tiktoken at once
 _RUNS = re.compile(r"\s+|\S+")  # `re`'s \s is exactly str.isspace, as in the reference splitter
@@ -52,11 +53,9 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     """Parse a tiktoken BPE file: one `base64(token) rank` per line."""
     path = Path(path)
     try:
-        lines = path.read_bytes().splitlines()
+        lines = read_checkpoint_file(path, MAX_TIKTOKEN_BYTES).splitlines()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no tiktoken.model", "the checkpoint folder lacks its tokenizer") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable tiktoken.model ({exc})") from None
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -66,6 +65,8 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
             raise CheckpointError(f"{path}:{number}: not a tiktoken line (base64 token, space, rank)") from None
+    if not ranks:
+        raise CheckpointError(f"{path}: tiktoken.model is empty", "the download is incomplete")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise CheckpointError(f"{path}: ranks are not unique and dense 0..{len(ranks) - 1}")
     return ranks
@@ -101,9 +102,10 @@ class Tokenizer:
     """Encode/decode text with special tokens; O(len(text)) via tiktoken's Rust BPE."""
 
     def __init__(self, ranks: dict[bytes, int], added_tokens: dict[int, str], names: SpecialTokens | None = None):
-        """`added_tokens`: id -> name from `added_tokens_decoder`; ids inside the BPE ranks are ignored."""
+        """`added_tokens`: id -> name from `added_tokens_decoder`; as in the reference, only ids in the
+        special range B..B+257 count (others, inside the BPE ranks or beyond, are ignored)."""
         self.num_base_tokens = base = len(ranks)
-        ids = sorted({i for i in added_tokens if i >= base} | set(range(base, base + NUM_SPECIAL_TOKENS)))
+        ids = range(base, base + NUM_SPECIAL_TOKENS)
         special = {added_tokens.get(i, f"<|reserved_token_{i}|>"): i for i in ids}
         if len(special) != len(ids):
             raise CheckpointError("tokenizer_config.json: two special tokens share one name")
@@ -116,24 +118,32 @@ class Tokenizer:
     def from_dir(cls, folder: str | Path) -> Tokenizer:
         """Load `tiktoken.model` + `tokenizer_config.json` from a checkpoint folder."""
         folder = Path(folder)
-        ranks = load_tiktoken_ranks(folder / "tiktoken.model")
-        config_path = folder / "tokenizer_config.json"
+        ranks = load_tiktoken_ranks(inside(folder, "tiktoken.model"))
+        config_path = inside(folder, "tokenizer_config.json")
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = read_json(config_path)
         except FileNotFoundError:
             raise CheckpointError(f"{config_path}: missing", "the checkpoint folder lacks its tokenizer") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: unreadable ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: top level is not a JSON object")
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise CheckpointError(
+                f"{config_path}: added_tokens_decoder must be an object of id -> token, got a {type(decoder).__name__}"
+            )
         added: dict[int, str] = {}
-        for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        for key, entry in decoder.items():
             content = entry.get("content") if isinstance(entry, dict) else None
-            if not (key.isdigit() and isinstance(content, str)):
-                raise CheckpointError(f"{config_path}: bad added_tokens_decoder entry {key!r}")
+            if not (key.isdigit() and isinstance(content, str) and content):
+                raise CheckpointError(f"{config_path}: bad added_tokens_decoder entry {short_repr(key)}")
             added[int(key)] = content
 
         def name(field: str, default: str) -> str:
             value = config.get(field) or default
-            return value.get("content", default) if isinstance(value, dict) else value
+            value = value.get("content", default) if isinstance(value, dict) else value
+            if not isinstance(value, str):
+                raise CheckpointError(f"{config_path}: {field} must be a token name, got {short_repr(value)}")
+            return value
 
         names = SpecialTokens(
             bos=name("bos_token", "[BOS]"),
@@ -179,8 +189,9 @@ class Tokenizer:
         return token_id in self._special_ids
 
     # --- encode / decode -----------------------------------------------------------------------
-    def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Token ids, no BOS. Special-token strings in `text` become their ids unless `allow_special` is false."""
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids, no BOS. Special-token strings in `text` stay plain text unless `allow_special`
+        (for the chat template's own markup only: never for user or document text)."""
         allowed = "all" if allow_special else set()
         ids: list[int] = []
         for piece in split_for_tiktoken(text):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -113,8 +114,14 @@ def _number(body: Mapping[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise InputError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (kind is int and value != int(value))
+    ):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise InputError(f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got {shown}")
     return kind(value)
 
 
@@ -155,17 +162,17 @@ def load_image_url(url: str, allow_local_files: bool) -> list[Image.Image]:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise InputError("an image data URI is not valid base64") from None
-        pages = load_images(data)
+        pages = load_images(data, max_pages=1)
     elif scheme == "file":
         if not allow_local_files:
             raise InputError("file:// image URLs are refused", "start the server with --allow-local-files")
         path = Path(unquote(urlsplit(url).path))
         if not path.is_file():
             raise InputError(f"no such image file on the server: {path}")
-        pages = load_images(path)
+        pages = load_images(path, max_pages=1)
     else:
         raise InputError(f"image URL scheme {scheme!r} is not served", "send the image as a base64 data URI")
-    return pages[:1]  # one image_url part is one image (a multipage TIFF gives its first page)
+    return pages  # one image_url part is one image (a multipage TIFF gives its first page, the only one decoded)
 
 
 # --- responses --------------------------------------------------------------------------------

@@ -8,15 +8,23 @@ route or model name, 405, 413 body too large, 503 busy (queue full), 500 a faile
 Tracebacks go to the server log, never to the client.
 
 Threads: `ThreadingHTTPServer` gives each connection a thread that parses, queues and writes;
-one `Worker` thread runs the model (see `worker`).
+one `Worker` thread runs the model (see `worker`). Hardening: at most `max_connections` connection
+threads (more are answered 503 without a thread), an idle or stalled connection is closed after
+`IDLE_TIMEOUT` s, a request holds a queue slot before its body is read (a full server refuses
+before decoding anything), a refused body is read and dropped so the client sees the refusal, and
+a waiting client that disconnects cancels its request.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import itertools
 import json
 import logging
+import select
+import socket
+import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,7 +46,10 @@ from kimivl_cli.serve.worker import Job, QueueFull, Worker
 
 log = logging.getLogger("kimivl.serve")
 MAX_BODY_BYTES = 64 << 20  # a few page images as base64
+MAX_DISCARD_BYTES = 1 << 30  # a refused body up to this size is read and dropped; beyond, the connection closes
 DEFAULT_QUEUE_SIZE = 16
+IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle (or stall mid-request) before it is closed
+MIN_CONNECTIONS = 64
 
 
 class HttpError(Exception):
@@ -66,12 +77,20 @@ class ChatServer(ThreadingHTTPServer):
     ) -> None:
         if queue_size < 0:
             raise InputError("--queue-size must be at least 0")
+        if api_key is not None and not api_key.strip():
+            raise InputError("the API key is empty (an unset variable?)", "give a key, or leave out --api-key")
+        self.worker: Worker | None = None
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "pick another --port") from None
+            hint = "pick another --port" if isinstance(exc, PermissionError) or exc.errno == errno.EADDRINUSE else None
+            raise InputError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                hint or "check --host (an address of this machine)",
+            ) from None
         self.backend = backend
-        self.api_key = api_key or None
+        self.api_key = api_key
+        self._connections = threading.BoundedSemaphore(max(MIN_CONNECTIONS, 2 * (queue_size + 1)))
         self.allow_local_files = allow_local_files
         self.model_name = model_name or backend.name
         self.worker = Worker(backend, queue_size)
@@ -83,14 +102,46 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
     def server_close(self) -> None:
-        self.worker.close()
+        if self.worker is not None:  # None when binding failed
+            self.worker.close()
         super().server_close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, up to the limit; beyond it a 503 from this thread, no new one."""
+        if not self._connections.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+    def _refuse(self, request: Any) -> None:
+        payload = json.dumps(error_json("too many connections; retry later", "server_error", "busy")).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + payload)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"
     server_version = "kimivl"
+    timeout = IDLE_TIMEOUT  # the socket's: an idle keep-alive connection or a stalled body ends the thread
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
@@ -108,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
             route()
         except HttpError as exc:
             self._send_json(exc.status, error_json(exc.message, exc.kind, exc.code))
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client left, or stalled past the timeout
             self.close_connection = True
         except Exception:
             log.exception("request failed")
@@ -154,25 +205,33 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             self._drain_body()
             raise HttpError(404 if path not in ("/v1/models", "/health") else 405, f"no POST route {path or '/'}")
-        body = self._read_json()
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and model != self.server.model_name:
-            raise HttpError(
-                404,
-                f"the model {model!r} does not exist: this server serves {self.server.model_name!r}",
-                code="model_not_found",
-            )
+        worker = self.server.worker
+        assert worker is not None
         try:
-            request = parse_request(body, self.server.allow_local_files)
-        except KimivlError as exc:
-            raise HttpError(400, exc.one_line()) from None
-        try:
-            job = self.server.worker.submit(request)
+            slot = worker.reserve()  # before the body is read or an image decoded
         except QueueFull:
+            self._drain_body()
             raise HttpError(
                 503, "the server is busy: its request queue is full; retry later", "server_error", "queue_full"
             ) from None
-        items = job.items()
+        try:
+            body = self._read_json()
+            model = body.get("model") if isinstance(body, dict) else None
+            if model is not None and model != self.server.model_name:
+                raise HttpError(
+                    404,
+                    f"the model {model!r} does not exist: this server serves {self.server.model_name!r}",
+                    code="model_not_found",
+                )
+            try:
+                request = parse_request(body, self.server.allow_local_files)
+            except KimivlError as exc:
+                raise HttpError(400, exc.one_line()) from None
+            job = worker.submit(request, slot)
+        except BaseException:
+            slot.release()
+            raise
+        items = job.items(client_gone=self._client_gone)
         try:
             first = next(items, None)
             if isinstance(first, KimivlError):  # raised before anything was generated
@@ -256,24 +315,39 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "bad Content-Length")
         return length
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection while its request waits (readable, yet no byte
+        to read). A client that half-closes after sending its request counts as gone."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _drain_body(self) -> None:
-        """Read and drop a body we refuse, so the connection can carry the next request."""
+        """Read and drop a body we refuse, in pieces: the client, which sends all of it before it
+        reads, then sees our answer instead of a broken pipe; the connection can carry the next
+        request. Bodies over `MAX_DISCARD_BYTES` are not read: the connection closes."""
         try:
             length = self._content_length()
         except HttpError:
             return
-        if length > MAX_BODY_BYTES:
+        if length > MAX_DISCARD_BYTES:
             self.close_connection = True
             return
-        self.rfile.read(length)
+        while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
+            length -= len(chunk)
 
     def _read_json(self) -> Any:
         length = self._content_length()
         if length > MAX_BODY_BYTES:
+            self._drain_body()
             self.close_connection = True
-            raise HttpError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")
+            raise HttpError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
         raw = self.rfile.read(length)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+            raise HttpError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+        except RecursionError:
+            raise HttpError(400, "the body's JSON is nested too deeply") from None

@@ -1,9 +1,11 @@
 """One thread owns the model: requests wait in a bounded queue and run one at a time.
 
 The HTTP threads only parse, queue and write; the worker runs `backend.chat` and passes each
-event to the waiting request through its own unbounded outbox, then a final `END`. A full
-queue refuses at once (`QueueFull` -> 503) instead of piling up threads. A request whose client
-went away is cancelled: skipped if still queued, stopped at its next event if running.
+event to the waiting request through its own unbounded outbox, then a final `END`. A request
+takes a `Slot` (the running one plus `queue_size` waiting) before its body is read or its images
+decoded, so a full server refuses at once (`QueueFull` -> 503) and holds no more decoded requests
+than it has slots. A request whose client went away is cancelled: skipped if still queued,
+stopped at its next event if running.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kimivl_cli.backends import ChatBackend
@@ -25,27 +29,53 @@ class QueueFull(Exception):
     """Every slot (the running request and `queue_size` waiting ones) is taken."""
 
 
+class Slot:
+    """A place in the worker's queue, held from before the request is read until its job ends."""
+
+    def __init__(self, slots: threading.Semaphore) -> None:
+        self._slots, self._held = slots, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 @dataclass
 class Job:
     request: ChatRequest
+    slot: Slot
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Event | KimivlError | END
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def items(self):
-        """Everything the worker sends for this job, up to (not including) END."""
-        while (item := self.outbox.get()) is not END:
-            yield item
+    def items(self, client_gone: Callable[[], bool] | None = None, poll: float = 0.2):
+        """Everything the worker sends for this job, up to (not including) END. With `client_gone`,
+        asked every `poll` s (whether or not events arrive): the job is cancelled when it says so."""
+        check_at = time.monotonic() + poll
+        while True:
+            try:
+                item = self.outbox.get(timeout=poll if client_gone else None)
+            except queue.Empty:
+                item = None
+            if client_gone is not None and time.monotonic() >= check_at:
+                check_at = time.monotonic() + poll
+                if client_gone():
+                    self.cancelled.set()
+                    return
+            if item is END:
+                return
+            if item is not None:
+                yield item
 
 
 class Worker:
-    """The single consumer of the queue. `queue_size` waiting requests at most (0: none, a busy
-    worker refuses), plus the running one."""
+    """The single consumer of the queue. `queue_size` waiting requests at most, plus the running one."""
 
     def __init__(self, backend: ChatBackend, queue_size: int) -> None:
         self.backend = backend
         self.queue_size = queue_size
         self._jobs: queue.Queue[Job] = queue.Queue()
-        self._slots = threading.BoundedSemaphore(queue_size + 1)  # running + waiting; freed at END
+        self._slots = threading.BoundedSemaphore(queue_size + 1)  # the running request and the waiting ones
         self._stop = threading.Event()
         self.running = False
         self.served = 0
@@ -56,10 +86,15 @@ class Worker:
     def waiting(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, request: ChatRequest) -> Job:
+    def reserve(self) -> Slot:
+        """A slot for a request about to be read, or QueueFull at once."""
         if not self._slots.acquire(blocking=False):
             raise QueueFull
-        job = Job(request)
+        return Slot(self._slots)
+
+    def submit(self, request: ChatRequest, slot: Slot | None = None) -> Job:
+        """Queue `request` in its reserved `slot` (taken now when None: QueueFull if none is free)."""
+        job = Job(request, slot or self.reserve())
         self._jobs.put(job)
         return job
 
@@ -81,14 +116,14 @@ class Worker:
                 finally:
                     self.running = False
                     self.served += 1
-            self._slots.release()
+            job.slot.release()
             job.outbox.put(END)
         while True:  # stopping: whoever still waits gets an answer, not a hang
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            self._slots.release()
+            job.slot.release()
             job.outbox.put(RuntimeFailure("the server is shutting down"))
             job.outbox.put(END)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,8 +40,15 @@ def to_json(sl: SceneList) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
+_LINE_BREAKS_JSON = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+"""Line breaks that JSON leaves raw but `str.splitlines` (and some JSONL readers) split on."""
+
+
 def to_jsonl(sl: SceneList) -> str:
-    return "".join(json.dumps({"video": sl.video, **_scene_dict(s)}, ensure_ascii=False) + "\n" for s in sl.scenes)
+    return "".join(
+        json.dumps({"video": sl.video, **_scene_dict(s)}, ensure_ascii=False).translate(_LINE_BREAKS_JSON) + "\n"
+        for s in sl.scenes
+    )
 
 
 def to_csv(sl: SceneList) -> str:
@@ -82,10 +90,16 @@ def to_csv(sl: SceneList) -> str:
     return out.getvalue()
 
 
+def _one_line(text: str) -> str:
+    """Every run of whitespace, line breaks included (LF, CR, U+2028...), as one space."""
+    return " ".join(text.split())
+
+
 def _cue_text(scene) -> str:
-    # A blank line would end the cue early; "-->" would confuse parsers.
-    lines = [line.strip() for line in (scene.description or f"Scene {scene.index}").splitlines() if line.strip()]
-    return "\n".join(lines).replace("-->", "->") or f"Scene {scene.index}"
+    # A blank line would end the cue early; an arrow (any "-->", "--->" included) would read as a
+    # timing line. Lines keep their breaks (CR, U+2028... become newlines: players split on those too).
+    lines = [_one_line(line) for line in (scene.description or f"Scene {scene.index}").splitlines()]
+    return re.sub(r"-{2,}>", "->", "\n".join(line for line in lines if line)) or f"Scene {scene.index}"
 
 
 def to_srt(sl: SceneList) -> str:
@@ -95,18 +109,31 @@ def to_srt(sl: SceneList) -> str:
     return "\n".join(cues)
 
 
+def _vtt_escape(text: str) -> str:
+    """WebVTT cue text: `&` and `<` start entities and tags (`<c>`, `<v>`), so they are escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
 def to_vtt(sl: SceneList) -> str:
-    cues = [f"{s.index}\n{clock(s.start)} --> {clock(s.end)}\n{_cue_text(s)}\n" for s in sl.scenes]
+    cues = [f"{s.index}\n{clock(s.start)} --> {clock(s.end)}\n{_vtt_escape(_cue_text(s))}\n" for s in sl.scenes]
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
 def _md_cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for one Markdown line (a table cell, a heading): one line, with the characters that would
+    end the cell (`|`), undo an escape (`\\`), open HTML or a comment (`<`) or close a heading (`#`) escaped."""
+    return re.sub(r"([\\|<#])", r"\\\1", _one_line(text))
+
+
+def _fence(lines: list[str]) -> str:
+    """A code fence longer than any run of backticks in `lines`, so none of them can close it."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def to_md(sl: SceneList) -> str:
     lines = [
-        f"# Scenes of {Path(sl.video).name}",
+        f"# Scenes of {_md_cell(Path(sl.video).name)}",
         "",
         "| # | start | end | frames | description |",
         "|---|---|---|---|---|",
@@ -114,13 +141,15 @@ def to_md(sl: SceneList) -> str:
     for s in sl.scenes:
         cells = [str(s.index), clock(s.start, 1), clock(s.end, 1), f"{s.start_frame}-{s.end_frame}"]
         lines.append("| " + " | ".join([*cells, _md_cell(s.description)]) + " |")
-    lines += ["", "Chapters (YouTube style):", "", "```text", *youtube_chapters(sl), "```", ""]
+    chapters = youtube_chapters(sl)  # verbatim inside the fence
+    fence = _fence(chapters)
+    lines += ["", "Chapters (YouTube style):", "", f"{fence}text", *chapters, fence, ""]
     return "\n".join(lines)
 
 
 def youtube_chapters(sl: SceneList) -> list[str]:
     """`0:00 Title`, one line per scene, as YouTube reads chapters from a video's description."""
-    return [f"{short_clock(s.start)} {_md_cell(s.title)}" for s in sl.scenes]
+    return [f"{short_clock(s.start)} {_one_line(s.title)}" for s in sl.scenes]
 
 
 def to_chapters(sl: SceneList) -> str:
@@ -129,20 +158,22 @@ def to_chapters(sl: SceneList) -> str:
 
 def to_edl(sl: SceneList) -> str:
     """CMX3600: each scene is a cut event; source and record timecodes match (the video as one reel)."""
-    title = Path(sl.video).stem[:70] or "kimivl"
+    title = _one_line(Path(sl.video).stem)[:70] or "kimivl"  # one line each: a newline in a name would add events
     lines = [f"TITLE: {title}", "FCM: NON-DROP FRAME", ""]
     for s in sl.scenes:
         tc_in, tc_out = smpte(s.start_frame, sl.fps), smpte(s.end_frame + 1, sl.fps)
         lines.append(f"{s.index:03d}  AX       V     C        {tc_in} {tc_out} {tc_in} {tc_out}")
-        lines.append(f"* FROM CLIP NAME: {Path(sl.video).name}")
+        lines.append(f"* FROM CLIP NAME: {_one_line(Path(sl.video).name)}")
         if s.description:
-            lines.append(f"* COMMENT: {_md_cell(s.description)[:200]}")
+            lines.append(f"* COMMENT: {_one_line(s.description)[:200]}")
         lines.append("")
     return "\n".join(lines)
 
 
 def _ffmeta_escape(text: str) -> str:
-    for ch in "\\=;#\n":
+    """One line (a title never needs two), then FFmpeg's escapes for `\\ = ; #`."""
+    text = _one_line(text)
+    for ch in "\\=;#":
         text = text.replace(ch, "\\" + ch)
     return text
 

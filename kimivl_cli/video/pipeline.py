@@ -5,12 +5,14 @@ Kept out of the CLI so that tests and other front ends drive it with a fake `Des
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kimivl_cli.errors import InputError
 from kimivl_cli.files import write_atomic
+from kimivl_cli.guards import check_output
 from kimivl_cli.tasks.pool import ordered_map
 from kimivl_cli.video.formats import FORMATS, render_many
 from kimivl_cli.video.scenes import (
@@ -47,6 +49,12 @@ class VideoScenesOptions:
     concurrency: int = 1
     """`--verify-shots` questions asked at once (`describe` must then be thread-safe)."""
 
+    def __post_init__(self) -> None:
+        if not 0 < self.sample_fps < math.inf:
+            raise InputError(f"--fps {self.sample_fps}: keyframes per second must be a positive, finite number")
+        if self.max_frames < 1 or self.concurrency < 1:
+            raise InputError("--max-frames and --concurrency must be at least 1")
+
 
 @dataclass
 class VideoResult:
@@ -68,6 +76,8 @@ def check_request(videos: list[str], fmt: str, output: str | None, force: bool) 
         files = per_video_files(videos, fmt, Path(output), force)
         output_folder(Path(output))
         return files
+    if output is not None:
+        check_output(Path(output))
     if len(videos) > 1 and fmt not in MULTI_VIDEO_FORMATS:
         raise InputError(
             f"--format {fmt} holds one video",
@@ -103,6 +113,7 @@ def per_video_files(videos: list[str], fmt: str, folder: Path, force: bool) -> l
         if path in seen:
             raise InputError(f"{seen[path]} and {video} would both be written to {path}", "rename one, or run twice")
         seen[path] = video
+        check_output(path)
         if path.exists() and not force:
             raise InputError(f"{path} already exists", "pass --force to overwrite it")
     return files

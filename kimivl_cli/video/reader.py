@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.media.images import check_pixels
 from kimivl_cli.media.inputs import as_input
 from kimivl_cli.media.sniff import MediaKind
 
@@ -71,6 +72,13 @@ def open_video(path: str | Path, decode_threads: int = 0) -> tuple[cv2.VideoCapt
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decode_threads])
     if not cap.isOpened():
         raise InputError(f"{path}: not a video this tool can read (or a truncated one)", "try an MP4, MKV or AVI file")
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if width > 0 and height > 0:  # each frame is decoded whole before it is shrunk: a bomb stops here
+        try:
+            check_pixels(item.name, width, height)
+        except InputError:
+            cap.release()
+            raise
     fps = cap.get(cv2.CAP_PROP_FPS)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     if not (math.isfinite(fps) and 0 < fps < 1000):

@@ -86,16 +86,11 @@ def choose_keyframes(shots: Sequence[Shot], fps: float, max_frames: int, sample_
 
 def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: int = 896) -> list[TimedFrame]:
     """Decode only the chosen frames (media's `VideoFile.read`: short gaps walked, long ones
-    sought), downscaled to `max_side`, each labelled with the decoder's own timestamp; keyframes
-    past the end of the video are left out."""
+    sought), each downscaled to `max_side` as it is decoded and labelled with the decoder's own
+    timestamp; keyframes past the end of the video are left out."""
     with VideoFile(path) as video:
-        frames = video.read(sorted({k.frame for k in keyframes if k.frame < video.frame_count}))
-    out = []
-    for frame in frames:
-        image = frame.to_pil()
-        image.thumbnail((max_side, max_side))
-        out.append(TimedFrame(frame.index, stamp(frame.timestamp), frame.timestamp, image))
-    return out
+        frames = video.read(sorted({k.frame for k in keyframes if k.frame < video.frame_count}), max_side)
+    return [TimedFrame(f.index, stamp(f.timestamp), f.timestamp, f.to_pil()) for f in frames]
 
 
 # -- prompts -----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_pickle_checkpoints_are_refused_unread(tiny_a: Path, tmp_path: Path) -> 
 def test_broken_config_and_missing_shard(tiny_a: Path, golden_dir: Path, tmp_path: Path) -> None:
     folder = _copy(tiny_a, tmp_path / "cfg", load_file(str(tiny_a / "model.safetensors")))
     (folder / "config.json").write_text("{ not json")
-    assert "unreadable config.json" in _error(folder)
+    assert "config.json: unreadable (not valid JSON" in _error(folder)
     config = json.loads((tiny_a / "config.json").read_text())
     del config["text_config"]["kv_lora_rank"]
     (folder / "config.json").write_text(json.dumps(config))

@@ -77,10 +77,11 @@ def test_special_tokens_from_tokenizer_config(tokenizer, tiny_ckpt):
     added = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     assert len(added) >= 16
     for key, entry in added.items():
-        assert tokenizer.encode(entry["content"]) == [int(key)]
+        assert tokenizer.encode(entry["content"], allow_special=True) == [int(key)]
         assert tokenizer.decode([int(key)]) == entry["content"]
         assert tokenizer.is_special(int(key))
-    assert tokenizer.encode("<|im_end|>", allow_special=False) != [tokenizer.im_end_id]
+    assert tokenizer.encode("<|im_end|>") == tokenizer.encode("<|im_end|>", allow_special=False)  # plain by default
+    assert tokenizer.im_end_id not in tokenizer.encode("<|im_end|>")
     base = tokenizer.num_base_tokens
     assert tokenizer.vocab_size == base + NUM_SPECIAL_TOKENS
     assert tokenizer.token_id(f"<|reserved_token_{base + 5}|>") == base + 5  # unnamed ids are reserved
@@ -92,7 +93,7 @@ def test_special_tokens_from_tokenizer_config(tokenizer, tiny_ckpt):
 
 
 def test_encode_with_specials_in_text(tokenizer):
-    ids = tokenizer.encode("<|im_user|>user<|im_middle|>你好 world<|im_end|>")
+    ids = tokenizer.encode("<|im_user|>user<|im_middle|>你好 world<|im_end|>", allow_special=True)
     assert ids[0] == tokenizer.token_id("<|im_user|>") and ids[-1] == tokenizer.im_end_id
     assert tokenizer.decode(ids) == "<|im_user|>user<|im_middle|>你好 world<|im_end|>"
     assert tokenizer.decode(ids, skip_special=True) == "user你好 world"

@@ -123,7 +123,7 @@ def test_folder_is_an_official_checkpoint(size):
     names = {e["content"]: int(i) for i, e in config["added_tokens_decoder"].items()}
     for name in ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
                  "<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>", "[UNK]", "[PAD]"):  # fmt: skip
-        assert tok.encode(name) == [names[name]] == [tok.token_id(name)]
+        assert tok.encode(name, allow_special=True) == [names[name]] == [tok.token_id(name)]
     base = tok.num_base_tokens
     assert names["[BOS]"] == base and names["<|media_pad|>"] == base + 21 and names["[PAD]"] == base + 255
     assert cfg.media_placeholder_token_id == tok.media_pad_id

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.guards import check_output
 
 Format = Literal["markdown", "jsonl"]
 PageKey = tuple[str, int]
@@ -268,6 +269,7 @@ def open_sink(
         raise InputError(
             f"output {out} is a folder", "give a file name with -o, or end it with / for one file per input"
         )
+    check_output(out)  # a device or FIFO is never unlinked, truncated or read (`-o /dev/null --force`)
     if not out.exists():
         if not out.parent.exists():
             raise InputError(f"folder {out.parent} does not exist", "create it first")
