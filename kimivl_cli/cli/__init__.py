@@ -17,6 +17,7 @@ import typer
 
 from kimivl_cli import __version__
 from kimivl_cli.cli import ask, chat, info, inspect, ocr, quantize, serve, video_scenes
+from kimivl_cli.cli.common import StderrLines
 from kimivl_cli.cli.signals import sigterm_as_sigint, terminating
 from kimivl_cli.errors import KimivlError, notes
 
@@ -72,18 +73,11 @@ def quiet_libraries() -> None:
     warnings.simplefilter("ignore")
 
 
-class _NoteLines(logging.Handler):
-    """`errors.notes` records as `note: ...` lines on the stderr of the moment (tests swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
-
-
 def _route_logs(debug: bool) -> None:
     """Our notes to stderr, one line each; libraries' warnings (bitsandbytes on some CPUs) nowhere,
     unless debugging: they are not ours to show."""
-    if not any(isinstance(h, _NoteLines) for h in notes.handlers):
-        notes.addHandler(_NoteLines())
+    if not any(isinstance(h, StderrLines) for h in notes.handlers):
+        notes.addHandler(StderrLines("note: "))
         notes.propagate = False
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
 

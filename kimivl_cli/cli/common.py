@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
@@ -21,6 +22,19 @@ from kimivl_cli.tasks.backend import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from kimivl_cli.backends import AnswerOnly, ChatBackend, ChatOptions
+
+
+class StderrLines(logging.Handler):
+    """Log records as `prefix + message` lines on the stderr of the moment, not the one at setup:
+    a server thread may outlive the stream it started with (tests and Rich swap it)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{self.prefix}{record.getMessage()}", file=sys.stderr, flush=True)
+
 
 ModelOpt = Annotated[
     str,

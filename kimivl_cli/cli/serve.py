@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuantOpt, QuietOpt
+from kimivl_cli.cli.common import DEFAULT_MODEL, DeviceOpt, ModelOpt, QuantOpt, QuietOpt, StderrLines
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
 
         log = logging.getLogger("kimivl")  # the request log; other libraries' loggers stay silent
         if not log.handlers:
-            log.addHandler(logging.StreamHandler(sys.stderr))
+            log.addHandler(StderrLines())
         log.setLevel(logging.WARNING if quiet else logging.INFO)
         log.propagate = False
         output = Output(quiet=quiet)
