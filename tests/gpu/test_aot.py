@@ -20,6 +20,7 @@ from kimivl_cli.testing.triton_aot import SHARED_LIMIT, missing_backend
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("triton_aot"),  # one worker compiles once for every test here
     pytest.mark.skipif(missing_backend() is not None, reason=f"cannot compile for NVIDIA: {missing_backend()}"),
 ]
 CASES = {f"{w} {what}" for w in ("nf4", "bf16") for what in ("decode", "prefill 512", "prefill 1024")}
