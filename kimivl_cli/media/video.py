@@ -46,6 +46,20 @@ SEEK_GAP = 250
 interval is 250, so a longer jump usually lands after a keyframe and decodes less."""
 
 
+def frame_time(seconds: float) -> str:
+    """HH:MM:SS.d, the time the model reads for a frame (`ask` and video-scenes alike): floored
+    to the tenth, so a frame never reads later than it is (59.97 s is 00:00:59.9, not 00:01:00.0)."""
+    tenths = max(0, math.floor(seconds * 10 + 1e-6))  # 1e-6: 0.3 s is 2.9999... tenths in binary
+    hours, rest = divmod(tenths, 36000)
+    minutes, rest = divmod(rest, 600)
+    return f"{hours:02d}:{minutes:02d}:{rest // 10:02d}.{rest % 10}"
+
+
+def frame_label(seconds: float) -> str:
+    """The marker put in the text just before a frame: `[00:01:23.4]`."""
+    return f"[{frame_time(seconds)}]"
+
+
 @dataclass(frozen=True)
 class Frame:
     """A decoded frame: its index in the stream, its presentation time, its pixels (H x W x 3 RGB uint8)."""
@@ -53,6 +67,10 @@ class Frame:
     index: int
     timestamp: float  # seconds, from the decoder
     image: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return frame_label(self.timestamp)
 
     def to_pil(self) -> Image.Image:
         return Image.fromarray(self.image)

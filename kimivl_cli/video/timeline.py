@@ -57,11 +57,6 @@ def clock(seconds: float, decimals: int = 3, comma: bool = False) -> str:
     return text
 
 
-def stamp(seconds: float) -> str:
-    """The marker the model sees before a frame: `[00:01:23.4]`."""
-    return f"[{clock(seconds, 1)}]"
-
-
 def short_clock(seconds: float) -> str:
     """YouTube chapter style: M:SS, or H:MM:SS past an hour (floored, as players show it)."""
     whole = math.floor(max(0.0, seconds))

@@ -10,8 +10,9 @@ import re
 
 import pytest
 
+from kimivl_cli.media.video import frame_label
 from kimivl_cli.video.formats import FORMATS, render, render_many
-from kimivl_cli.video.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte, stamp
+from kimivl_cli.video.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte
 
 FPS = 25.0
 
@@ -26,7 +27,7 @@ def test_timecodes() -> None:
     assert clock(83.4) == "00:01:23.400"
     assert clock(3599.9996) == "01:00:00.000"
     assert clock(1.2, comma=True) == "00:00:01,200"
-    assert stamp(83.44) == "[00:01:23.4]"
+    assert frame_label(83.44) == "[00:01:23.4]"
     assert short_clock(83.9) == "1:23" and short_clock(3723) == "1:02:03"
     assert smpte(30, 25) == "00:00:01:05" and smpte(90000, 25) == "01:00:00:00"
 
