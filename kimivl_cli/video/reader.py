@@ -37,9 +37,9 @@ import cv2
 import numpy as np
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.media.images import check_pixels
 from kimivl_cli.media.inputs import as_input
 from kimivl_cli.media.sniff import MediaKind
+from kimivl_cli.media.video import open_capture
 
 T = TypeVar("T")
 
@@ -61,28 +61,15 @@ MAX_WORKERS = 4
 def open_video(path: str | Path, decode_threads: int = 0) -> tuple[cv2.VideoCapture, float, int]:
     """Open a video for streaming: (capture, fps, frame count from the header, -1 when unknown).
 
-    `decode_threads` 0 lets FFmpeg choose (one per core). Missing, empty and non-video files are
-    refused by media's content sniffing (the same messages as every command); files FFmpeg cannot
-    open are `InputError`s; a file that opens but yields no frame gives no frames.
+    Missing, empty and non-video files are refused by media's content sniffing, unreadable ones
+    and those without a frame rate by `media.video.open_capture` (the same messages as every
+    command); a file that opens but yields no frame gives no frames.
     """
     item = as_input(path)
     if item.kind is not MediaKind.VIDEO:
         raise InputError(f"{item.name} is {item.describe()}, not a video", "files are recognised by content, not name")
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own chatter is not our error message
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decode_threads])
-    if not cap.isOpened():
-        raise InputError(f"{path}: not a video this tool can read (or a truncated one)", "try an MP4, MKV or AVI file")
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if width > 0 and height > 0:  # each frame is decoded whole before it is shrunk: a bomb stops here
-        try:
-            check_pixels(item.name, width, height)
-        except InputError:
-            cap.release()
-            raise
-    fps = cap.get(cv2.CAP_PROP_FPS)
+    cap, fps = open_capture(path, item.name, decode_threads)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    if not (math.isfinite(fps) and 0 < fps < 1000):
-        fps = 25.0
     return cap, fps, count if count > 0 else -1
 
 
