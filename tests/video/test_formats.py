@@ -12,9 +12,21 @@ import pytest
 
 from kimivl_cli.media.video import frame_label
 from kimivl_cli.video.formats import FORMATS, render, render_many
+from kimivl_cli.video.shots import Boundary, shots_from_boundaries
 from kimivl_cli.video.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte
 
 FPS = 25.0
+
+
+def test_shots_and_scenes_are_cut_by_one_rule() -> None:
+    """Unsorted, repeated and out-of-range starts give the same consecutive segments either way."""
+    starts = [76, 30, 30, 0, 300, 137]
+    shots = shots_from_boundaries([Boundary(f, "cut", 1.0, (f, f)) for f in starts], 250, FPS)
+    scenes = scenes_from_starts(starts, 250, FPS)
+    expected = [(0, 29, 0, 30), (30, 75, 30, 76), (76, 136, 76, 137), (137, 249, 137, 250)]
+    for segments in (shots, scenes):
+        assert [(s.start_frame, s.end_frame, s.start * FPS, s.end * FPS) for s in segments] == expected
+    assert [s.boundary.frame if s.boundary else None for s in shots] == [None, 30, 76, 137]
 
 
 @pytest.fixture
