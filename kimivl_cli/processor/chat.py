@@ -160,14 +160,6 @@ def strip_thinking(text: str) -> str:
     return text.rpartition(THINK_END)[2]
 
 
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a reply `◁think▷...◁/think▷...`; thinking is "" when there is no closed block."""
-    before, found, answer = text.rpartition(THINK_END)
-    if not found:
-        return "", text
-    return before.partition(THINK_START)[2] if THINK_START in before else before, answer
-
-
 def strip_history_thinking(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Copy of the history with thinking removed from assistant turns (the official demo's rule)."""
     out = []

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from kimivl_cli.engine.stream import split_thinking
 from kimivl_cli.errors import InputError
 from kimivl_cli.processor.chat import THINK_END, THINK_START, strip_history_thinking
 from kimivl_cli.tasks.ask import MediaOptions, PdfPage, Segment, Segments, content_items, resolve
@@ -123,8 +124,7 @@ class Conversation:
                 images = sum(i.get("type") == "image" for i in items)
                 turns.append({"role": "user", "text": text, "images": images, "attachments": next(users)})
             else:
-                thinking, _, answer = message["content"].rpartition(THINK_END)
-                thinking = thinking.removeprefix(THINK_START)
+                thinking, answer = split_thinking(message["content"])
                 turns.append({"role": "assistant", "text": answer, "thinking": thinking})
         return {"model": model, "system": self.system, "turns": turns}
 

@@ -68,6 +68,17 @@ def test_save_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["turns"] == []
 
 
+def test_the_saved_transcript_splits_a_reply_as_it_was_streamed() -> None:
+    """An answer that quotes the end marker keeps it; the reasoning stays the reasoning."""
+    chat = Conversation(None, ImageProcessorConfig.official())
+    chat.commit("Which marker ends thinking?", "The model's own.", "It is ◁/think▷, as written.")
+    assert chat.to_json("tiny")["turns"][-1] == {
+        "role": "assistant",
+        "text": "It is ◁/think▷, as written.",
+        "thinking": "The model's own.",
+    }
+
+
 def test_bad_attachments_leave_the_pending_list_alone(tmp_path: Path) -> None:
     chat = Conversation(None, ImageProcessorConfig.official())
     with pytest.raises(InputError, match="no such file"):
