@@ -67,7 +67,7 @@ def main() -> None:
     nf4_experts = NF4Experts.from_stacked(gate, up, down)
     nf4_shared = [NF4Linear.from_weight(w) for w in shared]
     experts = [(nf4_experts.get_buffer(f"{p}_packed"), nf4_experts.get_buffer(f"{p}_absmax")) for p in
-               ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+               nf4_experts.projections]  # fmt: skip
     cfg = RoutingConfig(top_k=TOP_K)
 
     def naive(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

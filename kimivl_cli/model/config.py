@@ -16,6 +16,9 @@ from typing import Any
 from kimivl_cli.errors import CheckpointError
 from kimivl_cli.guards import read_config, short_repr
 
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+"""The three linears of a SwiGLU MLP in the official checkpoint: dense MLPs, shared and routed experts."""
+
 MAX_POSITIONS = 1 << 24
 """Most positions a config may claim: 128x the real model's 128K (the cache is sized from it)."""
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
-from kimivl_cli.model.config import RopeScaling, TextConfig
+from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
 
 Trace = dict[str, Any]
 
@@ -311,7 +311,7 @@ class RoutedExperts(nn.Module):
     land in row E of the stacks.
     """
 
-    projections = ("gate_proj", "up_proj", "down_proj")
+    projections = MLP_PROJECTIONS
 
     def __init__(self, n_experts: int, dim: int, inter: int) -> None:
         super().__init__()

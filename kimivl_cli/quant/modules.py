@@ -21,6 +21,7 @@ from torch import nn
 
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.moe_cpu import dequantize_cpu, moe_cpu, nf4_linear_cpu
+from kimivl_cli.model.config import MLP_PROJECTIONS
 from kimivl_cli.quant.nf4 import (
     BLOCKSIZE,
     Int8BlockTensor,
@@ -36,11 +37,10 @@ from kimivl_cli.quant.nf4 import (
 _QUANTIZED_MODULE = re.compile(
     r"(^|\.)layers\.\d+\.("
     r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
+    rf"|mlp\.(shared_experts\.|experts\.\d+\.)?({'|'.join(MLP_PROJECTIONS)})"
     r")$"
 )
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # of a SwiGLU MLP or stacked experts
-_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(rf"(.*\.mlp)\.experts\.(\d+)\.({'|'.join(MLP_PROJECTIONS)})\.weight$")
 
 
 def should_quantize(name: str) -> bool:
@@ -227,7 +227,7 @@ class NF4Experts(nn.Module):
     (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
     """
 
-    projections = _PROJECTIONS
+    projections = MLP_PROJECTIONS
     param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
     quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
@@ -315,12 +315,12 @@ def _is_quantized_swiglu(name: str, module: nn.Module) -> bool:
     """A language-model MLP whose gate/up/down linears are all quantized (dense layers, shared experts)."""
     return all(
         isinstance(getattr(module, p, None), nn.Linear) and _QUANTIZED_MODULE.search(f"{name}.{p}")
-        for p in _PROJECTIONS
+        for p in MLP_PROJECTIONS
     )
 
 
 def _is_stacked_experts(module: nn.Module) -> bool:
-    projs = [getattr(module, p, None) for p in _PROJECTIONS]
+    projs = [getattr(module, p, None) for p in MLP_PROJECTIONS]
     return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in projs)
 
 
