@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from kimivl_cli.kernels.moe_cpu import moe_cpu
 from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.kernels.routing import RoutingConfig, route
-from kimivl_cli.quant.modules import NF4Experts, NF4Linear
+from kimivl_cli.quant.modules import NF4Linear
 from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
+from kimivl_cli.testing.nf4_twins import stacked_nf4_experts
 
 E, H, INTER, TOP_K, SHARED = 64, 2048, 1408, 6, 2
 
@@ -64,7 +65,7 @@ def main() -> None:
     gate, up, down = weight(E, INTER, H), weight(E, INTER, H), weight(E, H, INTER)
     shared = [weight(INTER * SHARED, H), weight(INTER * SHARED, H), weight(H, INTER * SHARED)]
     router, bias = weight(E, H), torch.randn(E) * 0.01
-    nf4_experts = NF4Experts.from_stacked(gate, up, down)
+    nf4_experts = stacked_nf4_experts(gate, up, down)
     nf4_shared = [NF4Linear.from_weight(w) for w in shared]
     experts = [(nf4_experts.get_buffer(f"{p}_packed"), nf4_experts.get_buffer(f"{p}_absmax")) for p in
                nf4_experts.projections]  # fmt: skip

@@ -387,13 +387,6 @@ def moe_decode(
     return moe_down(act, experts, idx, weights, residual=h)
 
 
-def moe_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
-    """The routed experts alone with ids given (the `NF4Experts` path for a few tokens): two launches."""
-    routing = RoutingConfig(top_k=idx.shape[1])
-    act, ids, _ = moe_gate_up(x, experts, routing, idx=idx)
-    return moe_down(act, experts, ids, weights)
-
-
 # --- PyTorch references -------------------------------------------------------------------------
 
 

@@ -58,10 +58,6 @@ class LatentCache:
     def capacity(self) -> int:
         return self.buf.shape[2]
 
-    @property
-    def bytes_per_token_per_layer(self) -> int:
-        return self.width * self.buf.element_size()
-
     def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor | int, kv_len: int) -> torch.Tensor:
         """Write `rows` [B, T, W] at `positions` (start int, or [B, T] tensor) and return the
         keys [B, kv_len, W] attention should see (slots past a query's position get masked)."""

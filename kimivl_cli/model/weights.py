@@ -404,24 +404,6 @@ def plan_load(
     return plan
 
 
-@torch.no_grad()
-def load_checkpoint(
-    model: nn.Module,
-    folder: Path,
-    prefix: str = "",
-    progress: LoadProgress | None = None,
-    description: str = "loading weights",
-) -> None:
-    """Stream the checkpoint in `folder` into `model`, whose root sits at official key `prefix`
-    (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model.
-    `progress` is told the bytes to read, then each tensor's bytes once it is in place."""
-    files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
-    targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
-    plan = plan_load(targets, files, prefix)
-    with (progress or _no_progress)(planned_bytes(plan), description) as advance:
-        stream_tensors(targets, plan, advance)
-
-
 def planned_bytes(plan: dict[SafetensorsFile, list[str]]) -> int:
     return sum(file.entries[key].end - file.entries[key].start for file, keys in plan.items() for key in keys)
 

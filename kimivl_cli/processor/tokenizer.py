@@ -163,16 +163,8 @@ class Tokenizer:
         return self._encoding.n_vocab
 
     @property
-    def bos_id(self) -> int:
-        return self.token_id(self.names.bos)
-
-    @property
     def eos_id(self) -> int:
         return self.token_id(self.names.eos)
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_id(self.names.pad)
 
     @property
     def im_end_id(self) -> int:

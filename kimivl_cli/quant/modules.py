@@ -40,16 +40,6 @@ _QUANTIZED_MODULE = re.compile(
     rf"|mlp\.(shared_experts\.|experts\.\d+\.)?({'|'.join(MLP_PROJECTIONS)})"
     r")$"
 )
-_EXPERT = re.compile(rf"(.*\.mlp)\.experts\.(\d+)\.({'|'.join(MLP_PROJECTIONS)})\.weight$")
-
-
-def should_quantize(name: str) -> bool:
-    """True for checkpoint tensors that are language-model linear weights (see module doc)."""
-    return (
-        name.startswith("language_model.")
-        and name.endswith(".weight")
-        and _QUANTIZED_MODULE.search(name.removesuffix(".weight")) is not None
-    )
 
 
 class _QuantizedLinear(nn.Module):
@@ -241,18 +231,6 @@ class NF4Experts(nn.Module):
                 f"{name}_absmax", torch.empty(n_experts, n, k // BLOCKSIZE, dtype=torch.float32, device=device)
             )
 
-    @classmethod
-    def from_stacked(
-        cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, device: torch.device | str | None = None
-    ) -> NF4Experts:
-        """From stacked weights gate/up [E, I, H], down [E, H, I], one expert matrix at a time."""
-        n_experts, inter, hidden = gate.shape
-        module = cls(n_experts, hidden, inter, device or gate.device)
-        for e in range(n_experts):
-            for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                module.load_expert(name, e, w[e])
-        return module
-
     def checkpoint_tensors(self) -> dict[str, torch.Size]:
         """Loader hook: official per-expert suffixes ("7.up_proj.weight") and their bf16 shapes."""
         shapes = {p: torch.Size((getattr(self, f"{p}_packed").shape[1], getattr(self, f"{p}_packed").shape[2] * 2))
@@ -322,32 +300,3 @@ def _is_quantized_swiglu(name: str, module: nn.Module) -> bool:
 def _is_stacked_experts(module: nn.Module) -> bool:
     projs = [getattr(module, p, None) for p in MLP_PROJECTIONS]
     return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in projs)
-
-
-def load_quantized_(target: nn.Module, name: str, tensor: torch.Tensor) -> bool:
-    """Loader hook: if checkpoint tensor `name` belongs to a quantized module of `target`, quantize it
-    into place (on the module's device) and return True; else return False (load it normally).
-
-    `name` is relative to `target` (e.g. "model.layers.3.mlp.experts.7.up_proj.weight").
-    Routed-expert names map onto the stacked `NF4Experts` at "<...>.mlp.experts".
-    """
-    expert = _EXPERT.match(name)
-    if expert is not None:
-        module = _find(target, f"{expert.group(1)}.experts")
-        if isinstance(module, NF4Experts):
-            module.load_expert(expert.group(3), int(expert.group(2)), tensor)
-            return True
-        return False
-    if name.endswith(".weight"):
-        module = _find(target, name[: -len(".weight")])
-        if isinstance(module, NF4Linear | Int8Linear):
-            module.load_weight(tensor)
-            return True
-    return False
-
-
-def _find(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None

@@ -12,11 +12,10 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.processor.chat import (
     chat_images,
     encode_chat,
-    expand_media_text,
-    render_chat,
     strip_history_thinking,
     strip_thinking,
 )
+from kimivl_cli.testing.chat import expand_media_text, render_chat
 
 
 @pytest.fixture(scope="module")
