@@ -121,7 +121,8 @@ def test_keyframes_within_and_across_shots(shots) -> None:
     assert all(shots[k.shot].start_frame <= k.frame <= shots[k.shot].end_frame for k in keys)
     assert keys[0].label == f"[00:00:{keys[0].seconds:04.1f}]"
     few = choose_keyframes(shots, FPS, max_frames=3, sample_fps=1.0)
-    assert [k.shot for k in few] == [0, 2, 5] or len(few) == 3
+    assert [k.shot for k in few] == [0, 2, 5]  # more shots than frames: evenly spaced shots, first and last kept
+    assert [k.frame for k in few] == [(s.start_frame + s.end_frame + 1) // 2 for s in (shots[0], shots[2], shots[5])]
 
 
 def test_prompt_lists_shots(shots) -> None:
