@@ -48,7 +48,6 @@ class LatentCache:
         self.rope_dim = cfg.qk_rope_head_dim
         # L layers, B batch, S slots, W = R + Dr
         self.buf = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.cache_width, dtype=dtype, device=device)
-        assert self.width == cfg.kv_lora_rank + cfg.qk_rope_head_dim, "MLA cache row must be latent + rope key only"
 
     @property
     def width(self) -> int:

@@ -1,1 +1,1 @@
-"""video layer."""
+"""video-scenes: the shot detector (`reader`, `shots`), scene description and output formats."""
