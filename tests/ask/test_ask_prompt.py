@@ -16,7 +16,7 @@ from kimivl_cli.processor.chat import chat_images
 from kimivl_cli.processor.image import ImageProcessorConfig, image_token_count
 from kimivl_cli.processor.tokenizer import Tokenizer
 from kimivl_cli.tasks.ask import Budget, MediaOptions, build_prompt, read_inputs, resolve, split_question
-from kimivl_cli.video import scenes
+from kimivl_cli.tasks.video_scenes import scenes
 
 CFG = ImageProcessorConfig.official()
 

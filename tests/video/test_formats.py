@@ -11,9 +11,9 @@ import re
 import pytest
 
 from kimivl_cli.media.video import frame_label
-from kimivl_cli.video.formats import FORMATS, render, render_many
+from kimivl_cli.tasks.video_scenes.formats import FORMATS, render, render_many
+from kimivl_cli.tasks.video_scenes.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte
 from kimivl_cli.video.shots import Boundary, shots_from_boundaries
-from kimivl_cli.video.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte
 
 FPS = 25.0
 

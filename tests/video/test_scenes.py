@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimivl_cli.media import video as video_module
-from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
-from kimivl_cli.video.scenes import (
+from kimivl_cli.tasks.video_scenes.pipeline import VideoScenesOptions, video_scenes
+from kimivl_cli.tasks.video_scenes.scenes import (
     Keyframe,
     choose_keyframes,
     parse_scenes,
@@ -21,8 +21,8 @@ from kimivl_cli.video.scenes import (
     scenes_format,
     scenes_prompt,
 )
+from kimivl_cli.tasks.video_scenes.timeline import Scene
 from kimivl_cli.video.shots import shots_from_boundaries
-from kimivl_cli.video.timeline import Scene
 
 FPS, FRAMES = 25.0, 250
 SHOT_STARTS = [0, 30, 76, 137, 187, 242]

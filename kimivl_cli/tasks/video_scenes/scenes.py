@@ -21,8 +21,8 @@ from PIL import Image
 from kimivl_cli.engine.events import JsonFormat
 from kimivl_cli.media.video import VideoFile, frame_label, frame_time
 from kimivl_cli.prompts import load_prompt
+from kimivl_cli.tasks.video_scenes.timeline import Scene, scenes_from_starts
 from kimivl_cli.video.shots import Candidate, Shot
-from kimivl_cli.video.timeline import Scene, scenes_from_starts
 
 
 @dataclass(frozen=True)
