@@ -50,6 +50,20 @@ def _median_ms(fn, runs: int, evict: bool) -> float:
     return statistics.median(times)
 
 
+def _print_table(result: dict, sizes: dict[str, int]) -> None:
+    for label, tokens in sizes.items():
+        print(
+            f"{tokens:4d} tokens: naive bf16 loop {result[f'naive_bf16_ms_{label}']:8.2f} ms | "
+            f"NF4 CPU path {result[f'nf4_cpu_ms_{label}']:8.2f} ms | speedup x{result[f'speedup_{label}']} | "
+            f"rel. error vs bf16 {result[f'rel_err_{label}']}"
+        )
+    print(f"1 token vs exact fp32 NF4 (int8 activations): rel. error {result['rel_err_vs_exact_nf4_1tok']}")
+    print(
+        f"weights: bf16 {result['bf16_weight_mb']} MB, NF4 {result['nf4_weight_mb']} MB "
+        f"(x{result['memory_ratio']} smaller); {result['threads']} threads"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -113,17 +127,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    for label, tokens in sizes.items():
-        print(
-            f"{tokens:4d} tokens: naive bf16 loop {result[f'naive_bf16_ms_{label}']:8.2f} ms | "
-            f"NF4 CPU path {result[f'nf4_cpu_ms_{label}']:8.2f} ms | speedup x{result[f'speedup_{label}']} | "
-            f"rel. error vs bf16 {result[f'rel_err_{label}']}"
-        )
-    print(f"1 token vs exact fp32 NF4 (int8 activations): rel. error {result['rel_err_vs_exact_nf4_1tok']}")
-    print(
-        f"weights: bf16 {result['bf16_weight_mb']} MB, NF4 {result['nf4_weight_mb']} MB "
-        f"(x{result['memory_ratio']} smaller); {result['threads']} threads"
-    )
+    _print_table(result, sizes)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,16 @@ def _first_key(item: dict, keys: Sequence[str]) -> object:
 
 def _repair_truncated(text: str) -> object | None:
     """Parse JSON cut off mid-way: close it after the last complete object, as the model meant."""
+    for end, closers in reversed(_closing_points(text)[-64:]):
+        try:
+            return json.loads(text[:end] + closers)
+        except ValueError:
+            continue
+    return None
+
+
+def _closing_points(text: str) -> list[tuple[int, str]]:
+    """(position after each '}' or ']' of the outermost value, closers the value still needs there)."""
     stack: list[str] = []
     closes: list[tuple[int, str]] = []  # (position after a '}' or ']', closers needed there)
     in_string = escape = False
@@ -210,12 +220,7 @@ def _repair_truncated(text: str) -> object | None:
             closes.append((i + 1, "".join(reversed(stack))))
             if not stack:
                 break
-    for end, closers in reversed(closes[-64:]):
-        try:
-            return json.loads(text[:end] + closers)
-        except ValueError:
-            continue
-    return None
+    return closes
 
 
 def _json_values(text: str) -> Iterator[object]:
