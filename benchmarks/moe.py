@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from kimivl_cli.kernels.moe_cpu import moe_cpu
 from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.kernels.routing import RoutingConfig, route
-from kimivl_cli.quant.modules import NF4Experts, NF4Linear
+from kimivl_cli.quant.modules import NF4Linear
 from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
+from kimivl_cli.testing.nf4_twins import stacked_nf4_experts
 
 E, H, INTER, TOP_K, SHARED = 64, 2048, 1408, 6, 2
 
@@ -49,6 +50,20 @@ def _median_ms(fn, runs: int, evict: bool) -> float:
     return statistics.median(times)
 
 
+def _print_table(result: dict, sizes: dict[str, int]) -> None:
+    for label, tokens in sizes.items():
+        print(
+            f"{tokens:4d} tokens: naive bf16 loop {result[f'naive_bf16_ms_{label}']:8.2f} ms | "
+            f"NF4 CPU path {result[f'nf4_cpu_ms_{label}']:8.2f} ms | speedup x{result[f'speedup_{label}']} | "
+            f"rel. error vs bf16 {result[f'rel_err_{label}']}"
+        )
+    print(f"1 token vs exact fp32 NF4 (int8 activations): rel. error {result['rel_err_vs_exact_nf4_1tok']}")
+    print(
+        f"weights: bf16 {result['bf16_weight_mb']} MB, NF4 {result['nf4_weight_mb']} MB "
+        f"(x{result['memory_ratio']} smaller); {result['threads']} threads"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -64,10 +79,10 @@ def main() -> None:
     gate, up, down = weight(E, INTER, H), weight(E, INTER, H), weight(E, H, INTER)
     shared = [weight(INTER * SHARED, H), weight(INTER * SHARED, H), weight(H, INTER * SHARED)]
     router, bias = weight(E, H), torch.randn(E) * 0.01
-    nf4_experts = NF4Experts.from_stacked(gate, up, down)
+    nf4_experts = stacked_nf4_experts(gate, up, down)
     nf4_shared = [NF4Linear.from_weight(w) for w in shared]
     experts = [(nf4_experts.get_buffer(f"{p}_packed"), nf4_experts.get_buffer(f"{p}_absmax")) for p in
-               ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+               nf4_experts.projections]  # fmt: skip
     cfg = RoutingConfig(top_k=TOP_K)
 
     def naive(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -112,17 +127,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    for label, tokens in sizes.items():
-        print(
-            f"{tokens:4d} tokens: naive bf16 loop {result[f'naive_bf16_ms_{label}']:8.2f} ms | "
-            f"NF4 CPU path {result[f'nf4_cpu_ms_{label}']:8.2f} ms | speedup x{result[f'speedup_{label}']} | "
-            f"rel. error vs bf16 {result[f'rel_err_{label}']}"
-        )
-    print(f"1 token vs exact fp32 NF4 (int8 activations): rel. error {result['rel_err_vs_exact_nf4_1tok']}")
-    print(
-        f"weights: bf16 {result['bf16_weight_mb']} MB, NF4 {result['nf4_weight_mb']} MB "
-        f"(x{result['memory_ratio']} smaller); {result['threads']} threads"
-    )
+    _print_table(result, sizes)
 
 
 if __name__ == "__main__":

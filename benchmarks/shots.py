@@ -275,6 +275,22 @@ def long_clip(folder: Path, shots: dict[str, list[np.ndarray]], minutes: float) 
     return out
 
 
+def _detector_summary(det: str, clips: dict, found: dict, best: dict) -> dict:
+    """One detector over every clip: per-clip scores and speed, pooled F1, overall frames/s."""
+    per_clip, tp, hits, true = {}, 0, 0, 0
+    for clip, (_, truth, n) in clips.items():
+        s = score(found[det, clip], truth)
+        per_clip[clip] = {**s, "fps": round(n / best[det, clip], 1), "found_frames": found[det, clip]}
+        tp, hits, true = tp + s["tp"], hits + s["found"], true + s["true"]
+    p, r = (tp / hits if hits else 1.0), tp / true
+    total_frames = sum(n for _, _, n in clips.values())
+    return {
+        "clips": per_clip,
+        "f1": round(2 * p * r / (p + r) if p + r else 0.0, 3),
+        "fps": round(total_frames / sum(best[det, clip] for clip in clips), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -307,20 +323,7 @@ def main() -> None:
                     found[det, clip] = run(path)
                     best[det, clip] = min(best[det, clip], time.perf_counter() - started)
 
-        results: dict[str, dict] = {}
-        for det in DETECTORS:
-            per_clip, tp, hits, true = {}, 0, 0, 0
-            for clip, (_, truth, n) in clips.items():
-                s = score(found[det, clip], truth)
-                per_clip[clip] = {**s, "fps": round(n / best[det, clip], 1), "found_frames": found[det, clip]}
-                tp, hits, true = tp + s["tp"], hits + s["found"], true + s["true"]
-            p, r = (tp / hits if hits else 1.0), tp / true
-            total_frames = sum(n for _, _, n in clips.values())
-            results[det] = {
-                "clips": per_clip,
-                "f1": round(2 * p * r / (p + r) if p + r else 0.0, 3),
-                "fps": round(total_frames / sum(best[det, clip] for clip in clips), 1),
-            }
+        results = {det: _detector_summary(det, clips, found, best) for det in DETECTORS}
         truths = {clip: clips[clip][1].transitions for clip in clips}
         long = long_clip(folder, shots, args.long) if args.long > 0 else None
 

@@ -121,6 +121,29 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
         raise CheckpointError(f"{path}: unreadable (JSON nested too deeply)") from None
 
 
+FOLDER_HINT = "is this a Kimi-VL checkpoint folder?"
+
+
+def read_config(
+    path: Path, name: str, *, missing_hint: str = FOLDER_HINT, fix_hint: str | None = None, optional: bool = False
+) -> dict[str, Any]:
+    """A checkpoint's JSON config (config.json, preprocessor_config.json, tokenizer_config.json,
+    generation_config.json) as an object, by `read_json`'s rules: the one config reader, so every
+    file fails in the same words. `name` is the file's role (`path` may be any file). Missing: {}
+    if `optional`, else an error with `missing_hint`; any other fault carries `fix_hint` if given."""
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        if optional:
+            return {}
+        raise CheckpointError(f"{path}: no {name}", missing_hint) from None
+    except CheckpointError as exc:
+        raise CheckpointError(exc.message, fix_hint or exc.hint) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: top level is not a JSON object", fix_hint)
+    return data
+
+
 def short_repr(value: object, limit: int = 80) -> str:
     """`repr(value)` cut to `limit` characters: a value quoted in a one-line error stays short."""
     text = repr(value)

@@ -102,15 +102,28 @@ def main() -> None:
         _run(debug)
 
 
+def _exit_with(code: object) -> None:
+    """The exit for what a command returned: nothing or 0 goes on; Typer returns 130 (Ctrl-C
+    caught inside click) instead of raising."""
+    if not isinstance(code, int) or not code:
+        return
+    if code == 130:
+        if terminating():
+            print("terminated", file=sys.stderr)
+        _exit_now(143 if terminating() else 130)
+    sys.exit(code)
+
+
+def _usage_error(exc: typer.TyperException) -> None:
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
+    print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+
+
 def _run(debug: bool) -> None:
     try:
-        code = app(standalone_mode=False, prog_name="kimivl")
-        if isinstance(code, int) and code:
-            if code == 130:  # Typer returns 130 (Ctrl-C caught inside click) instead of raising
-                if terminating():
-                    print("terminated", file=sys.stderr)
-                _exit_now(143 if terminating() else 130)
-            sys.exit(code)
+        _exit_with(app(standalone_mode=False, prog_name="kimivl"))
     except KimivlError as exc:
         if debug:
             raise
@@ -131,10 +144,7 @@ def _run(debug: bool) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except typer.TyperException as exc:  # click's usage errors, vendored by Typer
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _usage_error(exc)
     except Exception as exc:
         if debug:
             raise

@@ -11,8 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -29,7 +28,9 @@ from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sa
 from kimivl_cli.errors import InputError, KimivlError, Terminated
 
 if TYPE_CHECKING:
+    from kimivl_cli.render import Output
     from kimivl_cli.tasks.ask import MediaOptions
+    from kimivl_cli.tasks.chat import Conversation, Reply
 
 PROMPT = "› "
 
@@ -81,9 +82,9 @@ def register(app: typer.Typer) -> None:
         line; --json gives one object per answer, --jsonl its events.
         Example:  kimivl chat report.pdf --pages 1-3
         """
-        from kimivl_cli.render import Output, Transcript
+        from kimivl_cli.render import Output
         from kimivl_cli.tasks.backend import sampling_notes
-        from kimivl_cli.tasks.chat import HELP, Conversation, parse_command
+        from kimivl_cli.tasks.chat import Conversation
 
         output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
         interactive = sys.stdin.isatty()
@@ -98,68 +99,85 @@ def register(app: typer.Typer) -> None:
             output.note(conversation.attach(inputs))
         if interactive and not quiet:
             output.note(f"kimivl chat with {backend.name} · /help for commands, /exit or Ctrl-D to leave")
-        read = _line_reader(interactive)
+        options = replace(sampling, max_context=max_context)
+        session = _Session(output, conversation, backend, options, ignored, interactive)
+        failure = session.run(_line_reader(interactive))
+        if failure is not None and not interactive:
+            raise typer.Exit(failure.exit_code)  # a script learns that a step failed
+
+
+@dataclass
+class _Session:
+    """The REPL: each line is a question for the backend or a /command for the conversation."""
+
+    output: Output
+    conversation: Conversation
+    backend: ChatBackend
+    sampling: ChatOptions
+    ignored: list[str]
+    interactive: bool
+
+    def run(self, read: Callable[[], str]) -> KimivlError | None:
+        """Lines until EOF or /exit; a failed line prints one `error:` line and the chat goes on.
+        -> the last failure (None if none)."""
+        from kimivl_cli.tasks.chat import parse_command, run_command
+
         failure: KimivlError | None = None
+        while (line := self._next_line(read)) is not None:
+            try:
+                command = parse_command(line)
+                if command is None:
+                    self.answer(line)
+                elif self._show(run_command(self.conversation, command, self.backend.name)):
+                    break
+            except KimivlError as exc:
+                failure = exc
+                print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
+        return failure
+
+    def _next_line(self, read: Callable[[], str]) -> str | None:
+        """The next non-empty line, None at the end; Ctrl-C at the prompt leaves with 130."""
         while True:
             try:
                 line = read().strip()
             except EOFError:
-                break
+                return None
             except KeyboardInterrupt:
-                output.note("")
+                self.output.note("")
                 raise typer.Exit(130) from None
-            if not line:
-                continue
-            try:
-                command = parse_command(line)
-                if command is None:
-                    messages, images = conversation.request(line)
-                    transcript = Transcript(model=backend.name, notes=[*backend.notes, *ignored])
-                    try:
-                        options = replace(sampling, show_thinking=output.wants_thinking, max_context=max_context)
-                        output.stream(backend.chat(messages, images, options), transcript)
-                        if output.style == "plain" and not interactive:
-                            output.stdout.file.write("\n")  # a blank line between answers, for readers and scripts
-                    except KeyboardInterrupt as exc:
-                        if isinstance(exc, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
-                            raise
-                        output.note("interrupted")
-                    except KimivlError:
-                        # e.g. the attachments overflow the context: drop them, or every question would fail
-                        if dropped := conversation.drop_pending():
-                            output.note(f"dropped the attachments ({', '.join(dropped)}); attach fewer pages or frames")
-                        raise
-                    conversation.commit(line, transcript.thinking, transcript.answer)
-                elif command.name in ("exit", "quit"):
-                    break
-                elif command.name == "help":
-                    output.stderr.print(HELP, markup=False, highlight=False)
-                elif command.name == "reset":
-                    conversation.reset()
-                    output.note("conversation cleared")
-                elif command.name == "image":
-                    output.note(conversation.attach(command.args))
-                elif command.name == "pdf":
-                    if len(command.args) not in (1, 2):
-                        raise InputError("usage: /pdf PATH [PAGES]", "e.g. /pdf manual.pdf 3-5")
-                    page_spec = command.args[1] if len(command.args) == 2 else None
-                    output.note(conversation.attach(command.args[:1], page_spec))
-                elif command.name in ("save", "save!"):
-                    if len(command.args) != 1:
-                        raise InputError(f"usage: /{command.name} FILE")
-                    path = conversation.save(Path(command.args[0]), backend.name, overwrite=command.name == "save!")
-                    output.note(f"saved {len(conversation.history) // 2} exchanges to {path}")
-                elif command.name == "load":
-                    if len(command.args) != 1:
-                        raise InputError("usage: /load FILE", "a file written by /save")
-                    output.note(conversation.load(command.args[0]))
-                elif command.name == "thinking":
-                    if command.args not in (("on",), ("off",)):
-                        raise InputError("usage: /thinking on|off")
-                    output.show_thinking = command.args[0] == "on"
-                    output.note(f"thinking {'shown' if output.show_thinking else 'hidden'}")
-            except KimivlError as exc:
-                failure = exc
-                print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
-        if failure is not None and not interactive:
-            raise typer.Exit(failure.exit_code)  # a script learns that a step failed
+            if line:
+                return line
+
+    def answer(self, question: str) -> None:
+        """Stream the backend's answer and record the exchange; Ctrl-C stops the answer only."""
+        from kimivl_cli.render import Transcript
+
+        messages, images = self.conversation.request(question)
+        transcript = Transcript(model=self.backend.name, notes=[*self.backend.notes, *self.ignored])
+        try:
+            options = replace(self.sampling, show_thinking=self.output.wants_thinking)
+            self.output.stream(self.backend.chat(messages, images, options), transcript)
+            if self.output.style == "plain" and not self.interactive:
+                self.output.stdout.file.write("\n")  # a blank line between answers, for readers and scripts
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
+                raise
+            self.output.note("interrupted")
+        except KimivlError:
+            # e.g. the attachments overflow the context: drop them, or every question would fail
+            if dropped := self.conversation.drop_pending():
+                self.output.note(f"dropped the attachments ({', '.join(dropped)}); attach fewer pages or frames")
+            raise
+        self.conversation.commit(question, transcript.thinking, transcript.answer)
+
+    def _show(self, reply: Reply) -> bool:
+        """Apply a command's reply to the view; -> True to leave."""
+        from kimivl_cli.tasks.chat import HELP
+
+        if reply.show_help:
+            self.output.stderr.print(HELP, markup=False, highlight=False)
+        if reply.show_thinking is not None:
+            self.output.show_thinking = reply.show_thinking
+        if reply.note:
+            self.output.note(reply.note)
+        return reply.leave

@@ -9,9 +9,7 @@ from typing import Annotated
 import typer
 
 from kimivl_cli.cli.common import QuietOpt
-from kimivl_cli.errors import InputError
-
-_MODES = ("nf4", "int8")
+from kimivl_cli.quant import SAVED_MODES, quant_mode
 
 
 def register(app: typer.Typer) -> None:
@@ -44,9 +42,7 @@ def register(app: typer.Typer) -> None:
         from kimivl_cli.render import Output
         from kimivl_cli.tasks.backend import INT8_EXPERTS_NOTE
 
-        mode = quant.lower()
-        if mode not in _MODES:
-            raise InputError(f"--quant {quant}: not a quantization", f"use one of {', '.join(_MODES)}")
+        mode = quant_mode(quant, SAVED_MODES)
         output = Output(quiet=quiet)
         if mode == "int8":
             output.note(f"note: {INT8_EXPERTS_NOTE}")

@@ -14,9 +14,9 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.media.inputs import resolve_inputs
 from kimivl_cli.media.sniff import MediaKind
 from kimivl_cli.tasks.pool import ordered_map
-from kimivl_cli.video.describe import describe_with
-from kimivl_cli.video.formats import FORMATS
-from kimivl_cli.video.pipeline import VideoScenesOptions, check_request, video_scenes, write_output
+from kimivl_cli.tasks.video_scenes.describe import describe_with
+from kimivl_cli.tasks.video_scenes.formats import FORMATS
+from kimivl_cli.tasks.video_scenes.pipeline import VideoScenesOptions, check_request, video_scenes, write_output
 from kimivl_cli.video.shots import DetectorParams
 
 

@@ -1,1 +1,1 @@
-"""engine layer."""
+"""Running the model: prefill, decode, sampling, the cache it owns, thinking and answer events."""

@@ -428,7 +428,7 @@ class Engine:
         """Chat messages (one image item per image, in order) -> ThinkingDelta* AnswerDelta* Done.
 
         `params.thinking_budget`: after that many reasoning tokens `◁/think▷` is forced and the
-        model goes on with the answer. show_thinking=False (`--no-thinking`) drops the
+        model goes on with the answer. show_thinking=False drops the
         ThinkingDeltas; their tokens still count in the usage. `json_format`: the answer is
         JSON (valid against its schema), by grammar-constrained sampling; a Thinking model
         reasons first, ended in time to leave room for the JSON. `stop`: strings that end the

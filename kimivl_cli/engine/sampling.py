@@ -13,7 +13,6 @@ L history tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from kimivl_cli.errors import CheckpointError, InputError
-from kimivl_cli.guards import inside, read_json
+from kimivl_cli.guards import inside, read_config
 
 # Model-card settings (spec section 8): the Thinking model reasons for thousands of tokens.
 THINKING_DEFAULTS = {"temperature": 0.8, "max_new_tokens": 32768}
@@ -86,7 +85,9 @@ class SamplingParams:
         """
         values: dict[str, Any] = dict(THINKING_DEFAULTS if thinking else INSTRUCT_DEFAULTS)
         path = inside(Path(folder), "generation_config.json")
-        config = _read_generation_config(path)
+        config = read_config(
+            path, "generation_config.json", fix_hint="fix or delete generation_config.json", optional=True
+        )
         values.update({k: config[k] for k in _GENERATION_CONFIG_KEYS if config.get(k) is not None})
         if config.get("do_sample") is False:
             values["temperature"] = 0.0
@@ -106,18 +107,6 @@ class SamplingParams:
             return cls(**values)
         except (InputError, ValueError, OverflowError) as exc:
             raise CheckpointError(f"{path}: {exc}", "fix or delete generation_config.json") from None
-
-
-def _read_generation_config(path: Path) -> Mapping[str, Any]:
-    try:
-        config = read_json(path)
-    except FileNotFoundError:
-        return {}
-    except CheckpointError as exc:
-        raise CheckpointError(exc.message, "fix or delete generation_config.json") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object", "fix or delete generation_config.json")
-    return config
 
 
 def is_thinking_model(name_or_path: str | Path) -> bool:

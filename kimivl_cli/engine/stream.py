@@ -115,8 +115,9 @@ class ThinkingSplitter:
             out.append(ThinkingDelta(body))
 
 
-def split_thinking_text(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a whole reply, by the same rules as the streaming splitter."""
+def split_thinking(text: str) -> tuple[str, str]:
+    """(thinking, answer) of a whole reply, by the streaming splitter's rules: the one way a reply
+    is split (history's `strip_thinking` keeps the official demo's last-marker rule for prompts)."""
     splitter = ThinkingSplitter()
     deltas = splitter.feed(text) + splitter.flush()
     thinking = "".join(d.text for d in deltas if isinstance(d, ThinkingDelta))

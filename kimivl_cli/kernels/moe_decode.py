@@ -55,9 +55,10 @@ from kimivl_cli.kernels.gemv import (
     weight_shape,
 )
 from kimivl_cli.kernels.reference import fused_moe_reference
-from kimivl_cli.kernels.routing import RoutingConfig
+from kimivl_cli.kernels.routing import DROPPED_GROUP_SCORE, RoutingConfig
 from kimivl_cli.quant.nf4 import BLOCKSIZE
 
+DROPPED_GROUP = tl.constexpr(DROPPED_GROUP_SCORE)  # a Triton kernel reads only constexpr globals
 MAX_TOKENS = 16  # beyond this the grouped tensor-core kernel (moe_triton) is the faster path
 
 
@@ -107,8 +108,8 @@ def route_topk(
 ):  # fmt: skip
     """`Router.forward` for one token from its fp32 logits -> (expert ids [K_PAD] int32, weights [K_PAD]).
 
-    Experts sit in a [G_PAD, EG_PAD] tile (group, index in group); padding and dropped groups are
-    -inf, as in the model. Ties pick the lowest expert id.
+    Experts sit in a [G_PAD, EG_PAD] tile (group, index in group); padding is -inf, dropped groups
+    score `routing.DROPPED_GROUP_SCORE` as in `routing.route`. Ties pick the lowest expert id.
     """
     g = tl.arange(0, G_PAD)[:, None]
     j = tl.arange(0, EG_PAD)[None, :]
@@ -127,7 +128,7 @@ def route_topk(
             pick = tl.min(tl.where(group_score == tl.max(group_score, axis=0), groups, G_PAD), axis=0)
             keep = keep | (groups == pick)
             group_score = tl.where(groups == pick, float("-inf"), group_score)
-        choice = tl.where(keep[:, None], choice, float("-inf"))
+        choice = tl.where(keep[:, None] | ~ok, choice, DROPPED_GROUP)
     slot = tl.arange(0, K_PAD)
     ids = tl.zeros([K_PAD], tl.int32)
     weights = tl.zeros([K_PAD], tl.float32)
@@ -384,13 +385,6 @@ def moe_decode(
     xn, logits = moe_route(h, norm, router)
     act, idx, weights = moe_gate_up(xn, experts, routing, logits=logits, bias=bias)
     return moe_down(act, experts, idx, weights, residual=h)
-
-
-def moe_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
-    """The routed experts alone with ids given (the `NF4Experts` path for a few tokens): two launches."""
-    routing = RoutingConfig(top_k=idx.shape[1])
-    act, ids, _ = moe_gate_up(x, experts, routing, idx=idx)
-    return moe_down(act, experts, ids, weights)
 
 
 # --- PyTorch references -------------------------------------------------------------------------

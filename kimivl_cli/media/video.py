@@ -46,6 +46,49 @@ SEEK_GAP = 250
 interval is 250, so a longer jump usually lands after a keyframe and decodes less."""
 
 
+MAX_FPS = 1000.0
+"""Rates from here up are not a video's own: FFmpeg reports the container's time base (1000 for
+Matroska's milliseconds) when a stream carries no frame rate."""
+
+
+def open_capture(path: str | Path, name: str, decode_threads: int = 0) -> tuple[cv2.VideoCapture, float]:
+    """(capture, frames per second) for `path`: the one place a video is opened, so every command
+    refuses the same files in the same words. `decode_threads` 0 lets FFmpeg choose.
+
+    Refused: files FFmpeg cannot open, frames over the pixel cap (from the header, before one is
+    decoded), and streams with no frame rate: frame times and scene times would be guesses."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decode_threads])
+    try:
+        if not cap.isOpened():
+            raise InputError(f"{name}: not a readable video", "is it truncated, or in a codec FFmpeg lacks?")
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width > 0 and height > 0:
+            check_pixels(name, width, height)
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+        if not (math.isfinite(fps) and 0 < fps < MAX_FPS):
+            raise InputError(
+                f"{name}: the video reports no frame rate", "re-encode it with one, e.g. ffmpeg -i IN -r 25 OUT.mp4"
+            )
+    except BaseException:
+        cap.release()
+        raise
+    return cap, fps
+
+
+def frame_time(seconds: float) -> str:
+    """HH:MM:SS.d, the time the model reads for a frame (`ask` and video-scenes alike): floored
+    to the tenth, so a frame never reads later than it is (59.97 s is 00:00:59.9, not 00:01:00.0)."""
+    tenths = max(0, math.floor(seconds * 10 + 1e-6))  # 1e-6: 0.3 s is 2.9999... tenths in binary
+    hours, rest = divmod(tenths, 36000)
+    minutes, rest = divmod(rest, 600)
+    return f"{hours:02d}:{minutes:02d}:{rest // 10:02d}.{rest % 10}"
+
+
+def frame_label(seconds: float) -> str:
+    """The marker put in the text just before a frame: `[00:01:23.4]`."""
+    return f"[{frame_time(seconds)}]"
+
+
 @dataclass(frozen=True)
 class Frame:
     """A decoded frame: its index in the stream, its presentation time, its pixels (H x W x 3 RGB uint8)."""
@@ -53,6 +96,10 @@ class Frame:
     index: int
     timestamp: float  # seconds, from the decoder
     image: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return frame_label(self.timestamp)
 
     def to_pil(self) -> Image.Image:
         return Image.fromarray(self.image)
@@ -78,19 +125,16 @@ class VideoFile:
             with tempfile.NamedTemporaryFile(prefix="kimivl-", suffix=".video", delete=False) as fh:
                 fh.write(item.read_bytes())
             self.path = self._spool = Path(fh.name)
-        self._cap = self._open()
+        self._cap, self.fps = self._open()
         try:
-            self.fps = float(self._cap.get(cv2.CAP_PROP_FPS))
             self.width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             self.height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
             count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
-            if self.width > 0 and self.height > 0:  # from the container's header: before any frame is decoded
-                check_pixels(self.name, self.width, self.height)
             if not self._cap.grab():
                 raise InputError(f"{self.name}: no decodable frames", "is the file truncated or the codec unsupported?")
             self._next = 1  # index of the frame the next grab() returns
-            if not (math.isfinite(self.fps) and self.fps > 0) or self.width <= 0 or self.height <= 0:
-                raise InputError(f"{self.name}: the video reports no frame rate or size")
+            if self.width <= 0 or self.height <= 0:
+                raise InputError(f"{self.name}: the video reports no frame size")
             self.frame_count = count if count > 0 else self._count_frames()
         except BaseException:
             self.close()
@@ -141,15 +185,11 @@ class VideoFile:
         still promises every frame. Cost: one seek, i.e. decoding from the last keyframe."""
         self.read([self.frame_count - 1])
 
-    def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
-        if not cap.isOpened():
-            cap.release()
-            raise InputError(f"{self.name}: not a readable video", "is it truncated, or in a codec FFmpeg lacks?")
-        return cap
+    def _open(self) -> tuple[cv2.VideoCapture, float]:
+        return open_capture(self.path, self.name)
 
     def _count_frames(self) -> int:
-        cap, count = self._open(), 0
+        cap, count = self._open()[0], 0
         while cap.grab():
             count += 1
         cap.release()

@@ -48,7 +48,6 @@ class LatentCache:
         self.rope_dim = cfg.qk_rope_head_dim
         # L layers, B batch, S slots, W = R + Dr
         self.buf = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.cache_width, dtype=dtype, device=device)
-        assert self.width == cfg.kv_lora_rank + cfg.qk_rope_head_dim, "MLA cache row must be latent + rope key only"
 
     @property
     def width(self) -> int:
@@ -57,10 +56,6 @@ class LatentCache:
     @property
     def capacity(self) -> int:
         return self.buf.shape[2]
-
-    @property
-    def bytes_per_token_per_layer(self) -> int:
-        return self.width * self.buf.element_size()
 
     def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor | int, kv_len: int) -> torch.Tensor:
         """Write `rows` [B, T, W] at `positions` (start int, or [B, T] tensor) and return the

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kimivl_cli.errors import CheckpointError
-from kimivl_cli.guards import read_json, short_repr
+from kimivl_cli.guards import read_config, short_repr
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+"""The three linears of a SwiGLU MLP in the official checkpoint: dense MLPs, shared and routed experts."""
 
 MAX_POSITIONS = 1 << 24
 """Most positions a config may claim: 128x the real model's 128K (the cache is sized from it)."""
@@ -319,12 +322,7 @@ class KimiVLConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> KimiVLConfig:
-        path = Path(path)
-        try:
-            raw = read_json(path)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json", "is this a Kimi-VL checkpoint folder?") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(Path(path), "config.json"))
 
     def to_dict(self) -> dict[str, Any]:
         """The official layout (what `from_dict` reads), for the checkpoint generator."""

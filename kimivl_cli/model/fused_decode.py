@@ -129,9 +129,9 @@ def _layer(layer: nn.Module, rotary: RotaryEmbedding, inv_freq: torch.Tensor) ->
     if isinstance(layer.mlp, MoE):
         gate = layer.mlp.gate
         out.router, out.bias = gate.weight, gate.e_score_correction_bias
-        out.routing = RoutingConfig(gate.top_k, gate.n_group, gate.topk_group, gate.scaling, gate.norm_topk_prob)
+        out.routing = gate.routing
         out.experts = _experts(layer.mlp)
-        if gate.weight.shape[0] % gate.n_group:
+        if gate.weight.shape[0] % gate.routing.n_group:
             raise Unsupported("experts that do not split into equal groups")
     else:
         out.mlp = _mlp(layer.mlp)

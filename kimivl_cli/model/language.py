@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
-from kimivl_cli.model.config import RopeScaling, TextConfig
+from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
 
 Trace = dict[str, Any]
 
@@ -291,29 +292,15 @@ class Router(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
-        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.routing = RoutingConfig(
+            cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob
+        )
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.empty(cfg.n_routed_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, D] -> expert ids [T, K] (unordered) and their fp32 weights [T, K]."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [T, E]
-        choice = scores + self.e_score_correction_bias.float()  # the bias picks experts, never weighs them
-        if self.n_group > 1:
-            T, E = choice.shape
-            grouped = choice.view(T, self.n_group, E // self.n_group)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]: sum of each group's best two
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1, sorted=False).indices, True)
-            # -inf as in DeepSeek's and vLLM's code; the HF remote code writes 0.0, which differs only
-            # when a kept expert's biased score is negative (never in the goldens; n_group is 1 in Kimi-VL).
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
-        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, idx)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return idx, weights * self.scaling
+        return route(x, self.weight, self.e_score_correction_bias, self.routing)
 
 
 class RoutedExperts(nn.Module):
@@ -324,7 +311,7 @@ class RoutedExperts(nn.Module):
     land in row E of the stacks.
     """
 
-    projections = ("gate_proj", "up_proj", "down_proj")
+    projections = MLP_PROJECTIONS
 
     def __init__(self, n_experts: int, dim: int, inter: int) -> None:
         super().__init__()

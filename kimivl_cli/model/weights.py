@@ -42,6 +42,7 @@ from kimivl_cli.guards import check_output, inside, is_regular, read_json, short
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.hub import is_repo_id
 from kimivl_cli.model.kimivl import KimiVL
+from kimivl_cli.quant import SAVED_MODES, STORED_MODES, quant_mode
 from kimivl_cli.quant.modules import quantize_linears_
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,7 +51,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tiktoken.model", "*.jinja"]
 # Keys some exporters write that carry nothing we need (recomputed rotary tables).
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-QUANT_MODES = ("none", "nf4", "int8")
 # --quant auto keeps bf16 while the weights take at most this share of the device's memory
 # (the rest is for activations, the cache and, on CPU, everything else running); beyond it, nf4.
 AUTO_WEIGHT_SHARE = 0.7
@@ -333,7 +333,7 @@ def _listing(keys: list[str]) -> str:
 def stored_quant(files: list[SafetensorsFile]) -> str:
     """The quantization a checkpoint was saved with ("none" for an official one); shards must agree."""
     modes = {f.metadata.get(QUANT_METADATA_KEY, "none") for f in files}
-    if len(modes) > 1 or not modes <= set(QUANT_MODES):
+    if len(modes) > 1 or not modes <= set(STORED_MODES):
         raise CheckpointError(
             f"{files[0].path.parent}: shards disagree on or have an unknown {QUANT_METADATA_KEY!r}: {sorted(modes)}",
             "re-run `kimivl quantize` from the original checkpoint",
@@ -404,24 +404,6 @@ def plan_load(
     return plan
 
 
-@torch.no_grad()
-def load_checkpoint(
-    model: nn.Module,
-    folder: Path,
-    prefix: str = "",
-    progress: LoadProgress | None = None,
-    description: str = "loading weights",
-) -> None:
-    """Stream the checkpoint in `folder` into `model`, whose root sits at official key `prefix`
-    (e.g. `language_model.` to load the language model alone). Peak: one tensor + the model.
-    `progress` is told the bytes to read, then each tensor's bytes once it is in place."""
-    files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
-    targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
-    plan = plan_load(targets, files, prefix)
-    with (progress or _no_progress)(planned_bytes(plan), description) as advance:
-        stream_tensors(targets, plan, advance)
-
-
 def planned_bytes(plan: dict[SafetensorsFile, list[str]]) -> int:
     return sum(file.entries[key].end - file.entries[key].start for file, keys in plan.items() for key in keys)
 
@@ -487,8 +469,7 @@ def load_model(
     A pre-quantized checkpoint loads in the format it was saved in; asking for another one is a
     `CheckpointError`.
     """
-    if quant not in (*QUANT_MODES, "auto"):
-        raise InputError(f"unknown quantization {quant!r}", f"use one of auto, {', '.join(QUANT_MODES)}")
+    quant = quant_mode(quant)
     folder = resolve_checkpoint(path_or_repo)
     config = KimiVLConfig.from_file(inside(folder, "config.json"))
     files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
@@ -622,8 +603,7 @@ def save_quantized(
     """
     from safetensors.torch import save_file
 
-    if quant not in QUANT_MODES or quant == "none":
-        raise InputError(f"cannot quantize as {quant!r}", "use --quant nf4 or --quant int8")
+    quant = quant_mode(quant, SAVED_MODES)
     folder = resolve_checkpoint(src)
     _check_destination(folder, dst, force)
     copied = [inside(folder, p.name) for p in sorted(folder.iterdir()) if is_regular(p) and _is_copied_file(p)]

@@ -1,1 +1,1 @@
-"""processor layer."""
+"""From media and messages to model inputs: the chat template, the tokenizer, image patches."""

@@ -84,11 +84,6 @@ def template_parts(messages: Sequence[Message], add_generation_prompt: bool = Tr
     return parts
 
 
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The official template's string, one `<|media_pad|>` per image (before expansion)."""
-    return "".join(text for text, _ in template_parts(messages, add_generation_prompt))
-
-
 def chat_images(messages: Sequence[Message]) -> list[Mapping[str, Any]]:
     """The image items in prompt order (what the caller must process, one grid each)."""
     return [
@@ -98,16 +93,6 @@ def chat_images(messages: Sequence[Message]) -> list[Mapping[str, Any]]:
         for item in content
         if is_image_item(item)
     ]
-
-
-def expand_media_text(text: str, tokens_per_image: Sequence[int]) -> str:
-    """Replace the i-th `<|media_pad|>` with tokens_per_image[i] copies (the reference processor's text)."""
-    pieces = text.split(MEDIA_PAD)
-    _check_count(len(pieces) - 1, tokens_per_image)
-    out = [pieces[0]]
-    for n, piece in zip(tokens_per_image, pieces[1:], strict=True):
-        out += [MEDIA_PAD * n, piece]
-    return "".join(out)
 
 
 def _check_count(placeholders: int, tokens_per_image: Sequence[int]) -> None:
@@ -158,14 +143,6 @@ def encode_chat(
 def strip_thinking(text: str) -> str:
     """The answer part of a thinking-model reply: text after the last `◁/think▷` (unchanged if none)."""
     return text.rpartition(THINK_END)[2]
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a reply `◁think▷...◁/think▷...`; thinking is "" when there is no closed block."""
-    before, found, answer = text.rpartition(THINK_END)
-    if not found:
-        return "", text
-    return before.partition(THINK_START)[2] if THINK_START in before else before, answer
 
 
 def strip_history_thinking(messages: Sequence[Message]) -> list[dict[str, Any]]:

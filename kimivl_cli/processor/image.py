@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from kimivl_cli.errors import CheckpointError, InputError
-from kimivl_cli.guards import read_json
+from kimivl_cli.guards import read_config
 
 MAX_GRID_SIDE = 512  # MoonViT's 2D RoPE table is 512 x 512 patches
 MAX_IN_TOKEN_LIMIT = (MAX_GRID_SIDE // 2) ** 2  # tokens of the largest grid the tower takes, with 2x2 merging
@@ -92,16 +92,7 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ImageProcessorConfig:
-        path = Path(path)
-        try:
-            raw = read_json(path)
-        except FileNotFoundError:
-            raise CheckpointError(
-                f"{path}: no preprocessor_config.json", "is this a Kimi-VL checkpoint folder?"
-            ) from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: top level is not a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(Path(path), "preprocessor_config.json"))
 
 
 @dataclass(frozen=True)

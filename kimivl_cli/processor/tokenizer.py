@@ -19,7 +19,7 @@ from pathlib import Path
 import tiktoken
 
 from kimivl_cli.errors import CheckpointError
-from kimivl_cli.guards import inside, read_checkpoint_file, read_json, short_repr
+from kimivl_cli.guards import inside, read_checkpoint_file, read_config, short_repr
 
 # The official split pattern uses `[...&&[^\p{Han}]]` set intersection; written here as a
 # negative lookahead per character, which tiktoken's fancy-regex and Python's `regex` both read
@@ -120,12 +120,9 @@ class Tokenizer:
         folder = Path(folder)
         ranks = load_tiktoken_ranks(inside(folder, "tiktoken.model"))
         config_path = inside(folder, "tokenizer_config.json")
-        try:
-            config = read_json(config_path)
-        except FileNotFoundError:
-            raise CheckpointError(f"{config_path}: missing", "the checkpoint folder lacks its tokenizer") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path}: top level is not a JSON object")
+        config = read_config(
+            config_path, "tokenizer_config.json", missing_hint="the checkpoint folder lacks its tokenizer"
+        )
         decoder = config.get("added_tokens_decoder") or {}
         if not isinstance(decoder, dict):
             raise CheckpointError(
@@ -166,16 +163,8 @@ class Tokenizer:
         return self._encoding.n_vocab
 
     @property
-    def bos_id(self) -> int:
-        return self.token_id(self.names.bos)
-
-    @property
     def eos_id(self) -> int:
         return self.token_id(self.names.eos)
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_id(self.names.pad)
 
     @property
     def im_end_id(self) -> int:

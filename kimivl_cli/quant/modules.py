@@ -21,6 +21,7 @@ from torch import nn
 
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.moe_cpu import dequantize_cpu, moe_cpu, nf4_linear_cpu
+from kimivl_cli.model.config import MLP_PROJECTIONS
 from kimivl_cli.quant.nf4 import (
     BLOCKSIZE,
     Int8BlockTensor,
@@ -36,20 +37,9 @@ from kimivl_cli.quant.nf4 import (
 _QUANTIZED_MODULE = re.compile(
     r"(^|\.)layers\.\d+\.("
     r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
+    rf"|mlp\.(shared_experts\.|experts\.\d+\.)?({'|'.join(MLP_PROJECTIONS)})"
     r")$"
 )
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # of a SwiGLU MLP or stacked experts
-_EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-def should_quantize(name: str) -> bool:
-    """True for checkpoint tensors that are language-model linear weights (see module doc)."""
-    return (
-        name.startswith("language_model.")
-        and name.endswith(".weight")
-        and _QUANTIZED_MODULE.search(name.removesuffix(".weight")) is not None
-    )
 
 
 class _QuantizedLinear(nn.Module):
@@ -227,7 +217,7 @@ class NF4Experts(nn.Module):
     (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
     """
 
-    projections = _PROJECTIONS
+    projections = MLP_PROJECTIONS
     param_dtype = torch.float32  # model/weights.materialize: absmax stays fp32 whatever the model dtype
     quantized = True  # model/weights: a pre-quantized checkpoint stores this module's buffers
 
@@ -240,18 +230,6 @@ class NF4Experts(nn.Module):
             self.register_buffer(
                 f"{name}_absmax", torch.empty(n_experts, n, k // BLOCKSIZE, dtype=torch.float32, device=device)
             )
-
-    @classmethod
-    def from_stacked(
-        cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, device: torch.device | str | None = None
-    ) -> NF4Experts:
-        """From stacked weights gate/up [E, I, H], down [E, H, I], one expert matrix at a time."""
-        n_experts, inter, hidden = gate.shape
-        module = cls(n_experts, hidden, inter, device or gate.device)
-        for e in range(n_experts):
-            for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                module.load_expert(name, e, w[e])
-        return module
 
     def checkpoint_tensors(self) -> dict[str, torch.Size]:
         """Loader hook: official per-expert suffixes ("7.up_proj.weight") and their bf16 shapes."""
@@ -315,39 +293,10 @@ def _is_quantized_swiglu(name: str, module: nn.Module) -> bool:
     """A language-model MLP whose gate/up/down linears are all quantized (dense layers, shared experts)."""
     return all(
         isinstance(getattr(module, p, None), nn.Linear) and _QUANTIZED_MODULE.search(f"{name}.{p}")
-        for p in _PROJECTIONS
+        for p in MLP_PROJECTIONS
     )
 
 
 def _is_stacked_experts(module: nn.Module) -> bool:
-    projs = [getattr(module, p, None) for p in _PROJECTIONS]
+    projs = [getattr(module, p, None) for p in MLP_PROJECTIONS]
     return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in projs)
-
-
-def load_quantized_(target: nn.Module, name: str, tensor: torch.Tensor) -> bool:
-    """Loader hook: if checkpoint tensor `name` belongs to a quantized module of `target`, quantize it
-    into place (on the module's device) and return True; else return False (load it normally).
-
-    `name` is relative to `target` (e.g. "model.layers.3.mlp.experts.7.up_proj.weight").
-    Routed-expert names map onto the stacked `NF4Experts` at "<...>.mlp.experts".
-    """
-    expert = _EXPERT.match(name)
-    if expert is not None:
-        module = _find(target, f"{expert.group(1)}.experts")
-        if isinstance(module, NF4Experts):
-            module.load_expert(expert.group(3), int(expert.group(2)), tensor)
-            return True
-        return False
-    if name.endswith(".weight"):
-        module = _find(target, name[: -len(".weight")])
-        if isinstance(module, NF4Linear | Int8Linear):
-            module.load_weight(tensor)
-            return True
-    return False
-
-
-def _find(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None

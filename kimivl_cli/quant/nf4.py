@@ -123,11 +123,6 @@ def quantize_nf4(w: torch.Tensor) -> NF4Tensor:
     return NF4Tensor(packed.view(*lead, k // 2), absmax.view(*lead, k // BLOCKSIZE), w.dtype)
 
 
-def unpack_nf4_codes(packed: torch.Tensor) -> torch.Tensor:
-    """`[..., K/2]` uint8 -> `[..., K]` int64 codes in weight order (high nibble first)."""
-    return torch.stack((packed >> 4, packed & 0xF), dim=-1).flatten(-2).long()
-
-
 def _byte_table(device: torch.device) -> torch.Tensor:
     """[256, 2] fp32: the two levels a packed byte stands for (high nibble first)."""
     levels = nf4_code(device)
@@ -149,10 +144,6 @@ def quantize_int8(w: torch.Tensor) -> Int8Tensor:
     scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
     q = torch.round(w.float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return Int8Tensor(q, scale, w.dtype)
-
-
-def dequantize_int8(t: Int8Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return (t.q.float() * t.scale.unsqueeze(-1)).to(dtype or t.dtype)
 
 
 @dataclass

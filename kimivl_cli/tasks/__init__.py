@@ -1,1 +1,1 @@
-"""tasks layer."""
+"""What each command does with a backend: prompts, page planning, parsing; no terminal output."""

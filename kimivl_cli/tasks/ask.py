@@ -123,14 +123,6 @@ def split_question(args: Sequence[str], stdin_is_tty: bool, read_stdin: Callable
     return list(args[:-1]), question
 
 
-def timestamp(seconds: float) -> str:
-    """'[00:01:23.4]': hours, minutes, seconds to a tenth (truncated, so a frame never reads later than it is)."""
-    tenths = max(0, math.floor(seconds * 10 + 1e-6))
-    hours, rest = divmod(tenths, 36000)
-    minutes, rest = divmod(rest, 600)
-    return f"[{hours:02d}:{minutes:02d}:{rest // 10:02d}.{rest % 10}]"
-
-
 # --- inputs -> segments -------------------------------------------------------------------------------
 
 
@@ -187,7 +179,7 @@ class Segments:
                 self.notes.append(f"{item.name}: {asked} asks for {wanted} frames, sending {len(frames)} ({why})")
         segments: list[Segment] = []
         for frame in frames:
-            segments += [f"{timestamp(frame.timestamp)}\n", frame.to_pil()]
+            segments += [f"{frame.label}\n", frame.to_pil()]
         return segments
 
     @staticmethod

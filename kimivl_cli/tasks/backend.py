@@ -6,13 +6,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.quant import quant_mode
 
 if TYPE_CHECKING:
     from kimivl_cli.backends import ChatBackend, ChatOptions
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.model.weights import LoadProgress
 
-QUANT_MODES = ("auto", "nf4", "int8", "none")
 BACKENDS = ("local", "openai")
 DEFAULT_MODEL = "moonshotai/Kimi-VL-A3B-Thinking-2506"
 
@@ -58,9 +58,7 @@ def open_engine(
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.model.weights import SafetensorsFile, checkpoint_files, resolve_checkpoint, stored_quant
 
-    quant = quant.lower()
-    if quant not in QUANT_MODES:
-        raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
+    quant = quant_mode(quant)
     folder = resolve_checkpoint(model)
     stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
     notes = []
@@ -96,8 +94,7 @@ def open_backend(
     if backend == "local":
         from kimivl_cli.backends.local import LocalBackend
 
-        if quant.lower() not in QUANT_MODES:  # checked now: a typo should not wait for the first page
-            raise InputError(f"unknown --quant {quant!r}", "use auto, nf4, int8 or none")
+        quant_mode(quant)  # checked now: a typo should not wait for the first page
         return LocalBackend.lazy(lambda: open_engine(model or DEFAULT_MODEL, device, quant, progress, note))
     if backend == "openai":
         from kimivl_cli.backends.openai import OpenAIBackend

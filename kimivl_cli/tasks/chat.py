@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from kimivl_cli.engine.stream import split_thinking
 from kimivl_cli.errors import InputError
 from kimivl_cli.processor.chat import THINK_END, THINK_START, strip_history_thinking
 from kimivl_cli.tasks.ask import MediaOptions, PdfPage, Segment, Segments, content_items, resolve
@@ -35,13 +37,21 @@ HELP = """\
 /help                 this list
 /exit                 leave (also Ctrl-D)"""
 
-COMMANDS = ("image", "pdf", "reset", "save", "save!", "load", "thinking", "help", "exit", "quit")
-
 
 @dataclass(frozen=True)
 class Command:
     name: str
     args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a command leaves to the command line: a note, and the view changes it asks for."""
+
+    note: str = ""
+    show_thinking: bool | None = None  # /thinking on|off
+    show_help: bool = False
+    leave: bool = False
 
 
 def parse_command(line: str) -> Command | None:
@@ -52,7 +62,7 @@ def parse_command(line: str) -> Command | None:
         words = shlex.split(line[1:])
     except ValueError as exc:
         raise InputError(f"cannot read the command: {exc}", "close the quotes around paths") from None
-    if not words or words[0] not in COMMANDS:
+    if not words or words[0] not in HANDLERS:
         name = words[0] if words else ""
         raise InputError(f"unknown command /{name}", "type /help for the list")
     return Command(words[0], tuple(words[1:]))
@@ -123,8 +133,7 @@ class Conversation:
                 images = sum(i.get("type") == "image" for i in items)
                 turns.append({"role": "user", "text": text, "images": images, "attachments": next(users)})
             else:
-                thinking, _, answer = message["content"].rpartition(THINK_END)
-                thinking = thinking.removeprefix(THINK_START)
+                thinking, answer = split_thinking(message["content"])
                 turns.append({"role": "assistant", "text": answer, "thinking": thinking})
         return {"model": model, "system": self.system, "turns": turns}
 
@@ -186,3 +195,68 @@ def _rendered(segments: list[Segment]) -> list[str | Image.Image]:
         else:
             out.append(seg)
     return out
+
+
+# --- /commands: one handler each --------------------------------------------------------------
+
+
+def run_command(chat: Conversation, command: Command, model: str) -> Reply:
+    """Carry out a parsed /command on the conversation; `model` names the backend in /save files."""
+    return HANDLERS[command.name](chat, command, model)
+
+
+def _image(chat: Conversation, command: Command, model: str) -> Reply:
+    return Reply(chat.attach(command.args))
+
+
+def _pdf(chat: Conversation, command: Command, model: str) -> Reply:
+    if len(command.args) not in (1, 2):
+        raise InputError("usage: /pdf PATH [PAGES]", "e.g. /pdf manual.pdf 3-5")
+    return Reply(chat.attach(command.args[:1], command.args[1] if len(command.args) == 2 else None))
+
+
+def _reset(chat: Conversation, command: Command, model: str) -> Reply:
+    chat.reset()
+    return Reply("conversation cleared")
+
+
+def _save(chat: Conversation, command: Command, model: str) -> Reply:
+    if len(command.args) != 1:
+        raise InputError(f"usage: /{command.name} FILE")
+    path = chat.save(Path(command.args[0]), model, overwrite=command.name == "save!")
+    return Reply(f"saved {len(chat.history) // 2} exchanges to {path}")
+
+
+def _load(chat: Conversation, command: Command, model: str) -> Reply:
+    if len(command.args) != 1:
+        raise InputError("usage: /load FILE", "a file written by /save")
+    return Reply(chat.load(command.args[0]))
+
+
+def _thinking(chat: Conversation, command: Command, model: str) -> Reply:
+    if command.args not in (("on",), ("off",)):
+        raise InputError("usage: /thinking on|off")
+    shown = command.args[0] == "on"
+    return Reply(f"thinking {'shown' if shown else 'hidden'}", show_thinking=shown)
+
+
+def _help(chat: Conversation, command: Command, model: str) -> Reply:
+    return Reply(show_help=True)
+
+
+def _leave(chat: Conversation, command: Command, model: str) -> Reply:
+    return Reply(leave=True)
+
+
+HANDLERS: dict[str, Callable[[Conversation, Command, str], Reply]] = {
+    "image": _image,
+    "pdf": _pdf,
+    "reset": _reset,
+    "save": _save,
+    "save!": _save,
+    "load": _load,
+    "thinking": _thinking,
+    "help": _help,
+    "exit": _leave,
+    "quit": _leave,
+}

@@ -470,3 +470,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@torch.no_grad()
+def load_checkpoint(model: torch.nn.Module, folder: Path, prefix: str = "") -> None:
+    """Stream the checkpoint in `folder` into `model`, whose root sits at official key `prefix`
+    (e.g. `language_model.` to load the language model alone, as the goldens check it)."""
+    from kimivl_cli.model.weights import (  # the loader imports bitsandbytes: not for the generator script
+        SafetensorsFile,
+        checkpoint_files,
+        checkpoint_targets,
+        plan_load,
+        stored_quant,
+        stream_tensors,
+    )
+
+    files = [SafetensorsFile(path) for path in checkpoint_files(folder)]
+    targets = checkpoint_targets(model, prefix, stored_quantized=stored_quant(files) != "none")
+    stream_tensors(targets, plan_load(targets, files, prefix), lambda done: None)

@@ -12,8 +12,8 @@ import torch
 from kimivl_cli.model.config import TextConfig
 from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.model.weights import checkpoint_targets, materialize
-from kimivl_cli.quant.modules import quantize_linears_, should_quantize
-from kimivl_cli.quant.nf4 import dequantize_nf4, quantize_nf4
+from kimivl_cli.quant.modules import _QUANTIZED_MODULE, NF4Experts, quantize_linears_
+from kimivl_cli.quant.nf4 import Int8Tensor, dequantize_nf4, quantize_nf4
 
 
 def _build(cfg: TextConfig, dtype: torch.dtype, quant: str) -> LanguageModel:
@@ -58,3 +58,32 @@ def nf4_twins(
         else:
             getattr(target.module, target.name).copy_(value)
     return dense, nf4
+
+
+def unpack_nf4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """`[..., K/2]` uint8 -> `[..., K]` int64 codes in weight order (high nibble first)."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).flatten(-2).long()
+
+
+def dequantize_int8(t: Int8Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full-precision weight of a per-row int8 tensor: q * scale."""
+    return (t.q.float() * t.scale.unsqueeze(-1)).to(dtype or t.dtype)
+
+
+def should_quantize(name: str) -> bool:
+    """True for checkpoint tensors that are language-model linear weights (what `quantize_linears_` swaps)."""
+    return (
+        name.startswith("language_model.")
+        and name.endswith(".weight")
+        and _QUANTIZED_MODULE.search(name.removesuffix(".weight")) is not None
+    )
+
+
+def stacked_nf4_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> NF4Experts:
+    """`NF4Experts` from stacked weights gate/up [E, I, H], down [E, H, I], one expert matrix at a time."""
+    n_experts, inter, hidden = gate.shape
+    module = NF4Experts(n_experts, hidden, inter, gate.device)
+    for e in range(n_experts):
+        for name, w in zip(module.projections, (gate, up, down), strict=True):
+            module.load_expert(name, e, w[e])
+    return module

@@ -37,9 +37,9 @@ import cv2
 import numpy as np
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.media.images import check_pixels
 from kimivl_cli.media.inputs import as_input
 from kimivl_cli.media.sniff import MediaKind
+from kimivl_cli.media.video import open_capture
 
 T = TypeVar("T")
 
@@ -61,28 +61,15 @@ MAX_WORKERS = 4
 def open_video(path: str | Path, decode_threads: int = 0) -> tuple[cv2.VideoCapture, float, int]:
     """Open a video for streaming: (capture, fps, frame count from the header, -1 when unknown).
 
-    `decode_threads` 0 lets FFmpeg choose (one per core). Missing, empty and non-video files are
-    refused by media's content sniffing (the same messages as every command); files FFmpeg cannot
-    open are `InputError`s; a file that opens but yields no frame gives no frames.
+    Missing, empty and non-video files are refused by media's content sniffing, unreadable ones
+    and those without a frame rate by `media.video.open_capture` (the same messages as every
+    command); a file that opens but yields no frame gives no frames.
     """
     item = as_input(path)
     if item.kind is not MediaKind.VIDEO:
         raise InputError(f"{item.name} is {item.describe()}, not a video", "files are recognised by content, not name")
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own chatter is not our error message
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decode_threads])
-    if not cap.isOpened():
-        raise InputError(f"{path}: not a video this tool can read (or a truncated one)", "try an MP4, MKV or AVI file")
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if width > 0 and height > 0:  # each frame is decoded whole before it is shrunk: a bomb stops here
-        try:
-            check_pixels(item.name, width, height)
-        except InputError:
-            cap.release()
-            raise
-    fps = cap.get(cv2.CAP_PROP_FPS)
+    cap, fps = open_capture(path, item.name, decode_threads)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    if not (math.isfinite(fps) and 0 < fps < 1000):
-        fps = 25.0
     return cap, fps, count if count > 0 else -1
 
 
@@ -242,35 +229,28 @@ class FrameReader:
         finally:
             cap.release()
 
+    def _decode_chunk(self, chunk: _Chunk, out: Queue, stop: threading.Event, max_side: int, stride: int) -> None:
+        """A pool thread: the chunk's frames (from the one before it) into `out`, then `_CHUNK_END`
+        or the exception that stopped it; returns early once `stop` is set."""
+        try:
+            cap = self._capture(max(1, available_cores() // self.workers), start=chunk.start)
+            try:
+                first = max(0, chunk.start - 1)  # from the frame before the chunk: it checks the seek
+                if first:
+                    seek(cap, first)
+                edges = (first, -1 if chunk.stop is None else chunk.stop - 1)
+                for item in _decode(cap, max_side, stride, first, chunk.stop, edges):
+                    if stop.is_set():
+                        return
+                    out.put(item)
+            finally:
+                cap.release()
+            out.put(_CHUNK_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            out.put(exc)
+
     def _parallel(self, chunks: list[_Chunk], max_side: int, stride: int) -> Iterator[tuple[int, np.ndarray]]:
         stop = threading.Event()
-        threads_each = max(1, available_cores() // self.workers)
-        done = object()
-
-        def decode(chunk: _Chunk, out: Queue) -> None:
-            try:
-                cap = self._capture(threads_each, start=chunk.start)
-                try:
-                    first = max(0, chunk.start - 1)  # from the frame before the chunk: it checks the seek
-                    if first:
-                        seek(cap, first)
-                    edges = (first, -1 if chunk.stop is None else chunk.stop - 1)
-                    for item in _decode(cap, max_side, stride, first, chunk.stop, edges):
-                        if stop.is_set():
-                            return
-                        out.put(item)
-                finally:
-                    cap.release()
-                out.put(done)
-            except BaseException as exc:  # handed to the consumer, raised there
-                out.put(exc)
-
-        def results(out: Queue) -> Iterator[_Decoded]:
-            while (item := out.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
         upcoming = iter(chunks)
         pending: deque[tuple[_Chunk, Queue]] = deque()
 
@@ -278,7 +258,7 @@ class FrameReader:
             chunk = next(upcoming, None)
             if chunk is not None:
                 pending.append((chunk, Queue()))
-                pool.submit(decode, *pending[-1])
+                pool.submit(self._decode_chunk, *pending[-1], stop, max_side, stride)
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="kimivl-decode") as pool:
             try:
@@ -287,7 +267,7 @@ class FrameReader:
                 previous: _Decoded | None = None  # the last frame decoded so far
                 while pending:
                     chunk, out = pending.popleft()
-                    items = results(out)
+                    items = _chunk_items(out)
                     if chunk.start > 0:
                         seam = next(items, None)
                         if previous is None or seam is None or not _same_frame(seam, previous):
@@ -304,6 +284,17 @@ class FrameReader:
             finally:
                 stop.set()
                 pool.shutdown(wait=False, cancel_futures=True)  # leaving `with` waits for running chunks
+
+
+_CHUNK_END = object()
+
+
+def _chunk_items(out: Queue) -> Iterator[_Decoded]:
+    """A chunk's frames as its thread puts them in `out`; its exception is raised here."""
+    while (item := out.get()) is not _CHUNK_END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _same_frame(a: _Decoded, b: _Decoded) -> bool:

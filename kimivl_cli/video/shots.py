@@ -28,6 +28,7 @@ are still decoded, as the codec needs them), so cut positions are exact to `stri
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -360,12 +361,18 @@ def detect_shots(path: str | Path, params: DetectorParams = DetectorParams(), wo
     )
 
 
+def frame_spans(starts: Iterable[int], frames: int) -> list[tuple[int, int]]:
+    """(first, last) frames of consecutive segments covering 0..frames-1, one beginning at each
+    start: the one segment-list rule for shots and scenes (0 added, duplicates and starts outside
+    the video dropped)."""
+    firsts = sorted({s for s in starts if 0 < s < frames} | {0})
+    return [(first, following - 1) for first, following in itertools.pairwise([*firsts, frames])]
+
+
 def shots_from_boundaries(boundaries: list[Boundary], frames: int, fps: float) -> list[Shot]:
     """Consecutive shots covering frames 0..frames-1, one starting at each boundary."""
-    starts: list[tuple[int, Boundary | None]] = [(0, None)]
-    starts += [(b.frame, b) for b in boundaries if 0 < b.frame < frames]
-    shots = []
-    for i, (start, boundary) in enumerate(starts):
-        end = starts[i + 1][0] - 1 if i + 1 < len(starts) else frames - 1
-        shots.append(Shot(i, start, end, start / fps, (end + 1) / fps, boundary))
-    return shots
+    by_frame = {b.frame: b for b in boundaries}
+    return [
+        Shot(i, first, last, first / fps, (last + 1) / fps, by_frame.get(first) if first else None)
+        for i, (first, last) in enumerate(frame_spans(by_frame, frames))
+    ]

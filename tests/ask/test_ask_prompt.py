@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.media import video as media_video
+from kimivl_cli.media.inputs import as_input
+from kimivl_cli.media.video import Frame, frame_label
 from kimivl_cli.processor.chat import chat_images
 from kimivl_cli.processor.image import ImageProcessorConfig, image_token_count
 from kimivl_cli.processor.tokenizer import Tokenizer
-from kimivl_cli.tasks.ask import Budget, MediaOptions, build_prompt, read_inputs, resolve, split_question, timestamp
+from kimivl_cli.tasks.ask import Budget, MediaOptions, build_prompt, read_inputs, resolve, split_question
+from kimivl_cli.tasks.video_scenes import scenes
 
 CFG = ImageProcessorConfig.official()
 
@@ -53,7 +58,43 @@ def test_question_from_stdin_when_every_argument_is_a_file(tmp_path: Path) -> No
     [(0, "[00:00:00.0]"), (83.46, "[00:01:23.4]"), (3600 * 2 + 59.99, "[02:00:59.9]"), (0.3, "[00:00:00.3]")],
 )
 def test_timestamp(seconds: float, text: str) -> None:
-    assert timestamp(seconds) == text
+    assert frame_label(seconds) == text
+
+
+class _FramesAt:
+    """A stand-in `VideoFile` whose frames sit at the given presentation times."""
+
+    def __init__(self, times: list[float]) -> None:
+        pixels = np.zeros((4, 4, 3), np.uint8)
+        self.frames = [Frame(i, t, pixels) for i, t in enumerate(times)]
+        self.frame_count, self.duration = len(times), times[-1]
+
+    def __call__(self, _path: object) -> _FramesAt:
+        return self
+
+    def __enter__(self) -> _FramesAt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def sample(self, count: int) -> list[Frame]:
+        return self.frames[:count]
+
+    def read(self, indices: list[int], max_side: int | None = None) -> list[Frame]:
+        return [self.frames[i] for i in indices]
+
+
+def test_ask_and_video_scenes_label_a_frame_identically(bikes_mp4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both put the same marker before a frame at 83.46 s and at 59.97 s (floored to the tenth)."""
+    video = _FramesAt([59.97, 83.46])
+    monkeypatch.setattr(media_video, "VideoFile", video)
+    monkeypatch.setattr(scenes, "VideoFile", video)
+    with read_inputs([as_input(str(bikes_mp4))], MediaOptions(frames=2), CFG) as (segments, _notes):
+        ask_labels = [seg.strip() for seg in segments if isinstance(seg, str)]
+    keyframes = [scenes.Keyframe(0, 59.97, 0), scenes.Keyframe(1, 83.46, 0)]
+    scene_labels = [f.label for f in scenes.read_keyframes(bikes_mp4, keyframes)]
+    assert ask_labels == scene_labels == ["[00:00:59.9]", "[00:01:23.4]"]
 
 
 def test_video_frames_follow_their_timestamps_and_text_is_inlined(

@@ -52,60 +52,7 @@ class FakeServer:
         self.model_steps = list(model_steps or [Step()])
         self.requests: list[dict[str, Any]] = []  # {"method", "path", "headers", "body"}
         self._lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self._failed(owner._record(self, None)):
-                    return
-                payload = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
-                self._reply(200, payload, "application/json")
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                step = owner._record(self, body)
-                if self._failed(step):
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                for i, chunk in enumerate(step.chunks):
-                    if step.cut_after is not None and i == step.cut_after:
-                        self.wfile.write(b'data: {"choi')  # half an event, then the connection goes
-                        return
-                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-
-            def _failed(self, step: Step) -> bool:
-                """Wait `step.delay`, then drop the connection or send the error status, if the step says so."""
-                time.sleep(step.delay)
-                if step.drop:
-                    self.close_connection = True
-                    return True  # no response at all: the client sees the connection close
-                if step.status != 200:
-                    error = {"error": {"message": f"scripted {step.status}", "type": "x"}}
-                    self._reply(step.status, json.dumps(error).encode(), "application/json", step.headers)
-                    return True
-                return False
-
-            def _reply(self, status: int, payload: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"owner": self}))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def _record(self, handler: BaseHTTPRequestHandler, body: Any) -> Step:
@@ -119,6 +66,61 @@ class FakeServer:
     @property
     def posts(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == "POST"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves the script of a `FakeServer` (`owner`, set on a subclass per server)."""
+
+    owner: FakeServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self._failed(self.owner._record(self, None)):
+            return
+        payload = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
+        self._reply(200, payload, "application/json")
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        step = self.owner._record(self, body)
+        if self._failed(step):
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for i, chunk in enumerate(step.chunks):
+            if step.cut_after is not None and i == step.cut_after:
+                self.wfile.write(b'data: {"choi')  # half an event, then the connection goes
+                return
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _failed(self, step: Step) -> bool:
+        """Wait `step.delay`, then drop the connection or send the error status, if the step says so."""
+        time.sleep(step.delay)
+        if step.drop:
+            self.close_connection = True
+            return True  # no response at all: the client sees the connection close
+        if step.status != 200:
+            error = {"error": {"message": f"scripted {step.status}", "type": "x"}}
+            self._reply(step.status, json.dumps(error).encode(), "application/json", step.headers)
+            return True
+        return False
+
+    def _reply(self, status: int, payload: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(payload)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from PIL import Image
 from kimivl_cli.backends import ChatOptions, collect
 from kimivl_cli.backends.openai import OpenAIBackend, _DeltaParser
 from kimivl_cli.engine.events import AnswerDelta, Done, ThinkingDelta
-from kimivl_cli.engine.stream import split_thinking_text
+from kimivl_cli.engine.stream import split_thinking
 from kimivl_cli.errors import InputError, RuntimeFailure
 from tests.backends.conftest import Step, sse_chunks
 
@@ -233,14 +233,14 @@ def test_markers_in_content_split_as_the_engine_does(thinking: str, answer: str,
     text = f"◁think▷{thinking}◁/think▷{answer}"
     points = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [{"content": text[a:b]} for a, b in itertools.pairwise(points)]
-    assert _parse(pieces) == split_thinking_text(text)
+    assert _parse(pieces) == split_thinking(text)
 
 
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "both"])
 def test_reasoning_fields_match_markers_in_content(field: str) -> None:
     names = ["reasoning_content", "reasoning"] if field == "both" else [field]
     deltas = [{n: " first " for n in names}, {n: "second\n" for n in names}, {"content": "\n The answer. "}]
-    assert _parse(deltas) == split_thinking_text("◁think▷ first second\n◁/think▷\n The answer. ")
+    assert _parse(deltas) == split_thinking("◁think▷ first second\n◁/think▷\n The answer. ")
     assert _parse(deltas) == ("first second", "The answer.")
 
 

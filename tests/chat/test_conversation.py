@@ -11,7 +11,7 @@ from PIL import Image
 from kimivl_cli.errors import InputError
 from kimivl_cli.processor.chat import chat_images
 from kimivl_cli.processor.image import ImageProcessorConfig
-from kimivl_cli.tasks.chat import Command, Conversation, parse_command
+from kimivl_cli.tasks.chat import Command, Conversation, Reply, parse_command, run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "examples" / "chart.png"
@@ -26,6 +26,28 @@ def test_parse_command() -> None:
         parse_command("/frobnicate")
     with pytest.raises(InputError, match="No closing quotation"):
         parse_command('/image "unclosed')
+
+
+def test_commands_run_on_the_conversation_and_reply_to_the_view() -> None:
+    chat = Conversation(None, ImageProcessorConfig.official())
+
+    def run(line: str) -> Reply:
+        command = parse_command(line)
+        assert command is not None
+        return run_command(chat, command, "tiny")
+
+    assert run("/thinking off") == Reply("thinking hidden", show_thinking=False)
+    assert run("/help") == Reply(show_help=True) and run("/quit") == run("/exit") == Reply(leave=True)
+    assert "1 image" in run(f"/image {CHART}").note and len(chat.pending) == 1
+    assert run("/reset") == Reply("conversation cleared") and chat.pending == []
+    for line, usage in (
+        ("/pdf", "/pdf PATH"),
+        ("/save", "/save FILE"),
+        ("/save! a b", "/save! FILE"),
+        ("/thinking", "on|off"),
+    ):
+        with pytest.raises(InputError, match=usage):
+            run(line)
 
 
 def test_turns_carry_attachments_and_history_loses_its_thinking() -> None:
@@ -66,6 +88,17 @@ def test_save_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     chat.reset()
     chat.save(path, "tiny", overwrite=True)
     assert json.loads(path.read_text())["turns"] == []
+
+
+def test_the_saved_transcript_splits_a_reply_as_it_was_streamed() -> None:
+    """An answer that quotes the end marker keeps it; the reasoning stays the reasoning."""
+    chat = Conversation(None, ImageProcessorConfig.official())
+    chat.commit("Which marker ends thinking?", "The model's own.", "It is ◁/think▷, as written.")
+    assert chat.to_json("tiny")["turns"][-1] == {
+        "role": "assistant",
+        "text": "It is ◁/think▷, as written.",
+        "thinking": "The model's own.",
+    }
 
 
 def test_bad_attachments_leave_the_pending_list_alone(tmp_path: Path) -> None:

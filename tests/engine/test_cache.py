@@ -44,7 +44,7 @@ def test_cache_is_latent_plus_rope_key_per_token_and_layer(golden_models: dict, 
     golden = load_file(str(golden_dir / "tiny-a" / "golden.safetensors"))
     for dtype in (torch.float32, torch.bfloat16):
         cache = LatentCache(text, batch=1, max_len=100, dtype=dtype)
-        assert cache.bytes_per_token_per_layer == (text.kv_lora_rank + text.qk_rope_head_dim) * dtype.itemsize
+        assert cache.width * cache.buf.element_size() == (text.kv_lora_rank + text.qk_rope_head_dim) * dtype.itemsize
     # The engine's cache: exactly prompt + max_new_tokens slots of R + Dr values, per layer.
     stream = Engine(model, config).generate_ids(
         golden["input_ids"][0],

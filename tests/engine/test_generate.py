@@ -38,6 +38,8 @@ def test_generate_text_and_images(tiny_engine: Engine, photos, n_images: int) ->
     assert usage.prompt_tokens > usage.image_tokens
     assert 1 <= usage.completion_tokens <= 16
     assert done.finish_reason in ("stop", "length") and done.model
+    # "length" exactly when the reply used its whole budget (a stop token is not counted).
+    assert done.finish_reason == ("length" if usage.completion_tokens == 16 else "stop")
     assert done.timings.prefill_s > 0 and done.timings.decode_s > 0 and (done.timings.vision_s > 0) == bool(n_images)
     # Same seed, same output; the images now come from the feature cache.
     again, done2 = run(tiny_engine, messages, photos[:n_images], params=params)
@@ -104,11 +106,15 @@ def test_stops_on_tokenizer_end_ids_not_hard_coded(tiny_engine: Engine, monkeypa
     assert "".join(d.text for d in deltas) == "a b" and done.finish_reason == "stop"
 
 
-def test_closing_early_stops_the_generation(tiny_engine: Engine) -> None:
+def test_closing_early_stops_the_generation(tiny_engine: Engine, monkeypatch) -> None:
+    word = tiny_engine.tokenizer.encode("a", allow_special=False)
+    fed = feed_script(monkeypatch, [], then=word[0])  # never a stop token
     events = tiny_engine.generate(user("go"), params=SamplingParams(temperature=0.0, max_new_tokens=200))
-    stream_events = iter(events)
-    next(stream_events, None)
-    events.close()  # no exception, nothing more
+    assert isinstance(next(events), AnswerDelta)
+    events.close()  # no exception, nothing more: no Done, no further decode step
+    assert next(events, None) is None and len(fed) <= 2
+    _, done = run(tiny_engine, user("go"), params=SamplingParams(temperature=0.0, max_new_tokens=5))
+    assert done.finish_reason == "length" and done.usage.completion_tokens == 5  # the engine is usable again
 
 
 def test_context_overflow_names_each_input(tiny_engine: Engine, photos) -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimivl_cli.engine.events import AnswerDelta, ThinkingDelta
-from kimivl_cli.engine.stream import Phase, ThinkingBudget, ThinkingSplitter, split_thinking_text
+from kimivl_cli.engine.stream import Phase, ThinkingBudget, ThinkingSplitter, split_thinking
 
 START, END = "◁think▷", "◁/think▷"
 
@@ -98,10 +98,16 @@ def test_phase_follows_the_markers() -> None:
     assert splitter.phase is Phase.ANSWER
 
 
+def test_a_whole_reply_splits_like_the_stream() -> None:
+    assert split_thinking(f"{START}reason{END}answer") == ("reason", "answer")
+    assert split_thinking("answer only") == ("", "answer only")
+    assert split_thinking(f"{START}unfinished") == ("unfinished", "")  # thinking cut short, as it was shown
+
+
 def test_unicode_passes_through() -> None:
     text = f"{START}思考 🙂 ça\u0301{END}答案：é ≠ e"
-    assert run_splitter(list(text)) == (*split_thinking_text(text), run_splitter(list(text))[2])
-    assert split_thinking_text(text) == ("思考 🙂 ça\u0301", "答案：é ≠ e")
+    assert run_splitter(list(text)) == (*split_thinking(text), run_splitter(list(text))[2])
+    assert split_thinking(text) == ("思考 🙂 ça\u0301", "答案：é ≠ e")
 
 
 # --- properties -------------------------------------------------------------------------------------
@@ -171,7 +177,7 @@ def test_budget_forces_the_end_marker_and_answer_follows() -> None:
     out, helper, forced_at = generate(model, budget=5)
     assert out == [*START_IDS, 10, 11, 12, 13, 14, *END_IDS, *range(15, 40)]
     assert forced_at == [7, 8, 9]
-    thinking, answer = split_thinking_text(decode(out))
+    thinking, answer = split_thinking(decode(out))
     assert thinking == "w10 w11 w12 w13 w14"
     assert answer.startswith("w15 ")  # the answer starts right after the forced marker
     assert (helper.thinking_tokens, helper.answer_tokens) == (2 + 5 + 3, 25)
@@ -181,7 +187,7 @@ def test_budget_forces_the_end_marker_and_answer_follows() -> None:
 def test_budget_zero_skips_thinking() -> None:
     out, helper, _ = generate([*START_IDS, 10, 11], budget=0)
     assert out == [*START_IDS, *END_IDS, 10, 11]
-    assert split_thinking_text(decode(out)) == ("", "w10 w11")
+    assert split_thinking(decode(out)) == ("", "w10 w11")
     assert (helper.thinking_tokens, helper.answer_tokens) == (5, 2)
 
 

@@ -12,8 +12,8 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kimivl_cli.video.formats import FORMATS, render
-from kimivl_cli.video.timeline import SceneList, scenes_from_starts
+from kimivl_cli.tasks.video_scenes.formats import FORMATS, render
+from kimivl_cli.tasks.video_scenes.timeline import SceneList, scenes_from_starts
 
 FPS = 25.0
 TIMING = {

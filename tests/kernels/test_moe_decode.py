@@ -12,7 +12,6 @@ from kimivl_cli.kernels.moe_decode import (
     experts_reference,
     moe_decode,
     moe_down,
-    moe_experts,
     moe_gate_up,
     moe_route,
     router_logits_reference,
@@ -23,6 +22,12 @@ from kimivl_cli.model.language import Router
 from kimivl_cli.quant.nf4 import quantize_nf4
 
 
+def experts_given_ids(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """The routed experts alone with ids given: the two launches without the routing."""
+    act, ids, _ = moe_gate_up(x, experts, RoutingConfig(top_k=idx.shape[1]), idx=idx)
+    return moe_down(act, experts, ids, w)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -30,7 +35,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 class Layer:
     """Random experts (NF4 or dense), a shared MLP of `shared` slots and the model's own Router."""
 
-    def __init__(self, e: int, k: int, d: int, i: int, shared: int, groups: int = 1, topk_group: int = 1, nf4=True):
+    def __init__(
+        self, e: int, k: int, d: int, i: int, shared: int, groups: int = 1, topk_group: int = 1, nf4=True, shift=0.0
+    ):
         gen = torch.Generator().manual_seed(e * 100 + k)
 
         def weight(*shape: int):
@@ -44,7 +51,7 @@ class Layer:
         )
         self.router = Router(cfg).requires_grad_(False)
         self.router.weight.data = torch.randn(e, d, generator=gen) * 0.3
-        self.router.e_score_correction_bias.data = 0.1 * torch.randn(e, generator=gen)
+        self.router.e_score_correction_bias.data = 0.1 * torch.randn(e, generator=gen) + shift
         self.routing = RoutingConfig(k, groups, topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
         self.norm = (1 + 0.1 * torch.randn(d, generator=gen), 1e-5)
 
@@ -55,17 +62,18 @@ class Layer:
         return (h.float() + experts_reference(xn, idx, w, self.experts).float()).to(h.dtype)
 
 
-# (tokens, experts, top-k, hidden, inter, shared slots, groups, groups kept)
+# (tokens, experts, top-k, hidden, inter, shared slots, groups, groups kept, bias shift)
 CASES = [
-    (1, 8, 2, 64, 64, 2, 1, 1),  # Kimi-VL's layout: 2 shared slots, ungrouped
-    (2, 16, 4, 64, 64, 1, 4, 2),  # grouped routing (DeepSeek-V3 style), one shared slot
-    (3, 8, 3, 128, 64, 0, 1, 1),  # no shared experts; 3 tokens over 8 experts leave some unused
+    (1, 8, 2, 64, 64, 2, 1, 1, 0.0),  # Kimi-VL's layout: 2 shared slots, ungrouped
+    (2, 16, 4, 64, 64, 1, 4, 2, 0.0),  # grouped routing (DeepSeek-V3 style), one shared slot
+    (3, 8, 3, 128, 64, 0, 1, 1, 0.0),  # no shared experts; 3 tokens over 8 experts leave some unused
+    (1, 8, 4, 64, 64, 0, 4, 2, -1.5),  # every biased score < 0: the 4 dropped experts (0.0) win
 ]
 
 
-@pytest.mark.parametrize(("t", "e", "k", "d", "i", "shared", "groups", "kept"), CASES)
-def test_moe_decode_matches_the_model(t, e, k, d, i, shared, groups, kept) -> None:
-    layer = Layer(e, k, d, i, shared, groups, kept)
+@pytest.mark.parametrize(("t", "e", "k", "d", "i", "shared", "groups", "kept", "shift"), CASES)
+def test_moe_decode_matches_the_model(t, e, k, d, i, shared, groups, kept, shift) -> None:
+    layer = Layer(e, k, d, i, shared, groups, kept, shift=shift)
     h = torch.randn(t, d, generator=torch.Generator().manual_seed(t))
     xn, logits = moe_route(h, layer.norm, layer.router.weight, tiles=(8, 1, 1))
     ref_xn, ref_logits = router_logits_reference(h, layer.norm, layer.router.weight)
@@ -96,13 +104,13 @@ def test_experts_with_ids_given_and_bf16() -> None:
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
     idx = torch.tensor([[0, 7], [7, 0], [3, 4], [7, 3]])  # experts 1, 2, 5, 6 get no tokens
     w = torch.rand(4, 2, generator=torch.Generator().manual_seed(5)) + 0.1
-    assert _rel(moe_experts(x, idx, w, layer.experts), experts_reference(x, idx, w, layer.experts)) < 1e-5
+    assert _rel(experts_given_ids(x, idx, w, layer.experts), experts_reference(x, idx, w, layer.experts)) < 1e-5
     xb = x.bfloat16()
-    assert _rel(moe_experts(xb, idx, w, layer.experts), experts_reference(xb, idx, w, layer.experts)) < 5e-2
+    assert _rel(experts_given_ids(xb, idx, w, layer.experts), experts_reference(xb, idx, w, layer.experts)) < 5e-2
 
 
 def test_too_many_tokens_is_refused() -> None:
     layer = Layer(8, 2, 64, 64, 0)
     with pytest.raises(ValueError, match="at most"):
-        moe_experts(torch.randn(MAX_TOKENS + 1, 64), torch.zeros(MAX_TOKENS + 1, 2, dtype=torch.long),
+        experts_given_ids(torch.randn(MAX_TOKENS + 1, 64), torch.zeros(MAX_TOKENS + 1, 2, dtype=torch.long),
                     torch.ones(MAX_TOKENS + 1, 2), layer.experts)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Router vs a straightforward per-token implementation written from the spec."""
+"""The model's Router vs a straightforward per-token implementation written from the spec
+(dropped groups score 0.0, as in the reference implementation)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
-from kimivl_cli.kernels.routing import RoutingConfig, route
+from kimivl_cli.kernels.routing import RoutingConfig
+from kimivl_cli.model.config import TextConfig
+from kimivl_cli.model.language import Router
 
 
 def _route_one(logits: list[float], bias: list[float], cfg: RoutingConfig) -> dict[int, float]:
@@ -21,6 +24,23 @@ def _route_one(logits: list[float], bias: list[float], cfg: RoutingConfig) -> di
     chosen = sorted(range(len(masked)), key=lambda i: -masked[i])[: cfg.top_k]
     total = sum(scores[i] for i in chosen) + 1e-20 if cfg.norm_topk_prob and cfg.top_k > 1 else 1.0
     return {i: scores[i] / total * cfg.routed_scaling_factor for i in chosen}
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, cfg: RoutingConfig):
+    """The routing the model runs: its Router module with these weights."""
+    text = TextConfig(
+        hidden_size=gate.shape[1],
+        n_routed_experts=gate.shape[0],
+        num_experts_per_tok=cfg.top_k,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        norm_topk_prob=cfg.norm_topk_prob,
+    )
+    router = Router(text).requires_grad_(False)
+    router.weight.copy_(gate)
+    router.e_score_correction_bias.copy_(bias)
+    return router(x)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +82,16 @@ def test_bias_steers_choice_but_not_weights() -> None:
     assert sorted(idx[0].tolist()) == [2, 3]
     scores = torch.sigmoid(x @ gate.t())[0, 2:]
     assert torch.allclose(weights[0].sort().values, (scores / scores.sum()).sort().values)
+
+
+def test_dropped_groups_score_zero_as_in_the_reference() -> None:
+    """Both groups' biased scores are negative; group 0 is kept, yet its experts lose to group 1's,
+    which the reference masks to 0.0 (a -inf mask would pick experts 0 and 1)."""
+    cfg = RoutingConfig(top_k=2, n_group=2, topk_group=1, routed_scaling_factor=1.0)
+    gate = torch.zeros(4, 8)  # every score is sigmoid(0) = 0.5
+    bias = torch.tensor([-0.9, -0.9, -2.0, -2.0])  # choice [-0.4, -0.4, -1.5, -1.5]
+    idx, weights = route(torch.randn(3, 8), gate, bias, cfg)
+    expected = _route_one([0.0] * 4, bias.tolist(), cfg)
+    assert sorted(expected) == [2, 3]
+    assert [sorted(row) for row in idx.tolist()] == [[2, 3]] * 3
+    assert torch.allclose(weights, torch.full((3, 2), 0.5))

@@ -11,6 +11,7 @@ import pytest
 from kimivl_cli.errors import InputError
 from kimivl_cli.media import MediaKind, VideoFile, sniff
 from kimivl_cli.media import video as video_module
+from kimivl_cli.video.reader import FrameReader
 from tests.media.conftest import error_line, vfr_mkv
 
 
@@ -115,6 +116,16 @@ def test_no_frames(tmp_path: Path, fourcc: str, suffix: str) -> None:
     cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (64, 48)).release()
     line = error_line(VideoFile, path)
     assert "no decodable frames" in line if suffix == "avi" else "not a readable video" in line
+
+
+def test_a_video_without_a_frame_rate_is_refused_alike_everywhere(tmp_path: Path) -> None:
+    """One frame in Matroska: FFmpeg reports the 1000/s time base, not a rate. `ask` (VideoFile)
+    and video-scenes' shot reader refuse it in the same words rather than assume 25 fps."""
+    path = tmp_path / "one.mkv"
+    path.write_bytes(vfr_mkv([0]))
+    line = error_line(VideoFile, path)
+    assert line == error_line(FrameReader, path)
+    assert "one.mkv: the video reports no frame rate" in line
 
 
 def test_bad_requests(bikes: VideoFile, media_dir: Path) -> None:

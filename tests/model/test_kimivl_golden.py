@@ -16,7 +16,8 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.language import LanguageModel
-from kimivl_cli.model.weights import load_checkpoint, load_model, materialize
+from kimivl_cli.model.weights import load_model, materialize
+from kimivl_cli.testing.checkpoint import load_checkpoint
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 CHECKPOINTS = ["tiny-a", "tiny-a-sharded", "tiny-b"]

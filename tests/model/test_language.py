@@ -16,7 +16,8 @@ from kimivl_cli.model import cache as cache_mod
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig, RopeScaling, TextConfig
 from kimivl_cli.model.language import LanguageModel, RotaryEmbedding, RoutedExperts, Router, apply_rope
-from kimivl_cli.model.weights import load_checkpoint, materialize
+from kimivl_cli.model.weights import materialize
+from kimivl_cli.testing.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_chunked_prefill_and_position_tensors_equal_one_pass(tiny_a, monkeypatch
 def test_cache_holds_only_latent_and_rope_key() -> None:
     cfg = TextConfig(num_hidden_layers=2)
     cache = LatentCache(cfg, batch=1, max_len=16, dtype=torch.bfloat16)
-    assert cache.bytes_per_token_per_layer == (512 + 64) * 2
+    assert cache.width * cache.buf.element_size() == (512 + 64) * 2
     assert cache.buf.numel() == 2 * 16 * 576
     with pytest.raises(InputError) as err:
         LatentCache(cfg, batch=1, max_len=131073)

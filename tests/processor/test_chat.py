@@ -12,12 +12,10 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.processor.chat import (
     chat_images,
     encode_chat,
-    expand_media_text,
-    render_chat,
-    split_thinking,
     strip_history_thinking,
     strip_thinking,
 )
+from kimivl_cli.testing.chat import expand_media_text, render_chat
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +72,6 @@ def test_thinking_kept_by_template_stripped_by_history(golden):
 def test_thinking_split():
     assert strip_thinking("◁think▷a◁/think▷b◁/think▷answer") == "answer"
     assert strip_thinking("no thinking") == "no thinking"
-    assert split_thinking("◁think▷reason◁/think▷answer") == ("reason", "answer")
-    assert split_thinking("answer only") == ("", "answer only")
-    assert split_thinking("◁think▷unfinished") == ("", "◁think▷unfinished")
 
 
 def test_bad_messages():

@@ -86,7 +86,12 @@ def test_special_tokens_from_tokenizer_config(tokenizer, tiny_ckpt):
     assert tokenizer.vocab_size == base + NUM_SPECIAL_TOKENS
     assert tokenizer.token_id(f"<|reserved_token_{base + 5}|>") == base + 5  # unnamed ids are reserved
     # the generated tiny checkpoint mirrors the goldens' tiny ids (real id - 162605)
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.im_end_id, tokenizer.media_pad_id) == (979, 980, 981, 1000)
+    assert (tokenizer.token_id(tokenizer.names.bos), tokenizer.eos_id, tokenizer.im_end_id, tokenizer.media_pad_id) == (
+        979,
+        980,
+        981,
+        1000,
+    )
     assert tokenizer.token_id("<|im_system|>") == 989 and tokenizer.token_id("<|im_middle|>") == 996
     with pytest.raises(CheckpointError, match="no special token"):
         tokenizer.token_id("<|nope|>")

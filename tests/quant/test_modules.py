@@ -17,12 +17,11 @@ from kimivl_cli.quant.modules import (
     NF4Experts,
     NF4Linear,
     NF4SwiGLU,
-    load_quantized_,
     quantize_linears_,
     quantize_lm_head_,
-    should_quantize,
 )
 from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
+from kimivl_cli.testing.nf4_twins import should_quantize, stacked_nf4_experts
 from kimivl_cli.testing.random_nf4 import random_nf4_language_model
 
 
@@ -73,7 +72,7 @@ def test_nf4_experts_forward_on_cpu(cpu_plan, fused: bool) -> None:
     cpu_plan(nf4_fused_max_rows=64 if fused else 0)
     torch.manual_seed(0)
     gate, up, down = torch.randn(4, 64, 128) * 0.05, torch.randn(4, 64, 128) * 0.05, torch.randn(4, 128, 64) * 0.05
-    experts = NF4Experts.from_stacked(gate, up, down)
+    experts = stacked_nf4_experts(gate, up, down)
     x, idx, w = torch.randn(3, 128), torch.tensor([[0, 2], [2, 3], [1, 0]]), torch.rand(3, 2)
     dense = [
         dequantize_nf4(NF4Tensor(getattr(experts, f"{p}_packed"), getattr(experts, f"{p}_absmax"), torch.float32))
@@ -122,14 +121,12 @@ def test_swap_then_quantize_on_load() -> None:
     assert isinstance(layers[1].mlp.gate, nn.Linear) and isinstance(lm.lm_head, nn.Linear)
 
     w = torch.randn(64, 128)
-    assert load_quantized_(lm, "model.layers.1.mlp.experts.2.up_proj.weight", w)
-    nf4 = NF4Experts.from_stacked(w.expand(4, 64, 128), w.expand(4, 64, 128), torch.randn(4, 128, 64))
+    layers[1].mlp.experts.load_tensor("2.up_proj.weight", w)  # what the loader does with the official key
+    nf4 = stacked_nf4_experts(w.expand(4, 64, 128), w.expand(4, 64, 128), torch.randn(4, 128, 64))
     assert torch.equal(layers[1].mlp.experts.up_proj_packed[2], nf4.up_proj_packed[2])
     q = torch.randn(192, 128)
-    assert load_quantized_(lm, "model.layers.1.self_attn.q_proj.weight", q)
+    layers[1].self_attn.q_proj.load_tensor("weight", q)
     assert torch.equal(layers[1].self_attn.q_proj.packed, NF4Linear.from_weight(q).packed)
-    assert not load_quantized_(lm, "model.layers.1.mlp.gate.weight", torch.randn(4, 128))
-    assert not load_quantized_(lm, "lm_head.weight", torch.randn(1000, 128))
 
 
 def test_int8_mode_keeps_experts_for_the_caller() -> None:

@@ -7,14 +7,8 @@ import itertools
 import pytest
 import torch
 
-from kimivl_cli.quant.nf4 import (
-    NF4_LEVELS,
-    dequantize_int8,
-    dequantize_nf4,
-    quantize_int8,
-    quantize_nf4,
-    unpack_nf4_codes,
-)
+from kimivl_cli.quant.nf4 import NF4_LEVELS, dequantize_nf4, quantize_int8, quantize_nf4
+from kimivl_cli.testing.nf4_twins import dequantize_int8, unpack_nf4_codes
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Usage, event_from_dict
+from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Usage
 from kimivl_cli.errors import InputError
 from kimivl_cli.render import ANSWER_SCHEMA, EVENT_SCHEMA, Output, Transcript
 from kimivl_cli.render.answer import RichView, printable, render_rich
+from kimivl_cli.testing.events import event_from_dict
 from tests.render.conftest import ticking
 
 ESCAPE = re.compile(r"\x1b\[")

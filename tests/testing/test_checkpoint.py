@@ -127,7 +127,11 @@ def test_folder_is_an_official_checkpoint(size):
     base = tok.num_base_tokens
     assert names["[BOS]"] == base and names["<|media_pad|>"] == base + 21 and names["[PAD]"] == base + 255
     assert cfg.media_placeholder_token_id == tok.media_pad_id
-    assert (cfg.text.bos_token_id, cfg.text.eos_token_id, cfg.text.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert (cfg.text.bos_token_id, cfg.text.eos_token_id, cfg.text.pad_token_id) == (
+        tok.token_id(tok.names.bos),
+        tok.eos_id,
+        tok.token_id(tok.names.pad),
+    )
     assert cfg.text.vocab_size == base + 256 > max(names.values())
     assert tok.decode(tok.encode("You are a helpful assistant 你好")) == "You are a helpful assistant 你好"
     assert len(tok.encode("You are a helpful assistant")) < 15  # real merges, not bytes

@@ -11,9 +11,9 @@ from PIL import Image
 from kimivl_cli.backends import AnswerOnly
 from kimivl_cli.errors import KimivlError
 from kimivl_cli.tasks.backend import open_backend
-from kimivl_cli.video.describe import chat_messages, describe_with
-from kimivl_cli.video.pipeline import VideoScenesOptions, video_scenes
-from kimivl_cli.video.scenes import TimedFrame, scenes_prompt
+from kimivl_cli.tasks.video_scenes.describe import chat_messages, describe_with
+from kimivl_cli.tasks.video_scenes.pipeline import VideoScenesOptions, video_scenes
+from kimivl_cli.tasks.video_scenes.scenes import TimedFrame, scenes_prompt
 from kimivl_cli.video.shots import Boundary, Candidate, ShotList, shots_from_boundaries, with_confirmed
 
 

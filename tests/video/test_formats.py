@@ -10,10 +10,23 @@ import re
 
 import pytest
 
-from kimivl_cli.video.formats import FORMATS, render, render_many
-from kimivl_cli.video.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte, stamp
+from kimivl_cli.media.video import frame_label
+from kimivl_cli.tasks.video_scenes.formats import FORMATS, render, render_many
+from kimivl_cli.tasks.video_scenes.timeline import SceneList, clock, scenes_from_starts, short_clock, smpte
+from kimivl_cli.video.shots import Boundary, shots_from_boundaries
 
 FPS = 25.0
+
+
+def test_shots_and_scenes_are_cut_by_one_rule() -> None:
+    """Unsorted, repeated and out-of-range starts give the same consecutive segments either way."""
+    starts = [76, 30, 30, 0, 300, 137]
+    shots = shots_from_boundaries([Boundary(f, "cut", 1.0, (f, f)) for f in starts], 250, FPS)
+    scenes = scenes_from_starts(starts, 250, FPS)
+    expected = [(0, 29, 0, 30), (30, 75, 30, 76), (76, 136, 76, 137), (137, 249, 137, 250)]
+    for segments in (shots, scenes):
+        assert [(s.start_frame, s.end_frame, s.start * FPS, s.end * FPS) for s in segments] == expected
+    assert [s.boundary.frame if s.boundary else None for s in shots] == [None, 30, 76, 137]
 
 
 @pytest.fixture
@@ -26,7 +39,7 @@ def test_timecodes() -> None:
     assert clock(83.4) == "00:01:23.400"
     assert clock(3599.9996) == "01:00:00.000"
     assert clock(1.2, comma=True) == "00:00:01,200"
-    assert stamp(83.44) == "[00:01:23.4]"
+    assert frame_label(83.44) == "[00:01:23.4]"
     assert short_clock(83.9) == "1:23" and short_clock(3723) == "1:02:03"
     assert smpte(30, 25) == "00:00:01:05" and smpte(90000, 25) == "01:00:00:00"
 

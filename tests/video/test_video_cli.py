@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.video.pipeline import check_request
+from kimivl_cli.tasks.video_scenes.pipeline import check_request
 
 
 def kimivl(*args: str) -> subprocess.CompletedProcess:

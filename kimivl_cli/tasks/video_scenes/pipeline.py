@@ -14,8 +14,8 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.files import write_atomic
 from kimivl_cli.guards import check_output
 from kimivl_cli.tasks.pool import ordered_map
-from kimivl_cli.video.formats import FORMATS, render_many
-from kimivl_cli.video.scenes import (
+from kimivl_cli.tasks.video_scenes.formats import FORMATS, render_many
+from kimivl_cli.tasks.video_scenes.scenes import (
     Describe,
     Keyframe,
     choose_keyframes,
@@ -28,8 +28,8 @@ from kimivl_cli.video.scenes import (
     verify_keyframes,
     verify_prompt,
 )
+from kimivl_cli.tasks.video_scenes.timeline import SceneList
 from kimivl_cli.video.shots import Candidate, DetectorParams, ShotList, detect_shots, with_confirmed
-from kimivl_cli.video.timeline import SceneList
 
 MULTI_VIDEO_FORMATS = ("json", "jsonl", "md")
 EXTENSIONS = {fmt: f".{fmt}" for fmt in FORMATS} | {"chapters": ".chapters.txt", "ffmetadata": ".ffmetadata.txt"}

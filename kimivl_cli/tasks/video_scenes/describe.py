@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kimivl_cli.engine.events import JsonFormat
-from kimivl_cli.video.scenes import Describe, TimedFrame
+from kimivl_cli.tasks.video_scenes.scenes import Describe, TimedFrame
 
 if TYPE_CHECKING:
     from PIL import Image

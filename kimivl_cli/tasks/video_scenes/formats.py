@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from kimivl_cli.video.timeline import SceneList, clock, short_clock, smpte
+from kimivl_cli.tasks.video_scenes.timeline import SceneList, clock, short_clock, smpte
 
 
 def _scene_dict(scene) -> dict:

@@ -19,10 +19,10 @@ from typing import Optional
 from PIL import Image
 
 from kimivl_cli.engine.events import JsonFormat
-from kimivl_cli.media.video import VideoFile
+from kimivl_cli.media.video import VideoFile, frame_label, frame_time
 from kimivl_cli.prompts import load_prompt
+from kimivl_cli.tasks.video_scenes.timeline import Scene, scenes_from_starts
 from kimivl_cli.video.shots import Candidate, Shot
-from kimivl_cli.video.timeline import Scene, clock, scenes_from_starts, stamp
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Keyframe:
 
     @property
     def label(self) -> str:
-        return stamp(self.seconds)
+        return frame_label(self.seconds)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: in
     timestamp; keyframes past the end of the video are left out."""
     with VideoFile(path) as video:
         frames = video.read(sorted({k.frame for k in keyframes if k.frame < video.frame_count}), max_side)
-    return [TimedFrame(f.index, stamp(f.timestamp), f.timestamp, f.to_pil()) for f in frames]
+    return [TimedFrame(f.index, f.label, f.timestamp, f.to_pil()) for f in frames]
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -99,17 +99,17 @@ def read_keyframes(path: str | Path, keyframes: Sequence[Keyframe], max_side: in
 def scenes_prompt(shots: Sequence[Shot], frame_count: int, prompt_file: str | Path | None = None) -> str:
     """prompts/video_scenes.md (or the user's `--prompt-file`) filled in; unknown `$names` stay as written."""
     duration = shots[-1].end if shots else 0.0
-    lines = "\n".join(f"- shot {s.index + 1}: {stamp(s.start)} - {stamp(s.end)}" for s in shots)
+    lines = "\n".join(f"- shot {s.index + 1}: {frame_label(s.start)} - {frame_label(s.end)}" for s in shots)
     return Template(load_prompt("video_scenes.md", prompt_file)).safe_substitute(
-        count=frame_count, duration=clock(duration, 1), shots=lines, end=clock(duration, 1)
+        count=frame_count, duration=frame_time(duration), shots=lines, end=frame_time(duration)
     )
 
 
 def scenes_format(shots: Sequence[Shot]) -> JsonFormat:
     """What prompts/video_scenes.md asks for, as a JSON Schema whose times are the shots' own
     boundaries (scenes are groups of shots): decoding held to it always gives usable scenes."""
-    starts = list(dict.fromkeys(clock(s.start, 1) for s in shots)) or ["00:00:00.0"]
-    ends = list(dict.fromkeys(clock(s.end, 1) for s in shots)) or ["00:00:00.0"]
+    starts = list(dict.fromkeys(frame_time(s.start) for s in shots)) or ["00:00:00.0"]
+    ends = list(dict.fromkeys(frame_time(s.end) for s in shots)) or ["00:00:00.0"]
     scene = {
         "type": "object",
         "properties": {"start": {"enum": starts}, "end": {"enum": ends}, "description": {"type": "string"}},
@@ -134,7 +134,7 @@ def verify_keyframes(candidate: Candidate, fps: float, frames: int, gap: int = 3
 
 def verify_prompt(candidate: Candidate, fps: float, before: int, after: int) -> str:
     return Template(load_prompt("video_scenes_verify.md")).safe_substitute(
-        time=stamp(candidate.frame / fps), before=before, after=after, reason=candidate.reason
+        time=frame_label(candidate.frame / fps), before=before, after=after, reason=candidate.reason
     )
 
 
@@ -188,6 +188,16 @@ def _first_key(item: dict, keys: Sequence[str]) -> object:
 
 def _repair_truncated(text: str) -> object | None:
     """Parse JSON cut off mid-way: close it after the last complete object, as the model meant."""
+    for end, closers in reversed(_closing_points(text)[-64:]):
+        try:
+            return json.loads(text[:end] + closers)
+        except ValueError:
+            continue
+    return None
+
+
+def _closing_points(text: str) -> list[tuple[int, str]]:
+    """(position after each '}' or ']' of the outermost value, closers the value still needs there)."""
     stack: list[str] = []
     closes: list[tuple[int, str]] = []  # (position after a '}' or ']', closers needed there)
     in_string = escape = False
@@ -210,12 +220,7 @@ def _repair_truncated(text: str) -> object | None:
             closes.append((i + 1, "".join(reversed(stack))))
             if not stack:
                 break
-    for end, closers in reversed(closes[-64:]):
-        try:
-            return json.loads(text[:end] + closers)
-        except ValueError:
-            continue
-    return None
+    return closes
 
 
 def _json_values(text: str) -> Iterator[object]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from kimivl_cli.video.shots import frame_spans
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -34,14 +36,13 @@ class SceneList:
 def scenes_from_starts(
     starts: list[int], frames: int, fps: float, descriptions: list[str] | None = None
 ) -> list[Scene]:
-    """Consecutive scenes covering 0..frames-1, one beginning at each (sorted, unique) start frame."""
-    starts = sorted({s for s in starts if 0 < s < frames} | {0})
-    scenes = []
-    for i, start in enumerate(starts):
-        end = starts[i + 1] - 1 if i + 1 < len(starts) else frames - 1
-        text = descriptions[i] if descriptions and i < len(descriptions) else ""
-        scenes.append(Scene(i + 1, start, end, start / fps, (end + 1) / fps, text))
-    return scenes
+    """Consecutive scenes covering 0..frames-1, one beginning at each start frame; `descriptions`
+    in the order of the sorted, unique starts."""
+    texts = descriptions or []
+    return [
+        Scene(i + 1, first, last, first / fps, (last + 1) / fps, texts[i] if i < len(texts) else "")
+        for i, (first, last) in enumerate(frame_spans(starts, frames))
+    ]
 
 
 def clock(seconds: float, decimals: int = 3, comma: bool = False) -> str:
@@ -55,11 +56,6 @@ def clock(seconds: float, decimals: int = 3, comma: bool = False) -> str:
     if decimals:
         text += ("," if comma else ".") + f"{frac:0{decimals}d}"
     return text
-
-
-def stamp(seconds: float) -> str:
-    """The marker the model sees before a frame: `[00:01:23.4]`."""
-    return f"[{clock(seconds, 1)}]"
 
 
 def short_clock(seconds: float) -> str:
