@@ -252,6 +252,12 @@ def describe() -> str:
     cpu_flags = sorted(f for f in features() if f.startswith(("avx", "amx", "fma", "asimd", "sve")))
     lines = [f"features: {' '.join(cpu_flags) or 'none detected'}"]
     lines += [f"{name}: {reason}" for name, reason in p.why.items()]
+    if p.native is not None:
+        lines.append(
+            "fused_decode: "
+            + ("off: torch ops around the kernels" if "fused_decode" in switched_off() else "one native call per token")
+            + " (batch-1 decode with NF4, bf16 or fp32 weights)"
+        )
     if switched_off():
         lines.append(f"switched off: {', '.join(sorted(switched_off()))} (KIMIVL_CPU_OFF)")
     return "\n".join(lines)

@@ -456,8 +456,7 @@ int kimivl_decode(const kv_model* m, int64_t token, int64_t pos, void* cache, in
     inter = max64(inter, L->router ? m->top_k * (L->gate.n / m->experts) + L->mlp_gate.n : L->mlp_gate.n);
     ffn = max64(ffn, max64(L->mlp_gate.n, L->router ? L->gate.n / m->experts : 0));
   }
-  const int64_t vmax = max64(m->vocab, 2 * max64(m->experts, 1));
-  const int64_t floats = 3 * D + qa_n + q_n + W + H * W + H * kv_len + H * R + H * m->v + inter + vmax;
+  const int64_t floats = 3 * D + qa_n + q_n + W + H * W + H * kv_len + H * R + H * m->v + inter + 2 * m->experts;
   const int64_t xb = qrow_bytes(max64(D, 64)), ab = qrow_bytes(max64(H * m->v, 64));
   const int64_t bytes = xb + ab + qrow_bytes(max64(qa_n, 64)) + (m->top_k + 1) * qrow_bytes(max64(ffn, 64));
   float* f = malloc(floats * sizeof(float));

@@ -86,7 +86,7 @@ static void q8_quantize(const float* x, int8_t* q, int64_t k) {
   for (int64_t b = 0; b < k / BLOCK; b++) {
     const float* xb = x + b * BLOCK;
     float amax = 0.0f;
-    for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    for (int j = 0; j < BLOCK; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax; /* fmaxf is a libm call */
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int8_t* qb = q + b * BLOCK;
     int32_t sum = 0;
