@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from kimivl_cli.engine.context import plan_context
+from kimivl_cli.engine.cpu_decode import NativeDecoder
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, JsonFormat, Timings, Usage
 from kimivl_cli.engine.grammar import Grammars, JsonGuide
 from kimivl_cli.engine.graph import DecodeGraph, cache_bucket
@@ -153,6 +154,8 @@ class Engine:
             self.fused_decode = FusedDecoder.build(lm)
         self._graph: DecodeGraph | None = None  # the latest bucket's graph and cache, kept across requests
         self._grammars: Grammars | None = None
+        # On CPU one-token steps of one sequence run as one native call (`cpu_decode.py`) where it applies.
+        self._native_decode = NativeDecoder.build(lm) if self.device.type == "cpu" else None
 
     @classmethod
     def load(
@@ -260,6 +263,8 @@ class Engine:
             if isinstance(positions, int):
                 positions = torch.full((1, 1), positions, device=self.device)  # a fill: no host copy
             return self.fused_decode(tokens, positions, cache)
+        if self._native_decode is not None and self._native_decode.applies(tokens, positions, cache, kv_len):
+            return self._native_decode.step(int(tokens), positions, cache)
         hidden = self.lm(self.lm.embed(tokens), positions, cache, kv_len)
         return self.lm.logits(hidden[:, -1])
 

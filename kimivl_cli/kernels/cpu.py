@@ -18,8 +18,9 @@ $KIMIVL_CACHE/cpu/, keyed by the CPU's features, the torch version, the kernel
 source and the switches below; `kimivl info` shows it with the reasons.
 
 Switches: KIMIVL_CPU_OFF=name[,name...] takes candidates out (kernel variants `avx512_vnni`, `avx2`,
-`neon_dotprod`; `bf16_gemm`; `nf4_fused`), as if the CPU lacked them; KIMIVL_NATIVE=0 turns every native
-kernel off.
+`neon_dotprod`; `bf16_gemm`; `nf4_fused`; `fused_decode`: the whole-model native decode step of
+engine/cpu_decode.py, leaving torch's step over the single kernels), as if the CPU lacked them;
+KIMIVL_NATIVE=0 turns every native kernel off.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 from kimivl_cli.kernels import native
 
-SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused")
+SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused", "fused_decode")
 _PLAN_VERSION = 1
 
 
@@ -251,6 +252,12 @@ def describe() -> str:
     cpu_flags = sorted(f for f in features() if f.startswith(("avx", "amx", "fma", "asimd", "sve")))
     lines = [f"features: {' '.join(cpu_flags) or 'none detected'}"]
     lines += [f"{name}: {reason}" for name, reason in p.why.items()]
+    if p.native is not None:
+        lines.append(
+            "fused_decode: "
+            + ("off: torch ops around the kernels" if "fused_decode" in switched_off() else "one native call per token")
+            + " (batch-1 decode with NF4, bf16 or fp32 weights)"
+        )
     if switched_off():
         lines.append(f"switched off: {', '.join(sorted(switched_off()))} (KIMIVL_CPU_OFF)")
     return "\n".join(lines)

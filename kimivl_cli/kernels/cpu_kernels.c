@@ -86,7 +86,7 @@ static void q8_quantize(const float* x, int8_t* q, int64_t k) {
   for (int64_t b = 0; b < k / BLOCK; b++) {
     const float* xb = x + b * BLOCK;
     float amax = 0.0f;
-    for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    for (int j = 0; j < BLOCK; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax; /* fmaxf is a libm call */
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int8_t* qb = q + b * BLOCK;
     int32_t sum = 0;
@@ -536,6 +536,7 @@ typedef __m512 bvec;
 static inline bvec bload(const uint16_t* w) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)w)), 16));
 }
+static inline bvec fload(const float* w) { return _mm512_loadu_ps(w); }
 static inline bvec bfma(bvec acc, bvec w, const float* x) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
 static inline bvec bvzero(void) { return _mm512_setzero_ps(); }
 static inline float bsum(bvec a) { return _mm512_reduce_add_ps(a); }
@@ -545,6 +546,7 @@ typedef __m256 bvec;
 static inline bvec bload(const uint16_t* w) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)w)), 16));
 }
+static inline bvec fload(const float* w) { return _mm256_loadu_ps(w); }
 static inline bvec bfma(bvec acc, bvec w, const float* x) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc); }
 static inline bvec bvzero(void) { return _mm256_setzero_ps(); }
 static inline float bsum(bvec a) { return fsum(a); }
@@ -552,6 +554,7 @@ static inline float bsum(bvec a) { return fsum(a); }
 #define BW 4
 typedef float32x4_t bvec;
 static inline bvec bload(const uint16_t* w) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w), 16)); }
+static inline bvec fload(const float* w) { return vld1q_f32(w); }
 static inline bvec bfma(bvec acc, bvec w, const float* x) { return vfmaq_f32(acc, w, vld1q_f32(x)); }
 static inline bvec bvzero(void) { return vdupq_n_f32(0.0f); }
 static inline float bsum(bvec a) { return vaddvq_f32(a); }
@@ -564,46 +567,68 @@ static inline bvec bload(const uint16_t* w) {
   memcpy(&f, &u, 4);
   return f;
 }
+static inline bvec fload(const float* w) { return w[0]; }
 static inline bvec bfma(bvec acc, bvec w, const float* x) { return acc + w * x[0]; }
 static inline bvec bvzero(void) { return 0.0f; }
 static inline float bsum(bvec a) { return a; }
 #endif
 
-/* y[i] = (bf16 row i) . x for nr rows (two accumulators per row hide the FMA latency). */
-static inline __attribute__((always_inline)) void bf16_tile(const int nr, const uint16_t* const* w, const float* x,
-                                                            int64_t k, float* y) {
+/* y[i] = (row i) . x for nr rows of bf16 (f32 = 0) or fp32 (f32 = 1) weights; two accumulators per row hide
+ * the FMA latency. */
+static inline __attribute__((always_inline)) void dense_tile(const int nr, const int f32, const void* const* w,
+                                                             const float* x, int64_t k, float* y) {
   bvec a0[NR], a1[NR];
   for (int i = 0; i < nr; i++) a0[i] = bvzero(), a1[i] = bvzero();
+  const int64_t ahead = PREFETCH_BYTES / (f32 ? 4 : 2);
   int64_t j = 0;
   for (; j + 2 * BW <= k; j += 2 * BW)
     for (int i = 0; i < nr; i++) {
-      prefetch(w[i] + j + PREFETCH_BYTES / 2);
-      a0[i] = bfma(a0[i], bload(w[i] + j), x + j);
-      a1[i] = bfma(a1[i], bload(w[i] + j + BW), x + j + BW);
+      if (f32) {
+        const float* r = (const float*)w[i] + j;
+        prefetch(r + ahead);
+        a0[i] = bfma(a0[i], fload(r), x + j);
+        a1[i] = bfma(a1[i], fload(r + BW), x + j + BW);
+      } else {
+        const uint16_t* r = (const uint16_t*)w[i] + j;
+        prefetch(r + ahead);
+        a0[i] = bfma(a0[i], bload(r), x + j);
+        a1[i] = bfma(a1[i], bload(r + BW), x + j + BW);
+      }
     }
   for (int i = 0; i < nr; i++) {
     float s = bsum(a0[i]) + bsum(a1[i]);
     for (int64_t r = j; r < k; r++) {
-      const uint32_t u = (uint32_t)w[i][r] << 16;
       float f;
-      memcpy(&f, &u, 4);
+      if (f32) f = ((const float*)w[i])[r];
+      else {
+        const uint32_t u = (uint32_t)((const uint16_t*)w[i])[r] << 16;
+        memcpy(&f, &u, 4);
+      }
       s += f * x[r];
     }
     y[i] = s;
   }
 }
 
-/* y[n - n0] = (bf16 row n of w) . x for rows n0..n1. */
-static void bf16_rows(const float* x, const uint16_t* w, int64_t n0, int64_t n1, int64_t k, float* y) {
+/* y[n - n0] = (row n of w) . x for rows n0..n1 of bf16 (f32 = 0) or fp32 (f32 = 1) weights [*, k]. */
+static void dense_rows(const int f32, const float* x, const void* w, int64_t n0, int64_t n1, int64_t k, float* y) {
+  const int64_t row = k * (f32 ? 4 : 2);
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
-    const uint16_t* p[NR] = {w + n * k, w + (n + 1) * k, w + (n + 2) * k, w + (n + 3) * k};
-    bf16_tile(NR, p, x, k, y + (n - n0));
+    const void* p[NR];
+    for (int i = 0; i < NR; i++) p[i] = (const char*)w + (n + i) * row;
+    if (f32) dense_tile(NR, 1, p, x, k, y + (n - n0));
+    else dense_tile(NR, 0, p, x, k, y + (n - n0));
   }
   for (; n < n1; n++) {
-    const uint16_t* p = w + n * k;
-    bf16_tile(1, &p, x, k, y + (n - n0));
+    const void* p = (const char*)w + n * row;
+    if (f32) dense_tile(1, 1, &p, x, k, y + (n - n0));
+    else dense_tile(1, 0, &p, x, k, y + (n - n0));
   }
+}
+
+static void bf16_rows(const float* x, const uint16_t* w, int64_t n0, int64_t n1, int64_t k, float* y) {
+  dense_rows(0, x, w, n0, n1, k, y);
 }
 
 /* y [n] = W x for bf16 W [n, k] and fp32 x [k]. */
@@ -652,3 +677,5 @@ int bf16_moe_decode(const float* x, const int64_t* experts, const float* route_w
   free(h);
   return 0;
 }
+
+#include "cpu_decode.c" /* the whole-model decode step, built on the kernels above */

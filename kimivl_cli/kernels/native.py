@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCES = (_SOURCE, _SOURCE.with_name("cpu_decode.c"))  # the second is #included by the first
 
 # name: (CPU features it needs, compiler flags)
 VARIANTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
@@ -51,6 +52,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "nf4_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 6 + [_I64] * 2 + [_P]),
     "bf16_matvec": (None, [_P] * 3 + [_I64] * 2),
     "bf16_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 3 + [_I64] * 2 + [_P]),
+    "kimivl_decode": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P]),
 }
 
 
@@ -65,7 +67,7 @@ def build(variant: str) -> ctypes.CDLL | None:
     """Compile (once per source and flags) and load `variant`; None without a compiler that builds it.
     OpenMP if the compiler has it, else one thread."""
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _SOURCE.is_file():
+    if compiler is None or not all(path.is_file() for path in _SOURCES):
         return None
     for openmp in (True, False):
         lib = _compile_and_load(compile_command(variant, compiler, "{out}", openmp))
@@ -75,7 +77,7 @@ def build(variant: str) -> ctypes.CDLL | None:
 
 
 def _compile_and_load(cmd: list[str]) -> ctypes.CDLL | None:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_source_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
     root = cache_dir() / "native"
     target = root / f"cpu_kernels-{digest}.so"
     try:
@@ -97,8 +99,12 @@ def _compile_and_load(cmd: list[str]) -> ctypes.CDLL | None:
     return lib
 
 
+def _source_bytes() -> bytes:
+    return b"".join(path.read_bytes() for path in _SOURCES if path.is_file())
+
+
 def source_digest() -> str:
-    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16] if _SOURCE.is_file() else "none"
+    return hashlib.sha256(_source_bytes()).hexdigest()[:16] if _SOURCE.is_file() else "none"
 
 
 def cache_dir() -> Path:
@@ -235,3 +241,11 @@ def bf16_moe_decode(
     weights = _ptrs(*(w.contiguous() for w in (gate, up, down)))
     _check(lib.bf16_moe_decode(*_ptrs(xf, ids, rw), ids.shape[0], *weights, hidden, inter, out.data_ptr()))
     return out
+
+
+def decode_step(
+    model: int, token: int, pos: int, cache: int, layer_stride: int, logits: int, lib: ctypes.CDLL | None = None
+) -> int:
+    """One token through a whole model described by `engine/cpu_decode.py` (addresses, not tensors: the
+    description is built once and the caller keeps its tensors alive). Returns the C status (0: done)."""
+    return _lib(lib).kimivl_decode(model, token, pos, cache, layer_stride, logits)

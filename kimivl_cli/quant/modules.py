@@ -65,7 +65,12 @@ class _QuantizedLinear(nn.Module):
 
 
 class NF4Linear(_QuantizedLinear):
-    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32."""
+    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32.
+
+    y comes in x's dtype, or on CPU in `out_dtype` where set: the quantized `lm_head` keeps its logits fp32,
+    as the bf16 head does (bf16 logits tie argmaxes)."""
+
+    out_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         if in_features % BLOCKSIZE:
@@ -97,7 +102,7 @@ class NF4Linear(_QuantizedLinear):
         if x.device.type == "cpu":
             return (
                 nf4_linear_cpu(x.reshape(-1, self.in_features), self.packed, self.absmax)
-                .to(x.dtype)
+                .to(self.out_dtype or x.dtype)
                 .view(*x.shape[:-1], self.out_features)
             )
         return nn.functional.linear(x, self.weight.to(x.dtype))
@@ -179,7 +184,11 @@ def quantize_lm_head_(lm: nn.Module, mode: str) -> None:
     if mode == "bf16" or lm.config.tie_word_embeddings:
         return
     weight = lm.lm_head.weight
-    lm.lm_head = Int8BlockLinear(weight) if mode == "int8" else NF4Linear.from_weight(weight)
+    if mode == "int8":
+        lm.lm_head = Int8BlockLinear(weight)
+    else:
+        lm.lm_head = NF4Linear.from_weight(weight)
+        lm.lm_head.out_dtype = torch.float32
 
 
 class NF4SwiGLU(nn.Module):
