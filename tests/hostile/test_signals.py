@@ -36,7 +36,10 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _terminate_when_started(args: list[object], marker: Path, calls: int = 1, stdin=None, seconds: float = 60):
-    """Run the slow CLI, send SIGTERM once `calls` answers have started; (exit code, stderr, seconds after)."""
+    """Run the slow CLI, send SIGTERM once `calls` answers have started; (exit code, stderr, seconds after).
+
+    Exit within 45 s means it did not wait for the 60 s answer (an idle machine takes ~2 s: most of
+    it the interpreter's shutdown, which a loaded 2-core CI machine can stretch past 20 s)."""
     env = {**os.environ, "SLOW_MARKER": str(marker), "SLOW_SECONDS": str(seconds)}
     proc = subprocess.Popen(
         [sys.executable, str(SLOW_CLI), *map(str, args)],
@@ -67,7 +70,7 @@ def test_video_scenes_one_file(tmp_path: Path, clips: list[Path]) -> None:
     out = tmp_path / "scenes.json"
     code, stderr, after = _terminate_when_started(["video-scenes", clips[0], "-o", out], tmp_path / "marker")
     assert code == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
-    assert after < 10 and not out.exists() and os.listdir(tmp_path) == ["marker"]  # no half file, no temp file
+    assert after < 45 and not out.exists() and os.listdir(tmp_path) == ["marker"]  # no half file, no temp file
 
 
 def test_video_scenes_folder_keeps_finished_videos(tmp_path: Path, clips: list[Path]) -> None:
@@ -89,7 +92,7 @@ def test_requests_running_in_threads_do_not_hold_the_exit(tmp_path: Path, clips:
     folder.mkdir()
     args = ["video-scenes", *clips, "-o", folder, "--concurrency", "2"]
     code, stderr, after = _terminate_when_started(args, tmp_path / "marker", calls=2)
-    assert code == 143 and "terminated" in stderr and after < 10, (code, stderr, after)
+    assert code == 143 and "terminated" in stderr and after < 45, (code, stderr, after)
     assert list(folder.iterdir()) == []
 
 
@@ -103,7 +106,7 @@ def test_ocr_keeps_finished_pages(tmp_path: Path) -> None:
     doc.save(pdf)
     out = tmp_path / "out.md"
     code, stderr, after = _terminate_when_started(["ocr", pdf, "-o", out, "--method", "vision"], tmp_path / "marker")
-    assert code == 143 and "terminated" in stderr and after < 10, (code, stderr)
+    assert code == 143 and "terminated" in stderr and after < 45, (code, stderr)
     assert not out.exists() or "<!-- page" in out.read_text()
 
 
@@ -115,4 +118,4 @@ def test_chat_ends_on_sigterm_though_ctrl_c_only_stops_an_answer(tmp_path: Path)
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert code == 143 and "terminated" in stderr and after < 10, (code, stderr)
+    assert code == 143 and "terminated" in stderr and after < 45, (code, stderr)
