@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.routing import DROPPED_GROUP_SCORE, RoutingConfig
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.language import FeedForward, LanguageModel, MLAttention, MoE, RoutedExperts
 from kimivl_cli.quant.modules import Int8BlockLinear, NF4Experts, NF4Linear, NF4SwiGLU
@@ -48,7 +49,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         *((name, _I64) for name in ("n_layers", "hidden", "heads", "nope", "rope", "v", "rank", "vocab")),
         *((name, _I64) for name in ("experts", "top_k", "n_group", "topk_group", "norm_topk", "embed_fmt", "cache_fmt", "act_bf16")),
-        *((name, _F) for name in ("eps", "q_a_eps", "kv_a_eps", "final_eps", "attn_scale", "rope_mscale", "route_scale")),
+        *((name, _F) for name in ("eps", "q_a_eps", "kv_a_eps", "final_eps", "attn_scale", "rope_mscale", "route_scale", "dropped_group_score")),
         ("embed", _P),
         ("inv_freq", _P),
         ("final_norm", _P),
@@ -72,9 +73,14 @@ class NativeDecoder:
         self._layers = (_Layer * len(layers))(*layers)
         embed = lm.model.embed_tokens.weight
         router = next((layer.mlp.gate for layer in lm.model.layers if isinstance(layer.mlp, MoE)), None)
+        routing = (
+            router.routing
+            if router is not None
+            else RoutingConfig(top_k=0, routed_scaling_factor=1.0, norm_topk_prob=False)
+        )
         attn: MLAttention = lm.model.layers[0].self_attn
         first = lm.model.layers[0]
-        if attn.rope_dim % 2 or (router is not None and max(router.top_k, router.n_group) > _MAX_CHOICES):
+        if attn.rope_dim % 2 or (router is not None and max(routing.top_k, routing.n_group) > _MAX_CHOICES):
             raise Unsupported("odd rope dims, or more experts per token or groups than the C step holds")
         self._model = _Model(
             n_layers=len(layers),
@@ -86,10 +92,10 @@ class NativeDecoder:
             rank=attn.rank,
             vocab=cfg.vocab_size,
             experts=cfg.n_routed_experts if router is not None else 0,
-            top_k=router.top_k if router is not None else 0,
-            n_group=router.n_group if router is not None else 1,
-            topk_group=router.topk_group if router is not None else 1,
-            norm_topk=int(router.norm_topk_prob) if router is not None else 0,
+            top_k=routing.top_k,
+            n_group=routing.n_group,
+            topk_group=routing.topk_group,
+            norm_topk=int(routing.norm_topk_prob),
             embed_fmt=self._dense_format(embed),
             cache_fmt=self._dense_format(embed),
             act_bf16=int(embed.dtype == torch.bfloat16),
@@ -99,7 +105,8 @@ class NativeDecoder:
             final_eps=lm.model.norm.eps,
             attn_scale=attn.scale,
             rope_mscale=lm.rotary.mscale,
-            route_scale=router.scaling if router is not None else 1.0,
+            route_scale=routing.routed_scaling_factor,
+            dropped_group_score=DROPPED_GROUP_SCORE,
             embed=self._ptr(embed),
             inv_freq=self._ptr(lm.rotary.inv_freq(torch.device("cpu"))),
             final_norm=self._vector(lm.model.norm.weight),

@@ -38,6 +38,7 @@ typedef struct {
   int64_t embed_fmt, cache_fmt; /* WF_BF16 | WF_F32 */
   int64_t act_bf16;             /* 1: round activations to bf16 where the torch step does */
   float eps, q_a_eps, kv_a_eps, final_eps, attn_scale, rope_mscale, route_scale;
+  float dropped_group_score; /* kernels/routing.DROPPED_GROUP_SCORE: what dropped groups' experts compete with */
   const void* embed;      /* [vocab, D] */
   const float* inv_freq;  /* [rope / 2] */
   const float* final_norm;
@@ -248,7 +249,7 @@ static void route(const kv_model* m, const kv_layer* L, const float* xn, kv_work
       keep[best] = 1;
     }
     for (int64_t e = 0; e < E; e++)
-      if (!keep[e / per]) c[e] = -INFINITY;
+      if (!keep[e / per]) c[e] = m->dropped_group_score;
   }
   unsigned char taken[E];
   memset(taken, 0, E);
