@@ -3,11 +3,11 @@
 - `NF4Linear` / `Int8Linear` replace `nn.Linear` (no bias in the LM).
 - `NF4SwiGLU` replaces a whole SwiGLU MLP (dense layers, shared experts) in NF4 mode.
 - `NF4Experts` replaces the stacked routed experts (`RoutedExperts`): same `forward(x, idx, w)`.
-- `quantize_linears_(model, mode)` swaps the modules of a model built on the meta device;
-  `load_quantized_(model, name, tensor)` is the loader hook: it quantizes one checkpoint
-  tensor on the target device and writes it into its slot, so the bf16 model never exists.
+- `quantize_linears_(model, mode)` swaps the modules of a model built on the meta device; each
+  module's `load_tensor` is the loader's hook: it quantizes one checkpoint tensor on the target
+  device and writes it into its slot, so the bf16 model never exists.
 
-Which tensors are quantized (`should_quantize`): every language-model linear (attention
+Which tensors are quantized: every language-model linear (attention
 projections, dense MLP, shared and routed experts). Vision tower, projector, embeddings,
 norms, router (`mlp.gate`) and `lm_head` stay in bf16.
 """
