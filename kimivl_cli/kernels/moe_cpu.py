@@ -14,18 +14,25 @@ This is the CPU path only (GPUs use the sync-free Triton kernels in `moe_triton.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
 
-try:  # bitsandbytes registers its native CPU dequantiser as a torch op on import
-    import bitsandbytes  # noqa: F401
 
-    _BNB_DEQUANT = torch.ops.bitsandbytes.dequantize_4bit
-except (ImportError, AttributeError, RuntimeError):
-    _BNB_DEQUANT = None
+@functools.cache
+def _bnb_dequantize():
+    """bitsandbytes' native CPU dequantiser (a torch op it registers on import), or None. Imported only
+    where the native kernels are off: the import alone takes seconds (it pulls in torch._dynamo)."""
+    try:
+        import bitsandbytes  # noqa: F401
+
+        return torch.ops.bitsandbytes.dequantize_4bit
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -33,8 +40,8 @@ def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
     if native.available() and dtype in (torch.float32, torch.bfloat16):
         return native.nf4_dequantize(packed, absmax, dtype)
     shape = [packed.shape[0], packed.shape[1] * 2]
-    if _BNB_DEQUANT is not None:
-        w = _BNB_DEQUANT(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
+    if (bnb_dequantize := _bnb_dequantize()) is not None:
+        w = bnb_dequantize(packed.reshape(-1, 1), absmax.reshape(-1), BLOCKSIZE, "nf4", shape, torch.float32)
         return w.to(dtype)
     return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32), dtype)
 
