@@ -164,9 +164,12 @@ def compare(quick: bool, hf_configs: list[tuple[str, str]]) -> dict:
         hf.set_experts_implementation(experts)
         return run_transformers(hf, prompt, new)
 
-    for engine in engines.values():  # warm-up: first-call allocations, thread pools, kernel builds
-        run_kimivl(engine, prompt[:, :32], 4)
-    run_transformers(hf, prompt[:, :32], 4)
+    # Warm-up at the measured shapes: oneDNN builds its bf16 (AMX) GEMM kernels per shape on first use,
+    # and the engine measured first would otherwise pay for the shapes every later one reuses.
+    for engine in engines.values():
+        run_kimivl(engine, prompt, 4)
+    for name in hf_names:
+        run(name)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in (*ENGINES, *hf_names)}
     for _ in range(repeats):  # interleaved, so a noisy neighbour hits every engine alike
         for name in results:
