@@ -330,12 +330,17 @@ class LlamaCpp:
             raise RuntimeError("llama_decode failed")
         return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
 
-    def generate(self, prompt: list[int], new: int) -> tuple[list[int], np.ndarray, float, float]:
+    def generate(
+        self, prompt: list[int], new: int, one_by_one: bool = False
+    ) -> tuple[list[int], np.ndarray, float, float]:
         """Greedy: -> generated ids, the prompt's last logits (a copy), prefill seconds (to the first
-        logits), decode seconds (`new` tokens: new - 1 forward passes and the argmaxes)."""
+        logits), decode seconds (`new` tokens: new - 1 forward passes and the argmaxes).
+        `one_by_one` feeds the prompt a token at a time: llama.cpp's decode path, for checking."""
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         t0 = time.perf_counter()
-        logits = self._decode(prompt)
+        for token in prompt[:-1] if one_by_one else []:
+            self._decode([token])
+        logits = self._decode(prompt[-1:] if one_by_one else prompt)
         first = logits.copy()
         t1 = time.perf_counter()
         ids = []
