@@ -164,11 +164,9 @@ def compare(quick: bool, hf_configs: list[tuple[str, str]]) -> dict:
         hf.set_experts_implementation(experts)
         return run_transformers(hf, prompt, new)
 
-    # Warm-up at the measured shapes: oneDNN builds its bf16 (AMX) GEMM kernels per shape on first use,
-    # and the engine measured first would otherwise pay for the shapes every later one reuses.
-    for engine in engines.values():
-        run_kimivl(engine, prompt, 4)
-    for name in hf_names:
+    # Warm-up: one whole measured run each (prompt and cache sizes as measured), so no engine's figure
+    # holds first-call costs (oneDNN builds its bf16 GEMM kernels per shape) that the others skipped.
+    for name in (*engines, *hf_names):
         run(name)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in (*ENGINES, *hf_names)}
     for _ in range(repeats):  # interleaved, so a noisy neighbour hits every engine alike
