@@ -60,26 +60,22 @@ for module in (ask, chat, ocr, video_scenes, inspect, info, quantize, serve):
     module.register(app)
 
 
-def quiet_libraries() -> None:
-    """Only kimivl speaks on stderr: libraries' log records and Python warnings are dropped.
+def route_logs(debug: bool = False) -> None:
+    """Only kimivl speaks on stderr: `errors.notes` as `note: ...` lines; libraries' log records
+    (bitsandbytes warns on import on some CPUs) and Python warnings are dropped unless debugging.
 
-    bitsandbytes, for one, logs a warning on import on AVX512-BF16 CPUs about an optional kernel
-    package. A handler on the root logger keeps Python from printing records nobody handles;
-    kimivl's own loggers (`kimivl.*`, e.g. serve's request log) have their own handler.
+    A handler on the root logger keeps Python from printing records nobody handles; kimivl's own
+    loggers (`kimivl.*`, e.g. serve's request log) have their own handlers.
     """
+    if not any(isinstance(h, StderrLines) for h in notes.handlers):
+        notes.addHandler(StderrLines("note: "))
+        notes.propagate = False
+    if debug:
+        return
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.NullHandler())
     warnings.simplefilter("ignore")
-
-
-def _route_logs(debug: bool) -> None:
-    """Our notes to stderr, one line each; libraries' warnings (bitsandbytes on some CPUs) nowhere,
-    unless debugging: they are not ours to show."""
-    if not any(isinstance(h, StderrLines) for h in notes.handlers):
-        notes.addHandler(StderrLines("note: "))
-        notes.propagate = False
-    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def _exit_now(code: int) -> None:
@@ -95,9 +91,7 @@ def _exit_now(code: int) -> None:
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("KIMIVL_DEBUG") == "1"
-    _route_logs(debug)
-    if not debug:
-        quiet_libraries()
+    route_logs(debug)
     with sigterm_as_sigint():
         _run(debug)
 

@@ -83,9 +83,9 @@ def test_a_hidden_trace_shows_a_thinking_status(tiny_checkpoint: Path, tmp_path:
 
 def test_a_library_logging_on_import_is_not_shown(capfd: pytest.CaptureFixture[str]) -> None:
     """bitsandbytes logs a warning when imported on an AVX512-BF16 CPU without its optional kernels."""
-    from kimivl_cli.cli import quiet_libraries
+    from kimivl_cli.cli import route_logs
 
-    quiet_libraries()
+    route_logs()
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
     import warnings
 
