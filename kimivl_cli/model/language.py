@@ -11,7 +11,7 @@ R kv_lora_rank, W = R + Dr cache row, E experts, K experts per token, I expert i
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,6 @@ from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
-
-Trace = dict[str, Any]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -401,9 +399,8 @@ class RoutedExperts(nn.Module):
 class MoE(nn.Module):
     """Routed experts (weighted, fp32 sum) plus always-on shared experts."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
         self.gate = Router(cfg)
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
@@ -412,14 +409,10 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, D]
         idx, weights = self.gate(flat)
-        if trace is not None:
-            sorted_idx, order = idx.sort(dim=-1)
-            trace.setdefault("router_topk_idx", {})[self.layer_idx] = sorted_idx
-            trace.setdefault("router_topk_weight", {})[self.layer_idx] = weights.gather(1, order)
         out = self.experts(flat, idx, weights).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -432,14 +425,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (
-            MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
-        )
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: Tensor, chunk: Chunk, trace: Trace | None) -> Tensor:
+    def forward(self, x: Tensor, chunk: Chunk) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), chunk)
-        normed = self.post_attention_layernorm(h)
-        return h + (self.mlp(normed, trace) if isinstance(self.mlp, MoE) else self.mlp(normed))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class DecoderStack(nn.Module):
@@ -475,7 +465,6 @@ class LanguageModel(nn.Module):
         positions: Tensor | int = 0,
         cache: LatentCache | None = None,
         kv_len: int | None = None,
-        trace: Trace | None = None,
     ) -> Tensor:
         """embeds [B, T, D] -> final-norm hidden states [B, T, D].
 
@@ -484,8 +473,6 @@ class LanguageModel(nn.Module):
         written at their positions and attention sees slots [0, kv_len); kv_len defaults to
         start + T for an int start, else to the cache capacity (correct by masking; pass a tighter
         bound to save work). Nothing here syncs with the device except the CPU expert grouping.
-        trace (optional dict) collects `hidden_states` (golden layout: embeddings, each layer's
-        output but the last, final norm) and `router_topk_idx`/`router_topk_weight` per MoE layer.
         """
         B, T, _ = embeds.shape
         if isinstance(positions, int):
@@ -496,18 +483,12 @@ class LanguageModel(nn.Module):
             start, pos = None, positions
             kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
         chunk = Chunk(self.rotary(pos), pos, start, cache, kv_len)
-        hidden_states = trace.setdefault("hidden_states", []) if trace is not None else None
         # On CPU the residual stream stays fp32 (sublayers still compute in the weights' dtype): a bf16
         # stream rounds every layer's sum, the largest error of a bf16 model against its fp32 self.
         h = embeds.float() if embeds.device.type == "cpu" else embeds
         for layer in self.model.layers:
-            if hidden_states is not None:
-                hidden_states.append(h)
-            h = layer(h, chunk, trace)
-        h = self.model.norm(h)
-        if hidden_states is not None:
-            hidden_states.append(h)
-        return h
+            h = layer(h, chunk)
+        return self.model.norm(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> fp32 logits [..., V] (a plain head: never rounded to the model's dtype,
