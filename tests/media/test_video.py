@@ -11,7 +11,7 @@ import pytest
 from kimivl_cli.errors import InputError
 from kimivl_cli.media import MediaKind, VideoFile, sniff
 from kimivl_cli.media import video as video_module
-from kimivl_cli.video.reader import FrameReader
+from kimivl_cli.video.shots import detect_shots
 from tests.media.conftest import error_line, vfr_mkv
 
 
@@ -120,11 +120,11 @@ def test_no_frames(tmp_path: Path, fourcc: str, suffix: str) -> None:
 
 def test_a_video_without_a_frame_rate_is_refused_alike_everywhere(tmp_path: Path) -> None:
     """One frame in Matroska: FFmpeg reports the 1000/s time base, not a rate. `ask` (VideoFile)
-    and video-scenes' shot reader refuse it in the same words rather than assume 25 fps."""
+    and video-scenes' shot detector refuse it in the same words rather than assume 25 fps."""
     path = tmp_path / "one.mkv"
     path.write_bytes(vfr_mkv([0]))
     line = error_line(VideoFile, path)
-    assert line == error_line(FrameReader, path)
+    assert line == error_line(detect_shots, path)
     assert "one.mkv: the video reports no frame rate" in line
 
 
