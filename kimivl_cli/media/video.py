@@ -383,8 +383,8 @@ def seek(cap: cv2.VideoCapture, frame: int) -> None:
 
 
 def shrink(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear to twice `size`, then 2x2 box averaging: much faster than INTER_AREA alone at odd
-    ratios, alias-free enough for analysis."""
+    """Bilinear to twice `size`, then 2x2 box averaging: faster than INTER_AREA alone at odd
+    ratios (docs/performance.md), alias-free enough for analysis."""
     w, h = size
     if frame.shape[1] <= 2 * w:
         return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
