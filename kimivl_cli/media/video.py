@@ -201,7 +201,7 @@ class VideoFile:
 
     def close(self) -> None:
         """Stop the decoders of unfinished `stream`s, release the capture, delete the spooled copy."""
-        for stream in getattr(self, "_streams", ()):
+        for stream in self._streams:
             stream.close()
         if getattr(self, "_cap", None) is not None:
             self._cap.release()

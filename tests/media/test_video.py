@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -104,9 +105,11 @@ def test_file_cut_short(ramp_avi: Path, tmp_path: Path) -> None:
         assert "cannot be decoded" in error_line(video.sample, count=10)
 
 
-def test_truncated_mp4(bikes_mp4: Path) -> None:
+def test_truncated_mp4(bikes_mp4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = bikes_mp4.read_bytes()
     assert "<bytes>: not a readable video" in error_line(VideoFile, data[: len(data) // 2])
+    assert list(tmp_path.iterdir()) == []  # the bytes were spooled to a file, removed with the error
 
 
 @pytest.mark.parametrize(("fourcc", "suffix"), [("MJPG", "avi"), ("mp4v", "mp4")])
