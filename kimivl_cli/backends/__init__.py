@@ -5,6 +5,9 @@ the engine's events (`engine.events`): messages in the `processor.chat` format (
 `{"type": "image"}` item per entry of `images`, in order), PIL images, thinking already split
 out. Streaming tasks (ask, chat) take a backend; batch tasks (ocr, video-scenes) take an
 `AnswerOnly` over one, and never care which.
+
+In the one-way flow: above `engine` (whose events they yield) and `processor`, below `tasks`,
+`serve` and `cli`.
 """
 
 from __future__ import annotations

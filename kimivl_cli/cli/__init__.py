@@ -1,4 +1,4 @@
-"""The `kimivl` command line: a thin Typer layer over `tasks/`.
+"""The `kimivl` command line, the last layer of the one-way flow: a thin Typer layer over `tasks/`.
 
 Each command lives in its own module and only parses options, calls a task and
 hands the result to `render`. Every `KimivlError` becomes one `error:` line on

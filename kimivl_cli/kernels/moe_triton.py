@@ -10,7 +10,7 @@ rows of one expert and BN output columns. It runs twice per MoE layer:
 
 1. gate+up: A = x rows (pair // K), two weights, epilogue silu(g) * u -> act [P, I];
 2. down:    A = act rows (pair),      one weight, epilogue * routing weight -> [P, H] fp32,
-   then the K rows of each token are summed in fp32 (spec: fp32 accumulation).
+   then the K rows of each token are summed in fp32.
 
 A dense NF4 linear is the same kernel with one expert and rows in order (no alignment).
 

@@ -1,4 +1,6 @@
-"""The input layer: files, folders and stdin -> images, PDF pages and video frames.
+"""The input layer, first in the one-way flow: files, folders and stdin -> images, PDF pages and
+video frames. It imports no other layer; `processor`, the shot detector (`video`), `tasks` and
+`cli` read their inputs through it.
 
 Everything a user can pass goes through here, and every problem with it (missing, unreadable,
 truncated, encrypted, too large, wrong type) is raised as `kimivl_cli.errors.InputError` naming
@@ -30,14 +32,17 @@ API (stable; the tasks build on it)::
     parse_page_range("1-3,7,10-", page_count) -> [0, 1, 2, 6, 9, ...]   # 1-based in, 0-based out
 
     VideoFile(source)                                 # context manager; .fps .frame_count .duration .width .height
+                                                      # .declared_frames (the header's count, None if absent)
         .sample(*, count=None, fps=None, max_frames=DEFAULT_MAX_FRAMES) -> list[Frame]
         .read(indices, max_side=None) -> list[Frame]  # exactly these frames, in order (shrunk as decoded)
+        .stream(max_side, stride=1, workers=None) -> Iterator[Frame]   # every stride-th frame, in order,
+                                                      # shrunk; chunks decoded in parallel, same frames as one decoder
         .check_end()                                  # InputError if the last frame does not decode
     Frame(index, timestamp, image)                    # timestamp: seconds from the decoder; image: RGB ndarray
 
 `source` is a `MediaInput`, a path or the file's bytes; pages are 0-based everywhere.
-`PdfDocument`/`parse_page_range` (PyMuPDF, ~1.5 s to import) and `VideoFile`/`Frame` (OpenCV)
-load on first use, so commands that touch neither start fast.
+`PdfDocument`/`parse_page_range` (PyMuPDF, slow to import: docs/performance.md) and `VideoFile`/`Frame`
+(OpenCV) load on first use, so commands that touch neither start fast.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class PdfDocument:
     ) -> Image.Image:
         """Page `page` (0-based) as an RGB image on white: at `dpi`, or with its longest side
         `max_side` pixels, or within both if both are given; `DEFAULT_DPI` if neither.
-        Cost: proportional to the pixel count (~20 ms for a Letter page at 144 dpi)."""
+        Cost: proportional to the pixel count (docs/performance.md)."""
         p = self.page(page)
         zoom = _zoom(p.rect.width, p.rect.height, dpi, max_side)
         width, height = self.render_size(page, dpi=dpi, max_side=max_side)

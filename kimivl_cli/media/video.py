@@ -1,15 +1,32 @@
-"""Video files (OpenCV's FFmpeg backend): properties, frame sampling with exact timestamps.
+"""Video files (OpenCV's FFmpeg backend): properties, frames at chosen positions, every frame in order.
+
+The one video decoder: `VideoFile.read`/`sample` give chosen frames (`ask`, keyframes of
+video-scenes), `VideoFile.stream` every frame in order, downscaled (the shot detector).
 
 Every `Frame` carries the decoder's own position (`CAP_PROP_POS_MSEC` after the grab, i.e. the
 frame's presentation time) rather than `index / fps`, so timestamps stay true on variable frame
 rate files. Reading N sparse frames: `grab()` walks forward without converting or copying the
 skipped frames (they are still decoded: H.264 needs them); gaps longer than `SEEK_GAP` frames
 seek instead, which jumps to the nearest keyframe before the target and decodes from there.
-Which is faster depends on the keyframe interval, so the rule is a fixed, deterministic one.
-Measured here, 16 uniform samples: bikes.mp4 (H.264, one keyframe in 250 frames) 0.29 s walking
-vs 1.5 s seeking each (every seek decodes again from frame 0); a 3000-frame MPEG-4 file with a
-keyframe every 12 frames (gaps of 187) 0.75 s walking vs 0.11 s seeking. Both ways give
-bit-identical frames and timestamps (tested).
+Which is faster depends on the keyframe interval, so the rule is a fixed, deterministic one
+(docs/performance.md has the measurements); both ways give bit-identical frames and timestamps
+(tested).
+
+`stream` with several workers: one FFmpeg decoder keeps about one core busy on small frames
+however many threads it is given, so the video is cut into chunks of consecutive frames that
+separate decoders read at the same time, while the caller takes the frames in order:
+
+    chunk 0  [0, L)     decoder 1 --+
+    chunk 1  [L, 2L)    decoder 2 --+--> frames 0, 1, 2, ... --> caller
+    chunk 2  [2L, 3L)   decoder 1 --+    (chunk 2 starts once chunk 0 is consumed)
+
+A decoder seeks to its chunk by frame number (FFmpeg decodes forward from the key frame before
+it). That can land on the wrong frame in odd files (variable frame rate, broken timestamps), so
+each chunk also decodes the frame just before it, which must equal the previous chunk's last frame
+in pixels and timestamp. On a mismatch the stream drops the plan and decodes the rest of the video
+sequentially: the output is always exactly what one sequential decoder gives. Memory: at most
+`workers` chunks of downscaled frames (`CHUNK_FRAMES` x 96 x 54 x 3 bytes = 16 MB per chunk at the
+detector's size) plus one decoded full-size frame per decoder, whatever the length.
 
 Importing this module silences OpenCV's and FFmpeg's logging on stderr (unless `KIMIVL_DEBUG=1`
 or the user set `OPENCV_LOG_LEVEL` / `OPENCV_FFMPEG_LOGLEVEL`): they would print lines like
@@ -18,11 +35,19 @@ or the user set `OPENCV_LOG_LEVEL` / `OPENCV_FFMPEG_LOGLEVEL`): they would print
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import tempfile
+import threading
+from collections import deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -49,6 +74,22 @@ interval is 250, so a longer jump usually lands after a keyframe and decodes les
 MAX_FPS = 1000.0
 """Rates from here up are not a video's own: FFmpeg reports the container's time base (1000 for
 Matroska's milliseconds) when a stream carries no frame rate."""
+
+SINGLE_THREAD_DECODE_PIXELS = 500_000
+"""`stream`: frames up to this size decode faster on one FFmpeg thread per decoder than with
+FFmpeg's frame threading; larger ones use its threads (docs/performance.md)."""
+
+CHUNK_FRAMES = 1024
+"""`stream`'s longest chunk: bounds the frames buffered per decoder, and keeps the frames a seek
+decodes for nothing (back to the previous key frame) a small share of the chunk."""
+
+MIN_CHUNK_FRAMES = 64
+"""Shorter chunks cost more in opening and seeking than reading them in parallel saves."""
+
+MAX_WORKERS = 4
+"""`stream`'s default decoders: one per core, at most this many."""
+
+T = TypeVar("T")
 
 
 def open_capture(path: str | Path, name: str, decode_threads: int = 0) -> tuple[cv2.VideoCapture, float]:
@@ -109,8 +150,9 @@ class VideoFile:
     """An open video. Use as a context manager, or call `close()`.
 
     `frame_count`, `fps` and `duration` are the container's figures (for streams without a
-    frame count, frames are counted once at open). In-memory inputs (stdin) are spooled to a
-    temporary file, since FFmpeg reads from a path; it is deleted on `close()`.
+    frame count, frames are counted once, when first asked); `declared_frames` is the header's
+    count, None when it gives none. In-memory inputs (stdin) are spooled to a temporary file,
+    since FFmpeg reads from a path; it is deleted on `close()`.
     """
 
     def __init__(self, source: Source) -> None:
@@ -125,8 +167,9 @@ class VideoFile:
             with tempfile.NamedTemporaryFile(prefix="kimivl-", suffix=".video", delete=False) as fh:
                 fh.write(item.read_bytes())
             self.path = self._spool = Path(fh.name)
-        self._cap, self.fps = self._open()
+        self._streams: list[Generator] = []
         try:
+            self._cap, self.fps = self._open()
             self.width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             self.height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
             count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -135,10 +178,15 @@ class VideoFile:
             self._next = 1  # index of the frame the next grab() returns
             if self.width <= 0 or self.height <= 0:
                 raise InputError(f"{self.name}: the video reports no frame size")
-            self.frame_count = count if count > 0 else self._count_frames()
+            self.declared_frames = count if count > 0 else None
         except BaseException:
             self.close()
             raise
+
+    @functools.cached_property
+    def frame_count(self) -> int:
+        """Frames in the video: the header's count, else counted by decoding the whole file once."""
+        return self.declared_frames or self._count_frames()
 
     @property
     def duration(self) -> float:
@@ -152,6 +200,9 @@ class VideoFile:
         self.close()
 
     def close(self) -> None:
+        """Stop the decoders of unfinished `stream`s, release the capture, delete the spooled copy."""
+        for stream in self._streams:
+            stream.close()
         if getattr(self, "_cap", None) is not None:
             self._cap.release()
         if self._spool is not None:
@@ -207,7 +258,7 @@ class VideoFile:
         for target in targets:
             gap = target - self._next
             if gap < 0 or gap > SEEK_GAP:
-                self._cap.set(cv2.CAP_PROP_POS_FRAMES, target)
+                seek(self._cap, target)
             else:
                 for _ in range(gap):
                     if not self._cap.grab():
@@ -232,6 +283,225 @@ class VideoFile:
         if (size := _fitted(width, height, max_side)) != (width, height):
             bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         return Frame(index, timestamp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+    def stream(self, max_side: int, stride: int = 1, workers: int | None = None) -> Iterator[Frame]:
+        """Every stride-th frame in order, shrunk to fit `max_side` as it is decoded, with the
+        decoder's timestamps; it ends where decoding stops (a truncated file ends early).
+
+        `workers` decoders read chunks in parallel (default one per core, at most `MAX_WORKERS`);
+        the frames are exactly those one decoder gives. `close()` stops unfinished streams."""
+        workers = workers if workers is not None else min(MAX_WORKERS, available_cores())
+        chunks = plan_chunks(self.declared_frames or 0, stride, workers)
+        if len(chunks) > 1:
+            stream = self._parallel(chunks, max_side, stride, workers)
+        else:
+            stream = self._sequential(max_side, stride)
+        self._streams.append(stream)
+        return stream
+
+    def _stream_capture(self, share: int) -> cv2.VideoCapture:
+        """A new capture for one of `stream`'s decoders: one FFmpeg thread for small frames,
+        else `share` (0: FFmpeg chooses)."""
+        small = self.width * self.height <= SINGLE_THREAD_DECODE_PIXELS
+        return open_capture(self.path, self.name, 1 if small else share)[0]
+
+    def _sequential(self, max_side: int, stride: int, skip: int = 0) -> Iterator[Frame]:
+        """One decoder (FFmpeg's threading for large frames), from frame `skip` on."""
+        cap = self._stream_capture(share=0)
+        try:
+            for _ in range(skip):
+                if not cap.grab():
+                    return
+            for item in prefetch(_decode(cap, max_side, stride, first=skip)):
+                if item.small is not None:
+                    yield item.frame()
+        finally:
+            cap.release()
+
+    def _decode_chunk(
+        self, chunk: _Chunk, out: Queue, stop: threading.Event, max_side: int, stride: int, workers: int
+    ) -> None:
+        """A pool thread: the chunk's frames (from the one before it) into `out`, then `_CHUNK_END`
+        or the exception that stopped it; returns early once `stop` is set."""
+        try:
+            cap = self._stream_capture(share=max(1, available_cores() // workers))
+            try:
+                first = max(0, chunk.start - 1)  # from the frame before the chunk: it checks the seek
+                if first:
+                    seek(cap, first)
+                edges = (first, -1 if chunk.stop is None else chunk.stop - 1)
+                for item in _decode(cap, max_side, stride, first, chunk.stop, edges):
+                    if stop.is_set():
+                        return
+                    out.put(item)
+            finally:
+                cap.release()
+            out.put(_CHUNK_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            out.put(exc)
+
+    def _parallel(self, chunks: list[_Chunk], max_side: int, stride: int, workers: int) -> Iterator[Frame]:
+        stop = threading.Event()
+        upcoming = iter(chunks)
+        pending: deque[tuple[_Chunk, Queue]] = deque()
+
+        def submit_next() -> None:
+            chunk = next(upcoming, None)
+            if chunk is not None:
+                pending.append((chunk, Queue()))
+                pool.submit(self._decode_chunk, *pending[-1], stop, max_side, stride, workers)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="kimivl-decode") as pool:
+            try:
+                for _ in range(workers):
+                    submit_next()
+                previous: _Decoded | None = None  # the last frame decoded so far
+                while pending:
+                    chunk, out = pending.popleft()
+                    items = _chunk_items(out)
+                    if chunk.start > 0:
+                        seam = next(items, None)
+                        if previous is None or seam is None or not _same_frame(seam, previous):
+                            stop.set()  # the seek missed: one decoder from here, as if never split
+                            yield from self._sequential(max_side, stride, skip=chunk.start)
+                            return
+                    for item in items:
+                        if item.small is not None and item.index % stride == 0:
+                            yield item.frame()
+                        previous = item
+                    if chunk.stop is not None and (previous is None or previous.index + 1 < chunk.stop):
+                        return  # the video ends early (a truncated file), where one decoder stops too
+                    submit_next()
+            finally:
+                stop.set()
+                pool.shutdown(wait=False, cancel_futures=True)  # leaving `with` waits for running chunks
+
+
+def seek(cap: cv2.VideoCapture, frame: int) -> None:
+    """Position `cap` so the next grab() decodes `frame` (FFmpeg starts from the key frame before it)."""
+    cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
+
+
+def shrink(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear to twice `size`, then 2x2 box averaging: faster than INTER_AREA alone at odd
+    ratios (docs/performance.md), alias-free enough for analysis."""
+    w, h = size
+    if frame.shape[1] <= 2 * w:
+        return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    double = cv2.resize(frame, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(double, size, interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    index: int
+    small: np.ndarray | None  # the frame shrunk to the stream's size, RGB (None: only decoded)
+    msec: float  # its timestamp as FFmpeg reports it (NaN when only decoded)
+
+    def frame(self) -> Frame:
+        """The `Frame` callers see (only for items with pixels)."""
+        return Frame(self.index, self.msec / 1000.0, self.small)
+
+
+def _decode(
+    cap: cv2.VideoCapture, max_side: int, stride: int, first: int = 0, stop: int | None = None, edges: tuple = ()
+) -> Iterator[_Decoded]:
+    """Frames first..stop-1 of an open capture positioned at `first`, one item per decoded frame:
+    every stride-th frame and the `edges` converted and shrunk, the others only decoded (the codec
+    needs them)."""
+    size: tuple[int, int] | None = None
+    full: np.ndarray | None = None  # reused: a full-size frame is converted into it each time
+    index = first
+    while (stop is None or index < stop) and cap.grab():
+        small = None
+        if index % stride == 0 or index in edges:
+            ok, full = cap.retrieve(full)
+            if ok and full is not None:
+                if size is None:
+                    size = _fitted(full.shape[1], full.shape[0], max_side)
+                small = cv2.cvtColor(shrink(full, size), cv2.COLOR_BGR2RGB)
+        yield _Decoded(index, small, cap.get(cv2.CAP_PROP_POS_MSEC) if small is not None else math.nan)
+        index += 1
+
+
+def prefetch(items: Iterator[T], depth: int = 16) -> Iterator[T]:
+    """Run `items` in a thread, `depth` ahead: decoding (which releases the GIL) overlaps the consumer.
+
+    The queue is bounded, so memory stays constant; an exception in the thread is re-raised here.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, name="kimivl-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                thread.join(0.01)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    start: int
+    stop: int | None  # None: to the end of the video
+
+
+def plan_chunks(count: int, stride: int, workers: int) -> list[_Chunk]:
+    """Consecutive chunks covering the video (the last one open-ended, the header count may be off);
+    a single chunk when the count is unknown (0), one decoder is asked for, or the video is short."""
+    length = math.ceil(min(CHUNK_FRAMES, math.ceil(max(count, 0) / max(workers, 1))) / stride) * stride
+    if count <= 0 or workers < 2 or length < MIN_CHUNK_FRAMES:
+        return [_Chunk(0, None)]
+    starts = list(range(0, count, length))
+    return [_Chunk(a, b) for a, b in itertools.pairwise(starts)] + [_Chunk(starts[-1], None)]
+
+
+_CHUNK_END = object()
+
+
+def _chunk_items(out: Queue) -> Iterator[_Decoded]:
+    """A chunk's frames as its thread puts them in `out`; its exception is raised here."""
+    while (item := out.get()) is not _CHUNK_END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _same_frame(a: _Decoded, b: _Decoded) -> bool:
+    """Same position, timestamp and pixels: the check that a seek landed where it was asked to."""
+    return (
+        a.index == b.index
+        and a.msec == b.msec
+        and a.small is not None
+        and b.small is not None
+        and np.array_equal(a.small, b.small)
+    )
 
 
 def _fitted(width: int, height: int, max_side: int | None) -> tuple[int, int]:

@@ -1,4 +1,7 @@
-"""model layer: MoonViT -> projector -> DeepSeek-V3 language model, the MLA cache, the checkpoint loader.
+"""The model: MoonViT -> projector -> DeepSeek-V3 language model, the MLA cache, the checkpoint loader.
+
+Above `kernels` and `quant` (the loader swaps quantized modules in); `engine` runs it. `config`
+is a leaf every layer may read.
 
 Exports resolve lazily, so `import kimivl_cli.model.config` stays as light as the config itself.
 """

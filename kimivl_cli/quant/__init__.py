@@ -1,5 +1,6 @@
 """Weight quantization: the NF4 format (`nf4`), the modules that hold quantized weights (`modules`)
-and the one list of modes every command accepts."""
+and the one list of modes every command accepts. Between `kernels` (which its modules call) and
+`model` (whose loader swaps them in)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Presentation: Rich on a terminal, plain text in pipes, JSON for scripts.
+"""Presentation: Rich on a terminal, plain text in pipes, JSON for scripts. It draws `engine`
+events and task results; only `cli` uses it.
 
 A command builds one `Output` from its flags and sends everything through it:
 

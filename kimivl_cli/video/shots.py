@@ -18,8 +18,8 @@ it: a slow brightness flash or a fade-out/fade-in of the same shot is reported a
 "uncertain" candidate for `--verify-shots` instead. The first and last frames never start a
 boundary that cannot be confirmed by frames on both sides.
 
-Cost: O(N) in the number of sampled frames, about 0.1 ms per frame at 96 px on top of decoding
-(which `reader.FrameReader` spreads over the cores); the flash test adds O(L^2) distance
+Cost: O(N) in the number of sampled frames, small beside decoding (which `media.video.VideoFile.stream`
+spreads over the cores; figures in docs/performance.md); the flash test adds O(L^2) distance
 evaluations only at frames above the threshold. Memory is constant: a ring buffer of
 `2 * lookahead + 2` frame features (a few KB each) plus the list of boundaries found; frames are
 never kept. With `stride > 1` only every stride-th frame is converted and analysed (the others
@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from kimivl_cli.errors import InputError
-from kimivl_cli.video.reader import FrameReader
+from kimivl_cli.media.video import VideoFile
 
 BoundaryKind = Literal["cut", "dissolve", "fade"]
 CandidateKind = Literal["flash", "gradual", "cut"]
@@ -131,9 +131,9 @@ class _Frame:
     step: float = 0.0  # content distance to the previous analysed frame
 
 
-def _features(index: int, small_bgr: np.ndarray) -> _Frame:
-    gray = cv2.cvtColor(small_bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
-    hsv = cv2.cvtColor(small_bgr, cv2.COLOR_BGR2HSV)
+def _features(index: int, small_rgb: np.ndarray) -> _Frame:
+    gray = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    hsv = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2HSV)
     hist = cv2.calcHist([hsv], [0, 1, 2], None, [16, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
     hist /= max(float(hist.sum()), 1.0)
     means, stds = cv2.meanStdDev(gray)
@@ -144,7 +144,7 @@ def _features(index: int, small_bgr: np.ndarray) -> _Frame:
 
 
 def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """mean(|a - b|) in one OpenCV pass (numpy's abs + mean cost ~5x more on these small frames)."""
+    """mean(|a - b|) in one OpenCV pass (cheaper than numpy's abs + mean on these small frames)."""
     return cv2.norm(a, b, cv2.NORM_L1) / a.size
 
 
@@ -193,8 +193,8 @@ class ShotDetector:
 
     # -- input -------------------------------------------------------------------------------
 
-    def push(self, index: int, small_bgr: np.ndarray) -> None:
-        frame = _features(index, small_bgr)
+    def push(self, index: int, small_rgb: np.ndarray) -> None:
+        frame = _features(index, small_rgb)
         if self.window:
             frame.step = distance(self.window[-1], frame)
         self.window.append(frame)
@@ -332,22 +332,22 @@ def auto_stride(fps: float) -> int:
 def detect_shots(path: str | Path, params: DetectorParams = DetectorParams(), workers: int | None = None) -> ShotList:
     """Stream a video file through `ShotDetector` and cut it into shots (InputError if it has no frames).
 
-    `workers`: parallel decoders (see `reader.FrameReader`; default one per core, at most 4).
+    `workers`: parallel decoders (see `media.video.VideoFile.stream`; default one per core, at most 4).
     """
     started = time.perf_counter()
     frames = 0
-    with FrameReader(path, workers) as reader:
-        fps, count = reader.fps, reader.count
+    with VideoFile(path) as video:
+        fps, count = video.fps, video.declared_frames
         stride = params.stride or auto_stride(fps)
         detector = ShotDetector(params, stride)
-        for index, small in reader.frames(params.max_side, stride):
-            detector.push(index, small)
-            frames = index + 1
+        for frame in video.stream(params.max_side, stride, workers):
+            detector.push(frame.index, frame.image)
+            frames = frame.index + 1
     if frames == 0:
         raise InputError(f"{path}: no frame could be decoded (empty or truncated video)", "check the file plays")
     boundaries = detector.finish()
     warnings = []
-    if count > 0 and frames < count - stride:
+    if count is not None and frames < count - stride:
         warnings.append(f"{Path(path).name}: decoding stopped at frame {frames} of {count} (truncated file?)")
     return ShotList(
         video=str(path),

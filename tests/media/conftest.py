@@ -13,6 +13,7 @@ from PIL import Image
 
 from kimivl_cli.errors import InputError
 from tests.conftest import packaged_file
+from tests.video.conftest import synthetic_clip  # noqa: F401  (fixture: a clip with every transition, for stream tests)
 
 
 def skimage_file(name: str) -> Path:

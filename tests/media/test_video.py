@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ import pytest
 from kimivl_cli.errors import InputError
 from kimivl_cli.media import MediaKind, VideoFile, sniff
 from kimivl_cli.media import video as video_module
-from kimivl_cli.video.reader import FrameReader
+from kimivl_cli.video.shots import detect_shots
 from tests.media.conftest import error_line, vfr_mkv
 
 
@@ -104,9 +105,11 @@ def test_file_cut_short(ramp_avi: Path, tmp_path: Path) -> None:
         assert "cannot be decoded" in error_line(video.sample, count=10)
 
 
-def test_truncated_mp4(bikes_mp4: Path) -> None:
+def test_truncated_mp4(bikes_mp4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = bikes_mp4.read_bytes()
     assert "<bytes>: not a readable video" in error_line(VideoFile, data[: len(data) // 2])
+    assert list(tmp_path.iterdir()) == []  # the bytes were spooled to a file, removed with the error
 
 
 @pytest.mark.parametrize(("fourcc", "suffix"), [("MJPG", "avi"), ("mp4v", "mp4")])
@@ -120,11 +123,11 @@ def test_no_frames(tmp_path: Path, fourcc: str, suffix: str) -> None:
 
 def test_a_video_without_a_frame_rate_is_refused_alike_everywhere(tmp_path: Path) -> None:
     """One frame in Matroska: FFmpeg reports the 1000/s time base, not a rate. `ask` (VideoFile)
-    and video-scenes' shot reader refuse it in the same words rather than assume 25 fps."""
+    and video-scenes' shot detector refuse it in the same words rather than assume 25 fps."""
     path = tmp_path / "one.mkv"
     path.write_bytes(vfr_mkv([0]))
     line = error_line(VideoFile, path)
-    assert line == error_line(FrameReader, path)
+    assert line == error_line(detect_shots, path)
     assert "one.mkv: the video reports no frame rate" in line
 
 

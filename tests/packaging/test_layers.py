@@ -1,4 +1,5 @@
-"""Layer rules the code can check: the shot detector is a leaf on media, videos open in one place."""
+"""Layer rules the code can check: the one-way flow of README's "How it is built", the shot
+detector a leaf on media, videos opened in one place."""
 
 from __future__ import annotations
 
@@ -12,6 +13,54 @@ def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+LAYERS = [
+    "media",
+    "video",
+    "processor",
+    "kernels",
+    "quant",
+    "model",
+    "engine",
+    "backends",
+    "tasks",
+    "render",
+    "serve",
+    "cli",
+]
+"""README's order ("How it is built"): a module imports only from its own layer and those before it."""
+
+LEAVES = ["errors", "guards", "files", "prompts"]
+"""Top-level modules any layer may read, as it may `model/config.py` and the package's `__version__`."""
+
+OUTSIDE = ["testing", "golden", "demo", "__main__"]
+"""Test support and entry points: they may import any layer, and no layer imports them."""
+
+KNOWN = {("kernels", "kimivl_cli.quant.nf4")}
+"""Imports against the order that are being removed: issue 16 moves the NF4 format to a leaf."""
+
+
+def _shared(module: str) -> bool:
+    return module == "kimivl_cli" or module.startswith(
+        (*(f"kimivl_cli.{leaf}" for leaf in LEAVES), "kimivl_cli.model.config")
+    )
+
+
+def test_every_import_follows_the_one_way_flow() -> None:
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if layer in OUTSIDE or layer in LEAVES or layer == "__init__":
+            continue
+        assert layer in LAYERS, f"{layer}: a new package? place it in LAYERS and in README's list"
+        for module in _imports(path):
+            if not module.startswith("kimivl_cli") or _shared(module) or (layer, module) in KNOWN:
+                continue
+            target = module.split(".")[1]
+            if target not in LAYERS or LAYERS.index(target) > LAYERS.index(layer):
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert wrong == []
 
 
 def test_the_shot_detector_imports_only_media() -> None:

@@ -28,7 +28,7 @@ from kimivl_cli.testing.checkpoint import (
 
 
 def expected_shapes(c: KimiVLConfig) -> dict[str, tuple[int, ...]]:
-    """The official state dict, written from the spec (section 2) independently of the generator."""
+    """The official state dict (the reference's names and shapes), written independently of the generator."""
     v, t = c.vision, c.text
     D, P, F = v.hidden_size, v.patch_size, v.intermediate_size
     out: dict[str, tuple[int, ...]] = {
@@ -88,7 +88,7 @@ def test_full_size_parameter_count():
     full = expected_shapes(SIZES["full"])
     assert sum(_numel(s) for s in full.values()) == 16_407_656_048 == count_params(SIZES["full"])
     assert full["language_model.model.layers.1.mlp.shared_experts.gate_proj.weight"] == (2816, 2048)
-    real = SIZES["full"]  # the spec's config (the lead's defaults) plus the tokenizer's special ids
+    real = SIZES["full"]  # the published Kimi-VL config (our config defaults) plus the tokenizer's special ids
     assert real.vision == VisionConfig()
     assert replace(real.text, bos_token_id=None, eos_token_id=None, pad_token_id=None) == TextConfig()
     assert (real.text.bos_token_id, real.text.eos_token_id, real.text.pad_token_id) == (163584, 163585, 163839)
