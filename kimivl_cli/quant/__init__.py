@@ -1,5 +1,5 @@
-"""Weight quantization: the NF4 format (`nf4`), the modules that hold quantized weights (`modules`)
-and the one list of modes every command accepts."""
+"""Weight quantization: the modules that hold quantized weights (`modules`, in the formats of
+`kimivl_cli.weight_formats`) and the one list of modes every command accepts."""
 
 from __future__ import annotations
 
