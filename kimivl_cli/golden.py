@@ -28,6 +28,7 @@ from kimivl_cli.errors import CheckpointError, KimivlError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.model.weights import load_model
+from kimivl_cli.testing.stages import record_stages
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_hws")
 # Pipeline order of the stages (a golden key is `stage` or `stage.<suffix>`).
@@ -93,22 +94,14 @@ def _order(key: str) -> tuple[int, list[int]]:
 
 @torch.no_grad()
 def run_stages(model: KimiVL, golden: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """One full forward (with trace) and a cached greedy decode; returns tensors named like the golden keys."""
+    """One full forward (its stages recorded) and a cached greedy decode; returns tensors named like the
+    golden keys."""
     ids = golden["input_ids"].to(device)
     pixels = golden["pixel_values"].to(device) if "pixel_values" in golden else None
     grids = golden["image_grid_hws"] if pixels is not None else None
-    trace: dict = {}
-    got: dict[str, torch.Tensor] = {"logits": model(ids, pixels, grids, trace=trace)}
-    for key in ("vision_pos_emb", "vision_patch_embed", "vision_encoder_out", "projector_out"):
-        if key in trace:
-            got[key] = trace[key]
-    for i, out in enumerate(trace.get("vision_tower_out", [])):
-        got[f"vision_tower_out.{i}"] = out
-    if "hidden_states" in trace:
-        got["hidden_states"] = torch.stack([h[0] for h in trace["hidden_states"]])
-    for name in ("router_topk_idx", "router_topk_weight"):
-        for layer, t in trace.get(name, {}).items():
-            got[f"{name}.layer{layer}"] = t
+    with record_stages(model) as stages:
+        logits = model(ids, pixels, grids)
+    got = {**stages, "logits": logits}
     if "generated_ids" in golden:
         got["generated_ids"], got["decode_step_logits"] = greedy(
             model, ids, pixels, grids, len(golden["generated_ids"])

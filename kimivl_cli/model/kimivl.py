@@ -12,7 +12,7 @@ from torch import nn
 from kimivl_cli.errors import InputError
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig
-from kimivl_cli.model.language import LanguageModel, Trace
+from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.model.projector import Projector
 from kimivl_cli.model.vision import MoonViT
 
@@ -25,20 +25,11 @@ class KimiVL(nn.Module):
         self.multi_modal_projector = Projector(config.vision, config.text)
         self.language_model = LanguageModel(config.text)
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, grid_hws: torch.Tensor, trace: Trace | None = None
-    ) -> torch.Tensor:
-        """pixel_values [N, 3, 14, 14], grid_hws [I, 2] -> features [F, D], one per placeholder, in order.
-
-        trace collects the tower's stages plus `vision_tower_out` (list per image) and `projector_out`.
-        """
+    def encode_images(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, 14, 14], grid_hws [I, 2] -> features [F, D], one per placeholder, in order."""
         dtype = self.multi_modal_projector.linear_1.weight.dtype
-        merged = self.vision_tower(pixel_values.to(dtype), grid_hws, trace)
-        features = self.multi_modal_projector(torch.cat(merged))
-        if trace is not None:
-            trace["vision_tower_out"] = merged
-            trace["projector_out"] = features
-        return features
+        merged = self.vision_tower(pixel_values.to(dtype), grid_hws)
+        return self.multi_modal_projector(torch.cat(merged))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> embeddings [B, T, D] with the image features written, in order, over the
@@ -65,18 +56,14 @@ class KimiVL(nn.Module):
         *,
         positions: torch.Tensor | int = 0,
         cache: LatentCache | None = None,
-        trace: Trace | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] (+ the images of their placeholders) -> fp32 logits [B, T, V].
-
-        trace (optional dict) gathers the golden stages: vision intermediates, `projector_out`,
-        `hidden_states`, `router_topk_idx`/`router_topk_weight` per MoE layer.
-        """
+        The golden stages are recorded by hooks (`kimivl_cli.testing.stages.record_stages`)."""
         features = None
         if pixel_values is not None:
             if grid_hws is None:
                 raise InputError("pixel_values given without image_grid_hws")
-            features = self.encode_images(pixel_values, grid_hws, trace)
+            features = self.encode_images(pixel_values, grid_hws)
         embeds = self.embed(input_ids, features)
-        hidden = self.language_model(embeds, positions, cache, trace=trace)
+        hidden = self.language_model(embeds, positions, cache)
         return self.language_model.logits(hidden)

@@ -16,7 +16,7 @@ R kv_lora_rank, W = R + Dr cache row, E experts, K experts per token, I expert i
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,6 @@ from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
 from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
-
-Trace = dict[str, Any]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -422,9 +420,8 @@ class TritonExperts(RoutedExperts):
 class MoE(nn.Module):
     """Routed experts (weighted, fp32 sum) plus always-on shared experts."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
         self.gate = Router(cfg)
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
@@ -433,14 +430,10 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, D]
         idx, weights = self.gate(flat)
-        if trace is not None:
-            sorted_idx, order = idx.sort(dim=-1)
-            trace.setdefault("router_topk_idx", {})[self.layer_idx] = sorted_idx
-            trace.setdefault("router_topk_weight", {})[self.layer_idx] = weights.gather(1, order)
         out = self.experts(flat, idx, weights).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -453,14 +446,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (
-            MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
-        )
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else FeedForward(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: Tensor, chunk: Chunk, trace: Trace | None) -> Tensor:
+    def forward(self, x: Tensor, chunk: Chunk) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), chunk)
-        normed = self.post_attention_layernorm(h)
-        return h + (self.mlp(normed, trace) if isinstance(self.mlp, MoE) else self.mlp(normed))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class DecoderStack(nn.Module):
@@ -504,7 +494,6 @@ class LanguageModel(nn.Module, DevicePaths):
         positions: Tensor | int = 0,
         cache: LatentCache | None = None,
         kv_len: int | None = None,
-        trace: Trace | None = None,
     ) -> Tensor:
         """embeds [B, T, D] -> final-norm hidden states [B, T, D].
 
@@ -513,8 +502,6 @@ class LanguageModel(nn.Module, DevicePaths):
         written at their positions and attention sees slots [0, kv_len); kv_len defaults to
         start + T for an int start, else to the cache capacity (correct by masking; pass a tighter
         bound to save work). Nothing here syncs with the device except the CPU expert grouping.
-        trace (optional dict) collects `hidden_states` (golden layout: embeddings, each layer's
-        output but the last, final norm) and `router_topk_idx`/`router_topk_weight` per MoE layer.
         """
         B, T, _ = embeds.shape
         if isinstance(positions, int):
@@ -525,16 +512,10 @@ class LanguageModel(nn.Module, DevicePaths):
             start, pos = None, positions
             kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
         chunk = Chunk(self.rotary(pos), pos, start, cache, kv_len)
-        hidden_states = trace.setdefault("hidden_states", []) if trace is not None else None
         h = embeds if self.residual_dtype is None else embeds.to(self.residual_dtype)
         for layer in self.model.layers:
-            if hidden_states is not None:
-                hidden_states.append(h)
-            h = layer(h, chunk, trace)
-        h = self.model.norm(h)
-        if hidden_states is not None:
-            hidden_states.append(h)
-        return h
+            h = layer(h, chunk)
+        return self.model.norm(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> fp32 logits [..., V] (a plain head: never rounded to the model's dtype,

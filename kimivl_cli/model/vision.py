@@ -16,16 +16,12 @@ images in bounded batches is the engine's job.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kimivl_cli.errors import InputError
 from kimivl_cli.model.config import VisionConfig
-
-Trace = dict[str, Any]
 
 # Attention scores materialised at once per image (heads x query block x keys): 2^26 fp32 = 256 MiB.
 ATTN_BLOCK_ELEMENTS = 1 << 26
@@ -106,12 +102,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.hidden_size, kernel_size=p, stride=p)
         self.pos_emb = PositionTable(cfg)
 
-    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], trace: Trace | None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         x = self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(1)  # [N, D]
-        pos = self.pos_emb(grids)
-        if trace is not None:
-            trace["vision_pos_emb"] = pos
-        return x + pos
+        return x + self.pos_emb(grids)
 
 
 class MLP(nn.Module):
@@ -195,23 +188,12 @@ class MoonViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.encoder = Encoder(cfg)
 
-    def forward(
-        self, pixel_values: torch.Tensor, grid_hws: torch.Tensor, trace: Trace | None = None
-    ) -> list[torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values [N, 3, p, p] (row-major patches of each image, images concatenated),
-        grid_hws [I, 2] (h, w) -> list of I tensors [h/kh * w/kw, M, D].
-
-        trace (optional dict) collects `vision_pos_emb`, `vision_patch_embed` and
-        `vision_encoder_out` (each [N, D], the golden file's stages).
-        """
+        grid_hws [I, 2] (h, w) -> list of I tensors [h/kh * w/kw, M, D]."""
         p = self.config.patch_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, p, p):
             raise InputError(f"pixel_values should have shape [patches, 3, {p}, {p}], got {list(pixel_values.shape)}")
         grids = grid_sizes(grid_hws, self.config, pixel_values.shape[0])
-        x = self.patch_embed(pixel_values, grids, trace)
-        if trace is not None:
-            trace["vision_patch_embed"] = x
-        x = self.encoder(x, grids)
-        if trace is not None:
-            trace["vision_encoder_out"] = x
+        x = self.encoder(self.patch_embed(pixel_values, grids), grids)
         return merge_patches(x, grids, self.config.merge_kernel_size)

@@ -18,6 +18,7 @@ from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.model.weights import load_model, materialize
 from kimivl_cli.testing.checkpoint import load_checkpoint
+from kimivl_cli.testing.stages import record_stages
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 CHECKPOINTS = ["tiny-a", "tiny-a-sharded", "tiny-b"]
@@ -47,17 +48,17 @@ def case(request, golden_dir: Path):
 @torch.no_grad()
 def test_full_forward_matches_reference(case) -> None:
     lm, _, golden, embeds = case
-    trace: dict = {}
-    logits = lm.logits(lm(embeds, 0, trace=trace))
+    with record_stages(lm) as stages:
+        logits = lm.logits(lm(embeds, 0))
     torch.testing.assert_close(logits, golden["logits"], **TOL)
-    torch.testing.assert_close(torch.stack([h[0] for h in trace["hidden_states"]]), golden["hidden_states"], **TOL)
-    moe_layers = sorted(trace["router_topk_idx"])
-    assert moe_layers == [int(k.split("layer")[1]) for k in golden if k.startswith("router_topk_idx.")]
-    for layer in moe_layers:
-        assert torch.equal(trace["router_topk_idx"][layer], golden[f"router_topk_idx.layer{layer}"])
-        torch.testing.assert_close(
-            trace["router_topk_weight"][layer], golden[f"router_topk_weight.layer{layer}"], **TOL
-        )
+    torch.testing.assert_close(stages["hidden_states"], golden["hidden_states"], **TOL)
+    routed = sorted(k for k in stages if k.startswith("router_topk_"))
+    assert routed == sorted(k for k in golden if k.startswith("router_topk_"))
+    for key in routed:
+        if key.startswith("router_topk_idx."):
+            assert torch.equal(stages[key], golden[key])
+        else:
+            torch.testing.assert_close(stages[key], golden[key], **TOL)
 
 
 @torch.no_grad()
@@ -82,11 +83,11 @@ def test_greedy_cached_decode_matches_reference(case) -> None:
 def test_whole_model_from_pixels_matches_reference(name: str, golden_dir: Path) -> None:
     model, cfg = load_model(golden_dir / name, dtype=torch.float32)
     golden = load_file(str(golden_dir / name / "golden.safetensors"))
-    trace: dict = {}
-    logits = model(golden["input_ids"], golden["pixel_values"], golden["image_grid_hws"], trace=trace)
-    torch.testing.assert_close(trace["projector_out"], golden["projector_out"], atol=2e-5, rtol=1e-4)
+    with record_stages(model) as stages:
+        logits = model(golden["input_ids"], golden["pixel_values"], golden["image_grid_hws"])
+    torch.testing.assert_close(stages["projector_out"], golden["projector_out"], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(logits, golden["logits"], **TOL)
-    torch.testing.assert_close(torch.stack([h[0] for h in trace["hidden_states"]]), golden["hidden_states"], **TOL)
+    torch.testing.assert_close(stages["hidden_states"], golden["hidden_states"], **TOL)
     # One placeholder too many (or too few) for the images is the user's error, said in one line.
     ids = golden["input_ids"].clone()
     ids[0, -1] = cfg.media_placeholder_token_id

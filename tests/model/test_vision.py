@@ -13,6 +13,7 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.model import vision
 from kimivl_cli.model.config import KimiVLConfig
 from kimivl_cli.model.vision import MoonViT, apply_rope_2d, rope_2d
+from kimivl_cli.testing.stages import record_stages
 
 VISION_ATOL = 2e-5
 
@@ -37,10 +38,10 @@ def case(request, golden_dir: Path) -> tuple[MoonViT, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def test_stages_match_reference(case) -> None:
     tower, golden = case
-    trace: dict = {}
-    merged = tower(golden["pixel_values"], golden["image_grid_hws"], trace)
+    with record_stages(tower) as stages:
+        merged = tower(golden["pixel_values"], golden["image_grid_hws"])
     for stage in ("vision_pos_emb", "vision_patch_embed", "vision_encoder_out"):
-        torch.testing.assert_close(trace[stage], golden[stage], atol=VISION_ATOL, rtol=0, msg=stage)
+        torch.testing.assert_close(stages[stage], golden[stage], atol=VISION_ATOL, rtol=0, msg=stage)
     assert len(merged) == golden["image_grid_hws"].shape[0]
     for i, out in enumerate(merged):
         torch.testing.assert_close(out, golden[f"vision_tower_out.{i}"], atol=VISION_ATOL, rtol=0)
@@ -104,9 +105,9 @@ def test_bf16_tower_runs_in_its_dtype(case) -> None:
     low = MoonViT(tower.config).eval()
     low.load_state_dict(tower.state_dict())
     low.to(torch.bfloat16)
-    trace: dict = {}
-    out = low(golden["pixel_values"], golden["image_grid_hws"], trace)
-    assert trace["vision_pos_emb"].dtype == torch.bfloat16
+    with record_stages(low) as stages:
+        out = low(golden["pixel_values"], golden["image_grid_hws"])
+    assert stages["vision_pos_emb"].dtype == torch.bfloat16
     for a, b in zip(ref, out, strict=True):
         assert b.dtype == torch.bfloat16
         assert (a - b.float()).abs().max() < 0.1 * a.abs().max()
