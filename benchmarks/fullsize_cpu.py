@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kimivl_cli.kernels import cpu
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import TextConfig
-from kimivl_cli.quant.footprint import nf4_footprint_bytes
+from kimivl_cli.testing.footprint import nf4_footprint_bytes
 
 
 def peak_rss_gb() -> float:

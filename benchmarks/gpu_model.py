@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kimivl_cli.model.config import TextConfig
-from kimivl_cli.quant.nf4 import BLOCKSIZE
 from kimivl_cli.testing.gpu_trace import decode_trace
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 H200_BANDWIDTH = 4.8e12  # bytes/s
 GRAPH_LAUNCH_US = 3.0

@@ -25,8 +25,8 @@ from kimivl_cli.kernels.moe_cpu import moe_cpu
 from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.quant.modules import NF4Linear
-from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
 from kimivl_cli.testing.nf4_twins import stacked_nf4_experts
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4
 
 E, H, INTER, TOP_K, SHARED = 64, 2048, 1408, 6, 2
 

@@ -55,8 +55,8 @@ from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.model.weights import materialize
 from kimivl_cli.processor.image import process_images
 from kimivl_cli.quant.modules import quantize_linears_
-from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
 from kimivl_cli.testing.gpu_trace import CudaTrace, decode_trace
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4
 
 # Kimi-VL's NF4 linears (N, K) at batch 1: attention, the dense first layer, shared and routed experts.
 KIMIVL_LINEARS = {

@@ -2,7 +2,7 @@
 
 Shapes: M input rows (tokens), K inner, N output rows, BN rows per program, NB 64-weight blocks
 per loop step. A weight is either dense `[N, K]` (bf16/fp32) or NF4 `(packed [N, K/2] uint8,
-absmax [N, K/64] fp32)` (see quant/nf4.py).
+absmax [N, K/64] fp32)` (see weight_formats.py).
 
 Batch-1 decode reads every weight once and does two flops per weight, so a GEMV is bound by
 how fast its program grid streams the weight. Each program owns BN output rows and the whole K
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kimivl_cli.kernels.moe_triton import _nf4_level
-from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
+from kimivl_cli.weight_formats import BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [N, K] or NF4 (packed, absmax)
 Norm = tuple[torch.Tensor, float]  # RMSNorm weight [K], eps

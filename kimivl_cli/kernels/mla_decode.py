@@ -43,7 +43,7 @@ from kimivl_cli.kernels.gemv import (
     tl_dtype,
     weight_tile,
 )
-from kimivl_cli.quant.nf4 import BLOCKSIZE
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLITS = 64

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kimivl_cli.kernels import cpu, native
-from kimivl_cli.quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_nf4
+from kimivl_cli.weight_formats import BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 
 @functools.cache

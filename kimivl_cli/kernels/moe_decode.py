@@ -56,7 +56,7 @@ from kimivl_cli.kernels.gemv import (
 )
 from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.kernels.routing import DROPPED_GROUP_SCORE, RoutingConfig
-from kimivl_cli.quant.nf4 import BLOCKSIZE
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 DROPPED_GROUP = tl.constexpr(DROPPED_GROUP_SCORE)  # a Triton kernel reads only constexpr globals
 MAX_TOKENS = 16  # beyond this the grouped tensor-core kernel (moe_triton) is the faster path

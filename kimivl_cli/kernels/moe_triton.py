@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kimivl_cli.kernels.align import Alignment, align_tokens
-from kimivl_cli.quant.nf4 import BLOCKSIZE
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_K = BLOCKSIZE  # one NF4 absmax block per K step

@@ -161,7 +161,7 @@ def q8_matmul(
 def int8_blocks_matmul(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None
 ) -> torch.Tensor:
-    """x [T, K] @ Wᵀ -> [T, N] fp32 for W in int8 blocks (`quant.nf4.quantize_int8_blocks`: q [N, K] int8,
+    """x [T, K] @ Wᵀ -> [T, N] fp32 for W in int8 blocks (`weight_formats.quantize_int8_blocks`: q [N, K] int8,
     scale [N, K/64] fp32), int8 activations per 64-block: integer block sums, one scale per block pair."""
     lib = _lib(lib)
     n, k = q.shape

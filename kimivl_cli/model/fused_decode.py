@@ -45,7 +45,7 @@ from kimivl_cli.model.language import (
     RoutedExperts,
 )
 from kimivl_cli.quant.modules import NF4Experts, NF4Linear, NF4SwiGLU
-from kimivl_cli.quant.nf4 import BLOCKSIZE
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -112,7 +112,7 @@ class _Layer:
 
 def _layer(layer: nn.Module, rotary: RotaryEmbedding, inv_freq: torch.Tensor) -> _Layer:
     attn: MLAttention = layer.self_attn
-    if not hasattr(attn, "q_proj"):
+    if attn.q_lora:
         raise Unsupported("a q_lora_rank (q_a_proj / q_b_proj)")
     if attn.rank % BLOCKSIZE or attn.rank & (attn.rank - 1):
         raise Unsupported(f"kv_lora_rank {attn.rank} is not a power of two >= {BLOCKSIZE}")

@@ -4,6 +4,11 @@ Module and parameter names equal the official checkpoint keys minus `language_mo
 routed experts, which are stacked per layer (`mlp.experts.gate_proj` [E, I, D]) so one kernel can
 serve all of them; `RoutedExperts` maps the official per-expert keys onto the stacks on load.
 
+Paths are chosen once, when the loader knows the device (`DevicePaths.placed`, called by
+`model/weights.materialize`): the modules as built run on CPU; on CUDA the routed experts become
+`TritonExperts` and the others drop their CPU-only kernels and fp32 upcasts. Forwards never read
+the device.
+
 Legend: B batch, T tokens, L attended keys, D hidden, H heads, Dn/Dr/Dv nope/rope/value head dims,
 R kv_lora_rank, W = R + Dr cache row, E experts, K experts per token, I expert intermediate.
 """
@@ -21,16 +26,17 @@ from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
+from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
 
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """x [..., K] @ weightᵀ -> [..., N] in `out_dtype` (default x's). On CPU, one row of bf16 runs the
-    native GEMV (fp32 sums, one rounding: batch-1 decode); more rows of half precision run as the CPU
-    plan measured fastest on this machine (`kernels/cpu.py`: a bf16 GEMM, or an upcast to fp32)."""
+    """x [..., K] @ weightᵀ -> [..., N] in `out_dtype` (default x's), on CPU tensors. One row of bf16
+    runs the native GEMV (fp32 sums, one rounding: batch-1 decode); more rows of half precision run as
+    the CPU plan measured fastest on this machine (`kernels/cpu.py`: a bf16 GEMM, or an upcast to fp32)."""
     out_dtype = out_dtype or x.dtype
-    if x.device.type == "cpu" and x.dtype in _HALF:
+    if x.dtype in _HALF:
         rows = x.numel() // x.shape[-1]
         if rows == 1 and weight.dtype == torch.bfloat16 and native.available():
             return native.bf16_matvec(x.reshape(-1), weight).to(out_dtype).view(*x.shape[:-1], -1)
@@ -40,23 +46,26 @@ def linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype | None = None) -> T
 
 
 def _native_bf16(x: Tensor, *weights: Tensor) -> bool:
-    """One token on CPU with bf16 weights and the native kernels: the fused expert/MLP call applies."""
-    return (
-        x.device.type == "cpu"
-        and x.shape[0] == 1
-        and all(w.dtype == torch.bfloat16 for w in weights)
-        and native.available()
-    )
+    """One token (of CPU tensors) with bf16 weights and the native kernels: the fused expert/MLP call applies."""
+    return x.shape[0] == 1 and all(w.dtype == torch.bfloat16 for w in weights) and native.available()
 
 
-class Linear(nn.Linear):
-    """Bias-free `nn.Linear` through `linear`; quantization swaps it like any nn.Linear."""
+class Linear(nn.Linear, DevicePaths):
+    """Bias-free `nn.Linear`: through `linear` on CPU, `F.linear` on CUDA; quantization swaps it like any
+    nn.Linear."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
+        self.cpu_kernels = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+    def placed(self, device: torch.device) -> Linear:
+        self.cpu_kernels = device.type == "cpu"
+        return self
+
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        if self.cpu_kernels:
+            return linear(x, self.weight, out_dtype)
+        return F.linear(x, self.weight).to(out_dtype or x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -131,19 +140,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+class FeedForward(nn.Module, DevicePaths):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); the dense layers and the shared experts. On CPU one
+    bf16 token is one native call (`fused_one_token`)."""
 
     def __init__(self, dim: int, inter: int) -> None:
         super().__init__()
         self.gate_proj = Linear(dim, inter)
         self.up_proj = Linear(dim, inter)
         self.down_proj = Linear(inter, dim)
+        self.fused_one_token = True
+
+    def placed(self, device: torch.device) -> FeedForward:
+        self.fused_one_token = device.type == "cpu"
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         flat = x.reshape(-1, x.shape[-1])
-        if _native_bf16(flat, *weights):  # one native call: gate, up, SiLU·mul, down
+        if self.fused_one_token and _native_bf16(flat, *weights):  # one native call: gate, up, SiLU·mul, down
             one = torch.zeros(1, dtype=torch.int64)
             out = native.bf16_moe_decode(flat[0], one, torch.ones(1), *(w[None] for w in weights))
             return out.to(x.dtype).view(x.shape)
@@ -160,7 +175,7 @@ class Chunk(NamedTuple):
     kv_len: int  # attention sees cache slots [0, kv_len)
 
 
-class MLAttention(nn.Module):
+class MLAttention(nn.Module, DevicePaths):
     """Multi-head latent attention.
 
     Each token projects to a latent c (R) plus one rope key k_pe (Dr) shared by all heads;
@@ -177,7 +192,8 @@ class MLAttention(nn.Module):
         self.n_heads, self.rank = cfg.num_attention_heads, cfg.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q_out = self.n_heads * cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
+        self.q_lora = cfg.q_lora_rank is not None
+        if not self.q_lora:
             self.q_proj = Linear(cfg.hidden_size, q_out)
         else:
             self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
@@ -196,6 +212,12 @@ class MLAttention(nn.Module):
         absorbed_extra = 2 * self.rank - self.nope_dim - self.v_dim
         self.absorb_max_tokens = max(1, self.rank * (self.nope_dim + self.v_dim) // max(absorbed_extra, 1) - 1)
         self._absorbed_weights: tuple[Tensor, Tensor] | None = None  # see `_absorb_weights`
+        # The absorbed path's dtype, None for the input's: fp32 on CPU (see `_absorbed`).
+        self.absorbed_dtype: torch.dtype | None = torch.float32
+
+    def placed(self, device: torch.device) -> MLAttention:
+        self.absorbed_dtype = torch.float32 if device.type == "cpu" else None
+        return self
 
     def _absorb_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """kv_b_proj's weight split for the absorbed path: w_uk [H, Dn, R], w_uvᵀ [H, R, Dv] in `dtype`.
@@ -221,7 +243,7 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
 
     def _query(self, x: Tensor) -> Tensor:
-        if hasattr(self, "q_proj"):
+        if not self.q_lora:
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
@@ -270,7 +292,7 @@ class MLAttention(nn.Module):
         twice): work O(H·T·(Dn·R + L·W)).
         """
         B, T, H, _ = q_nope.shape
-        dtype = torch.float32 if q_nope.device.type == "cpu" else q_nope.dtype
+        dtype = self.absorbed_dtype or q_nope.dtype
         w_uk, w_uv_t = self._absorb_weights(dtype)  # [H, Dn, R], [H, R, Dv]
         q_lat = torch.matmul(q_nope.to(dtype).transpose(1, 2), w_uk)  # [B, H, T, R]
         q = torch.cat((q_lat, q_pe.transpose(1, 2).to(dtype)), dim=-1).reshape(B, H * T, -1)  # heads share keys
@@ -279,7 +301,7 @@ class MLAttention(nn.Module):
         return torch.matmul(o.view(B, H, T, self.rank), w_uv_t).transpose(1, 2).to(q_nope.dtype)  # [B, T, H, Dv]
 
 
-class Router(nn.Module):
+class Router(nn.Module, KeepsDtype):
     """Sigmoid gate with bias-corrected, group-limited top-k (DeepSeek-V3 `noaux_tc`).
 
     Kept in fp32 whatever the model dtype (`param_dtype`): routing is discrete, a rounding
@@ -301,11 +323,11 @@ class Router(nn.Module):
         return route(x, self.weight, self.e_score_correction_bias, self.routing)
 
 
-class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as stacks: gate/up [E, I, D], down [E, D, I].
+class RoutedExperts(nn.Module, OwnsCheckpointKeys, DevicePaths):
+    """E SwiGLU experts stored as stacks: gate/up [E, I, D], down [E, D, I], run on CPU.
 
-    The one place that runs experts, so a fused kernel (or an NF4 module with the same layout and
-    `checkpoint_tensors`/`load_tensor`) can replace it. Official keys `E.gate_proj.weight` etc.
+    The one place that runs experts, so a fused kernel (`TritonExperts` on CUDA, or an NF4 module
+    with the same layout and loader hooks) can replace it. Official keys `E.gate_proj.weight` etc.
     land in row E of the stacks.
     """
 
@@ -334,22 +356,17 @@ class RoutedExperts(nn.Module):
     def load_tensor(self, name: str, tensor: Tensor) -> None:
         self.checkpoint_tensor(name).copy_(tensor)
 
+    def placed(self, device: torch.device) -> RoutedExperts:
+        return twin(self, TritonExperts) if device.type == "cuda" else self
+
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], idx [T, K], weights [T, K] fp32 -> sum_k weights·expert_k(x) [T, D], fp32 accumulation.
 
-        CUDA: the fused Triton MoE (sync-free, reads only the chosen experts' weights in place).
-        CPU: the native bf16 one-token call where it runs, else one token's experts in turn, or grouped
-        by expert; a compiled CPU step gathers instead.
+        The native bf16 one-token call where it runs, else one token's experts in turn, or grouped by expert.
         """
-        if x.is_cuda:
-            from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
-
-            return fused_moe(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj)
-        if idx.numel() <= self.gate_proj.shape[0] and torch.compiler.is_compiling():
-            return self._gathered(x, idx, weights)  # sync-free: a compiled step has no data-dependent shapes
         if _native_bf16(x, self.gate_proj, self.up_proj, self.down_proj):
             return native.bf16_moe_decode(x[0], idx[0], weights[0], self.gate_proj, self.up_proj, self.down_proj)[None]
-        if x.device.type == "cpu" and x.shape[0] == 1:
+        if x.shape[0] == 1:
             return self._single(x, idx, weights)
         return self._grouped(x, idx, weights)
 
@@ -386,14 +403,18 @@ class RoutedExperts(nn.Module):
                 start += n
         return out
 
-    def _gathered(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """Sync-free for a few tokens: gather the T·K active experts' weights (a copy) and batch the GEMVs."""
-        T, K = idx.shape
-        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [T*K, D, 1]
-        flat = idx.flatten()
-        h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * torch.bmm(self.up_proj[flat], xs)  # [T*K, I, 1]
-        y = torch.bmm(self.down_proj[flat], h).view(T, K, -1)
-        return (y.float() * weights[..., None]).sum(1)
+
+class TritonExperts(RoutedExperts):
+    """`RoutedExperts` on CUDA: the fused Triton MoE (sync-free, reads only the chosen experts' weights
+    in place, CUDA-graph safe)."""
+
+    def placed(self, device: torch.device) -> RoutedExperts:
+        return self if device.type == "cuda" else twin(self, RoutedExperts)
+
+    def forward(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+        from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
+
+        return fused_moe(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class MoE(nn.Module):
@@ -442,7 +463,7 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(nn.Module, DevicePaths):
     """DeepSeek-V3 causal LM (`language_model.*`): embeddings in, final-norm hidden states out;
     `logits()` is separate so an engine can project only the positions it samples from."""
 
@@ -455,6 +476,14 @@ class LanguageModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # The residual stream's dtype, None for the embeddings': fp32 on CPU (sublayers still compute in
+        # the weights' dtype), where a bf16 stream rounds every layer's sum, the largest error of a bf16
+        # model against its fp32 self.
+        self.residual_dtype: torch.dtype | None = torch.float32
+
+    def placed(self, device: torch.device) -> LanguageModel:
+        self.residual_dtype = torch.float32 if device.type == "cpu" else None
+        return self
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
@@ -483,9 +512,7 @@ class LanguageModel(nn.Module):
             start, pos = None, positions
             kv_len = (cache.capacity if cache is not None else T) if kv_len is None else kv_len
         chunk = Chunk(self.rotary(pos), pos, start, cache, kv_len)
-        # On CPU the residual stream stays fp32 (sublayers still compute in the weights' dtype): a bf16
-        # stream rounds every layer's sum, the largest error of a bf16 model against its fp32 self.
-        h = embeds.float() if embeds.device.type == "cpu" else embeds
+        h = embeds if self.residual_dtype is None else embeds.to(self.residual_dtype)
         for layer in self.model.layers:
             h = layer(h, chunk)
         return self.model.norm(h)
@@ -493,6 +520,6 @@ class LanguageModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> fp32 logits [..., V] (a plain head: never rounded to the model's dtype,
         which flips ~2% of a random bf16 model's argmaxes)."""
-        if isinstance(self.lm_head, nn.Linear):
-            return linear(hidden, self.lm_head.weight, torch.float32)
+        if isinstance(self.lm_head, Linear):
+            return self.lm_head(hidden, torch.float32)
         return self.lm_head(hidden).float()

@@ -6,10 +6,11 @@ memory is the model plus about one tensor, never the checkpoint. Every key and s
 against the model from the shard headers before any data is read, so a bad checkpoint fails fast
 with one line and never leaves a half-loaded model behind.
 
-Hook for per-tensor transforms (e.g. NF4 quantise-on-load): a module that defines
-`checkpoint_tensors() -> {official suffix: shape}` and `load_tensor(suffix, tensor)` owns those
-official keys; the loader hands it each tensor instead of copying into a parameter, and does not
-look at its parameters. `RoutedExperts` uses this to stack per-expert keys.
+Hooks (`model/hooks.py`, protocols the modules declare): an `OwnsCheckpointKeys` module takes its
+official keys itself (`checkpoint_tensors() -> {official suffix: shape}`, `load_tensor(suffix, tensor)`)
+instead of a copy into a parameter; `RoutedExperts` stacks per-expert keys this way, the quantized
+modules quantise on load. A `KeepsDtype` module keeps its own dtype; a `DevicePaths` module is swapped,
+when the device is known (`materialize`), for the version that runs there (e.g. the Triton experts).
 
 Quantization (`quant="nf4"|"int8"`): the meta-built language model's linears are swapped for empty
 quantized modules (`kimivl_cli.quant.modules`) on the target device, which take their bf16 tensors
@@ -31,7 +32,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from kimivl_cli.errors import CheckpointError, InputError, RuntimeFailure
 from kimivl_cli.files import user_file_mode
 from kimivl_cli.guards import check_output, inside, is_regular, read_json, short_repr
 from kimivl_cli.model.config import KimiVLConfig
+from kimivl_cli.model.hooks import KeepsDtype, OwnsCheckpointKeys, place
 from kimivl_cli.model.hub import is_repo_id
 from kimivl_cli.model.kimivl import KimiVL
 from kimivl_cli.quant import SAVED_MODES, STORED_MODES, quant_mode
@@ -57,6 +59,8 @@ AUTO_WEIGHT_SHARE = 0.7
 QUANT_METADATA_KEY = "kimivl_quant"  # safetensors `__metadata__` entry of a pre-quantized checkpoint
 SHARD_BYTES = 4 << 30  # shard size `save_quantized` writes
 
+
+M = TypeVar("M", bound=nn.Module)
 
 LoadProgress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
 """`progress(total_bytes, description)` -> a context yielding `advance(nbytes)`: how a caller shows loading."""
@@ -168,13 +172,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
 # --- building and filling the model ------------------------------------------------------------
 
 
-def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Replace meta parameters/buffers with uninitialised storage in their final dtype and device.
+def materialize(model: M, dtype: torch.dtype, device: torch.device | str) -> M:
+    """Choose each module's path for `device` (`hooks.place`: the model returned is `model` unless it
+    is itself swapped), then replace meta parameters/buffers with uninitialised storage in their final
+    dtype and device.
 
-    Floating parameters take `dtype` unless their module sets `param_dtype` (the fp32 router).
-    Tied parameters stay tied. A module whose non-persistent buffers are computed must define
-    `reset_buffers()`, called after allocation.
+    Floating parameters take `dtype` unless their module `KeepsDtype` (the fp32 router).
+    Tied parameters stay tied. Computed (non-persistent) buffers are refused: nothing would fill them
+    (modules compute such values per call, like `RotaryEmbedding`).
     """
+    model = place(model, device)
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta) -> (meta kept alive, real)
 
     def alloc(t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
@@ -184,19 +191,22 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
         return made[id(t)][1]
 
     for module in model.modules():
-        want = getattr(module, "param_dtype", None) or dtype
+        want = _param_dtype(module, dtype)
         for name, p in list(module._parameters.items()):
             if p is not None:
                 module._parameters[name] = alloc(p, want)
-        meta_buffers = False
         for name, b in list(module._buffers.items()):
             if b is not None and b.is_meta:
+                if name in module._non_persistent_buffers_set:
+                    raise RuntimeError(
+                        f"{type(module).__name__}.{name} is a computed buffer, which loading leaves empty"
+                    )
                 module._buffers[name] = alloc(b, want)
-                meta_buffers |= name in module._non_persistent_buffers_set
-        if meta_buffers:
-            if not hasattr(module, "reset_buffers"):
-                raise RuntimeError(f"{type(module).__name__} has computed buffers but no reset_buffers()")
-            module.reset_buffers()
+    return model
+
+
+def _param_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    return module.param_dtype if isinstance(module, KeepsDtype) else dtype
 
 
 def checkpoint_targets(model: nn.Module, prefix: str = "", stored_quantized: bool = False) -> dict[str, Target]:
@@ -209,7 +219,7 @@ def checkpoint_targets(model: nn.Module, prefix: str = "", stored_quantized: boo
     seen: set[int] = set()
 
     def walk(module: nn.Module, at: str) -> None:
-        if hasattr(module, "checkpoint_tensors") and not (stored_quantized and getattr(module, "quantized", False)):
+        if isinstance(module, OwnsCheckpointKeys) and not (stored_quantized and module.quantized):
             for name, shape in module.checkpoint_tensors().items():
                 targets[at + name] = Target(module, name, torch.Size(shape), hook=True)
             return
@@ -492,6 +502,7 @@ def load_model(
         raise CheckpointError(
             f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8, or no quantization"
         ) from None
+    model = place(model, device)  # the modules for the device, before the targets name them
     # Everything is checked on the meta model, from the shard headers, before one byte is allocated:
     # keys, shapes, dtypes, then whether the model fits the device at all.
     targets = checkpoint_targets(model, stored_quantized=stored != "none")
@@ -533,7 +544,7 @@ def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     seen: set[int] = set()
     total = 0
     for module in model.modules():
-        want = getattr(module, "param_dtype", None) or dtype
+        want = _param_dtype(module, dtype)
         for t in [*module._parameters.values(), *module._buffers.values()]:
             if t is not None and id(t) not in seen:
                 seen.add(id(t))

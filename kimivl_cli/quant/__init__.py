@@ -1,6 +1,6 @@
-"""Weight quantization: the NF4 format (`nf4`), the modules that hold quantized weights (`modules`)
-and the one list of modes every command accepts. Between `kernels` (which its modules call) and
-`model` (whose loader swaps them in)."""
+"""Weight quantization: the modules that hold quantized weights (`modules`, in the formats of
+`kimivl_cli.weight_formats`) and the one list of modes every command accepts. Between `kernels`
+(which its modules call) and `model` (whose loader swaps them in)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 - `NF4Linear` / `Int8Linear` replace `nn.Linear` (no bias in the LM).
 - `NF4SwiGLU` replaces a whole SwiGLU MLP (dense layers, shared experts) in NF4 mode.
 - `NF4Experts` replaces the stacked routed experts (`RoutedExperts`): same `forward(x, idx, w)`.
+- Each runs its CPU kernels as built; on CUDA the loader swaps in (`placed`) the Triton twins
+  `TritonNF4Linear` / `TritonNF4Experts`, and `NF4SwiGLU` drops its one-call CPU path.
 - `quantize_linears_(model, mode)` swaps the modules of a model built on the meta device; each
   module's `load_tensor` is the loader's hook: it quantizes one checkpoint tensor on the target
   device and writes it into its slot, so the bf16 model never exists.
@@ -22,7 +24,8 @@ from torch import nn
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.moe_cpu import dequantize_cpu, moe_cpu, nf4_linear_cpu
 from kimivl_cli.model.config import MLP_PROJECTIONS
-from kimivl_cli.quant.nf4 import (
+from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
+from kimivl_cli.weight_formats import (
     BLOCKSIZE,
     Int8BlockTensor,
     NF4Tensor,
@@ -42,7 +45,7 @@ _QUANTIZED_MODULE = re.compile(
 )
 
 
-class _QuantizedLinear(nn.Module):
+class _QuantizedLinear(nn.Module, OwnsCheckpointKeys, KeepsDtype):
     """What NF4Linear and Int8Linear share: the loader hooks for the official `weight` [N, K] key,
     which the subclass quantizes in `load_weight`, and fp32 side buffers (absmax, scales)."""
 
@@ -64,8 +67,8 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
 
-class NF4Linear(_QuantizedLinear):
-    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32.
+class NF4Linear(_QuantizedLinear, DevicePaths):
+    """y = x W^T with W in NF4 (4.5 bits/weight): packed [N, K/2] uint8, absmax [N, K/64] fp32, on CPU.
 
     y comes in x's dtype, or on CPU in `out_dtype` where set: the quantized `lm_head` keeps its logits fp32,
     as the bf16 head does (bf16 logits tie argmaxes)."""
@@ -94,18 +97,15 @@ class NF4Linear(_QuantizedLinear):
         self.packed.copy_(q.packed)
         self.absmax.copy_(q.absmax)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
+    def placed(self, device: torch.device) -> NF4Linear:
+        return twin(self, TritonNF4Linear) if device.type == "cuda" else self
 
-            return nf4_matmul(x, self.packed, self.absmax)
-        if x.device.type == "cpu":
-            return (
-                nf4_linear_cpu(x.reshape(-1, self.in_features), self.packed, self.absmax)
-                .to(self.out_dtype or x.dtype)
-                .view(*x.shape[:-1], self.out_features)
-            )
-        return nn.functional.linear(x, self.weight.to(x.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (
+            nf4_linear_cpu(x.reshape(-1, self.in_features), self.packed, self.absmax)
+            .to(self.out_dtype or x.dtype)
+            .view(*x.shape[:-1], self.out_features)
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,12 +114,26 @@ class NF4Linear(_QuantizedLinear):
         Costs one dequantisation per access (N*K work, 4*N*K bytes): callers in a decode loop cache
         what they derive from it (MLAttention does).
         """
-        if self.packed.device.type == "cpu":
-            return dequantize_cpu(self.packed, self.absmax)
-        return dequantize_nf4(NF4Tensor(self.packed, self.absmax, torch.float32))
+        return dequantize_cpu(self.packed, self.absmax)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+class TritonNF4Linear(NF4Linear):
+    """`NF4Linear` on CUDA: one Triton kernel reads the codes in place."""
+
+    def placed(self, device: torch.device) -> NF4Linear:
+        return self if device.type == "cuda" else twin(self, NF4Linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kimivl_cli.kernels.moe_triton import nf4_matmul  # Triton only where there is a GPU
+
+        return nf4_matmul(x, self.packed, self.absmax)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_nf4(NF4Tensor(self.packed, self.absmax, torch.float32))
 
 
 class Int8Linear(_QuantizedLinear):
@@ -146,10 +160,11 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int8BlockLinear(nn.Module):
-    """y = x Wᵀ with W in int8 blocks (8.5 bits per weight: `quant.nf4.quantize_int8_blocks`), fp32 out.
+    """y = x Wᵀ with W in int8 blocks (8.5 bits per weight: `weight_formats.quantize_int8_blocks`), fp32 out.
 
     The CPU's quantized `lm_head` (`quantize_lm_head_`): half the bytes of bf16 for the largest single
-    matrix a decode step reads. Native int8 kernels on CPU, else dequantised per call.
+    matrix a decode step reads. Native int8 kernels on CPU (chosen when built, on the weight's device),
+    else dequantised per call.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -158,10 +173,11 @@ class Int8BlockLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("q", t.q)
         self.register_buffer("scale", t.scale)
+        self.native = weight.device.type == "cpu" and native.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and native.available():
+        if self.native:
             out = native.int8_blocks_matmul(flat, self.q, self.scale)
         else:
             out = nn.functional.linear(flat.float(), dequantize_int8_blocks(Int8BlockTensor(self.q, self.scale)))
@@ -187,17 +203,17 @@ def quantize_lm_head_(lm: nn.Module, mode: str) -> None:
     if mode == "int8":
         lm.lm_head = Int8BlockLinear(weight)
     else:
-        lm.lm_head = NF4Linear.from_weight(weight)
+        lm.lm_head = NF4Linear.from_weight(weight).placed(weight.device)
         lm.lm_head.out_dtype = torch.float32
 
 
-class NF4SwiGLU(nn.Module):
+class NF4SwiGLU(nn.Module, DevicePaths):
     """down(silu(gate(x)) * up(x)) with NF4 projections: the dense MLP and the shared experts.
 
-    On CPU, rows within the fused kernel's range (always one token: batch-1 decode) run as a single
-    native call, the routed-expert kernel with one expert of weight 1: the activation is quantized
-    once for gate and up and the three matrices stream in one threaded pass. Otherwise the three
-    NF4Linear products, as in the bf16 model.
+    On CPU (`fused_rows`), rows within the fused kernel's range (always one token: batch-1 decode) run
+    as a single native call, the routed-expert kernel with one expert of weight 1: the activation is
+    quantized once for gate and up and the three matrices stream in one threaded pass. Otherwise the
+    three NF4Linear products, as in the bf16 model.
     """
 
     def __init__(self, dim: int, inter: int, device: torch.device | str | None = None) -> None:
@@ -205,10 +221,15 @@ class NF4SwiGLU(nn.Module):
         self.gate_proj = NF4Linear(dim, inter, device)
         self.up_proj = NF4Linear(dim, inter, device)
         self.down_proj = NF4Linear(inter, dim, device)
+        self.fused_rows = True
+
+    def placed(self, device: torch.device) -> NF4SwiGLU:
+        self.fused_rows = device.type == "cpu"
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and native.available() and rows <= cpu.plan().nf4_fused_max_rows:
+        if self.fused_rows and native.available() and rows <= cpu.plan().nf4_fused_max_rows:
             one_expert = [(m.packed[None], m.absmax[None]) for m in (self.gate_proj, self.up_proj, self.down_proj)]
             first, weight = torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1)
             out = native.nf4_moe(x.reshape(rows, -1), first, weight, *one_expert)
@@ -219,11 +240,11 @@ class NF4SwiGLU(nn.Module):
         return "nf4, one native call on CPU for few rows"
 
 
-class NF4Experts(nn.Module):
+class NF4Experts(nn.Module, OwnsCheckpointKeys, KeepsDtype, DevicePaths):
     """Routed experts as stacked NF4: gate/up [E, I, H/2] + [E, I, H/64], down [E, H, I/2] + [E, H, I/64].
 
-    `forward(x [T, H], idx [T, K], w [T, K]) -> [T, H]`: the Triton fused MoE on GPU
-    (sync-free, CUDA-graph safe), the active-experts fp32 path on CPU.
+    `forward(x [T, H], idx [T, K], w [T, K]) -> [T, H]`: the active-experts path on CPU (`moe_cpu`);
+    `TritonNF4Experts` on CUDA.
     """
 
     projections = MLP_PROJECTIONS
@@ -261,13 +282,26 @@ class NF4Experts(nn.Module):
     def _weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{proj}_packed"), getattr(self, f"{proj}_absmax")
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        weights = (self._weights("gate_proj"), self._weights("up_proj"), self._weights("down_proj"))
-        if x.is_cuda:
-            from kimivl_cli.kernels.moe_triton import fused_moe
+    def _stacks(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return self._weights("gate_proj"), self._weights("up_proj"), self._weights("down_proj")
 
-            return fused_moe(x, idx, w, *weights)
-        return moe_cpu(x, idx, w, *weights)
+    def placed(self, device: torch.device) -> NF4Experts:
+        return twin(self, TritonNF4Experts) if device.type == "cuda" else self
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return moe_cpu(x, idx, w, *self._stacks())
+
+
+class TritonNF4Experts(NF4Experts):
+    """`NF4Experts` on CUDA: the Triton fused MoE (sync-free, CUDA-graph safe)."""
+
+    def placed(self, device: torch.device) -> NF4Experts:
+        return self if device.type == "cuda" else twin(self, NF4Experts)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
+
+        return fused_moe(x, idx, w, *self._stacks())
 
 
 def quantize_linears_(model: nn.Module, mode: str, device: torch.device | str | None = None) -> nn.Module:

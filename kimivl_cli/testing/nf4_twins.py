@@ -13,7 +13,7 @@ from kimivl_cli.model.config import TextConfig
 from kimivl_cli.model.language import LanguageModel
 from kimivl_cli.model.weights import checkpoint_targets, materialize
 from kimivl_cli.quant.modules import _QUANTIZED_MODULE, NF4Experts, quantize_linears_
-from kimivl_cli.quant.nf4 import Int8Tensor, dequantize_nf4, quantize_nf4
+from kimivl_cli.weight_formats import Int8Tensor, dequantize_nf4, quantize_nf4
 
 
 def _build(cfg: TextConfig, dtype: torch.dtype, quant: str) -> LanguageModel:

@@ -20,9 +20,6 @@ FRAMEWORK_HOOKS = frozenset({"forward", "extra_repr", "emit", "log_message", "do
 KERNEL_REFERENCES = re.compile(r"_reference$")
 """`kernels/`: each kernel keeps its plain PyTorch reference beside it (the developers' guide)."""
 
-PENDING = {"nf4_footprint_bytes", "bf16_footprint_bytes"}
-"""quant/footprint.py: benchmarks/fullsize_cpu.py (another branch's file) imports it from there."""
-
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -75,7 +72,6 @@ def _exempt(name: str, path: Path) -> bool:
     return (
         name.startswith("__")
         or name in FRAMEWORK_HOOKS
-        or name in PENDING
         or ("kernels" in path.parts and KERNEL_REFERENCES.search(name) is not None)
     )
 

@@ -17,6 +17,7 @@ import torch
 from kimivl_cli.engine.graph import MIN_BUCKET, attention_bucket, cache_bucket
 from kimivl_cli.kernels.moe_triton import nf4_matmul
 from kimivl_cli.model.config import TextConfig
+from kimivl_cli.model.hooks import place
 from kimivl_cli.model.language import RoutedExperts
 from kimivl_cli.model.weights import materialize
 from kimivl_cli.quant.modules import NF4Experts, NF4Linear, NF4SwiGLU
@@ -108,11 +109,11 @@ def test_cuda_tensors_reach_the_triton_kernels_in_every_module(trace: CudaTrace,
     w = torch.ones(tokens, 2, device="cuda")
     with torch.device("meta"):
         bf16 = RoutedExperts(4, 128, 64)
-    materialize(bf16, torch.bfloat16, "cuda")
+    bf16 = materialize(bf16, torch.bfloat16, "cuda")  # the loader swaps in the module for the device
     cases = {
-        "NF4Linear": (lambda: NF4Linear(128, 64, "cuda")(x), 1),
-        "NF4SwiGLU": (lambda: NF4SwiGLU(128, 64, "cuda")(x), 3),
-        "NF4Experts": (lambda: NF4Experts(4, 128, 64, "cuda")(x, idx, w), 2),
+        "NF4Linear": (lambda: place(NF4Linear(128, 64, "cuda"), "cuda")(x), 1),
+        "NF4SwiGLU": (lambda: place(NF4SwiGLU(128, 64, "cuda"), "cuda")(x), 3),
+        "NF4Experts": (lambda: place(NF4Experts(4, 128, 64, "cuda"), "cuda")(x, idx, w), 2),
         "RoutedExperts": (lambda: bf16(x, idx, w), 2),
     }
     for name, (run, kernels) in cases.items():

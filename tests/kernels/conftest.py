@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from kimivl_cli.kernels.gemv import (
     swiglu_reference,
 )
 from kimivl_cli.model.config import TextConfig
-from kimivl_cli.quant.nf4 import quantize_nf4
+from kimivl_cli.weight_formats import quantize_nf4
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from kimivl_cli.kernels import mla_decode
 from kimivl_cli.kernels.mla_decode import MLALayer, MLAShape, mla_decode_reference
-from kimivl_cli.quant.nf4 import quantize_nf4
+from kimivl_cli.weight_formats import quantize_nf4
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

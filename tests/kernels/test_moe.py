@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kimivl_cli.kernels.moe_cpu import moe_cpu
 from kimivl_cli.kernels.moe_triton import SHARED_BUDGET, fused_moe, launch_config, nf4_matmul, stage_bytes
 from kimivl_cli.kernels.reference import fused_moe_reference
-from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

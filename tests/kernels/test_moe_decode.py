@@ -19,7 +19,7 @@ from kimivl_cli.kernels.moe_decode import (
 from kimivl_cli.kernels.routing import RoutingConfig
 from kimivl_cli.model.config import TextConfig
 from kimivl_cli.model.language import Router
-from kimivl_cli.quant.nf4 import quantize_nf4
+from kimivl_cli.weight_formats import quantize_nf4
 
 
 def experts_given_ids(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kimivl_cli.kernels import cpu, native
 from kimivl_cli.kernels.reference import fused_moe_reference
-from kimivl_cli.quant.nf4 import (
+from kimivl_cli.weight_formats import (
     BLOCKSIZE,
     NF4Tensor,
     dequantize_int8_blocks,

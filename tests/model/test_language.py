@@ -12,12 +12,18 @@ import torch
 from safetensors.torch import load_file
 
 from kimivl_cli.errors import InputError
+from kimivl_cli.kernels import native
+from kimivl_cli.kernels.reference import fused_moe_reference
 from kimivl_cli.model import cache as cache_mod
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import KimiVLConfig, RopeScaling, TextConfig
+from kimivl_cli.model.hooks import twin
 from kimivl_cli.model.language import LanguageModel, RotaryEmbedding, RoutedExperts, Router, apply_rope
 from kimivl_cli.model.weights import materialize
 from kimivl_cli.testing.checkpoint import load_checkpoint
+from kimivl_cli.testing.nf4_twins import stacked_nf4_experts
+from kimivl_cli.testing.sync_free import GatheredExperts
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4
 
 
 @pytest.fixture(scope="module")
@@ -120,26 +126,65 @@ def test_cache_holds_only_latent_and_rope_key() -> None:
     assert "131073" in err.value.one_line() and "131072" in err.value.one_line()
 
 
-def _random_experts(e: int, d: int, i: int) -> RoutedExperts:
+def _random_experts(e: int, d: int, i: int, dtype: torch.dtype = torch.float32) -> RoutedExperts:
     torch.manual_seed(1)
     experts = RoutedExperts(e, d, i)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    return experts
+    return experts.to(dtype)
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])
+def _needs_native(variant: str) -> None:
+    if variant in ("native_bf16", "nf4_fused") and not native.available():
+        pytest.skip("the native CPU kernels are not built here")
+
+
+# Every CPU expert path against the plain reference (kernels/reference.py); x [T, D], K=3 of E=8 experts.
+# (variant, tokens, relative error bound). The module's forward picks among them by shape and dtype.
+EXPERT_PATHS = [
+    ("single", 1, 1e-5),  # batch-1 decode, fp32: its K experts in turn
+    ("grouped", 1, 1e-5),
+    ("grouped", 3, 1e-5),
+    ("grouped", 40, 1e-5),  # prefill: sorted by expert, each active expert once
+    ("gathered", 3, 1e-5),  # testing/sync_free.py: what a compiled CPU step runs
+    ("forward", 1, 1e-5),
+    ("forward", 40, 1e-5),
+    ("native_bf16", 1, 1e-4),  # bf16 weights, one token: one native call (fp32 sums)
+    ("nf4_fused", 1, 3e-2),  # NF4, the native int8-activation kernel (its exact math: tests/kernels)
+    ("nf4_fused", 3, 3e-2),
+    ("nf4_dequantising", 40, 1e-5),  # NF4, dequantised once per expert: exact fp32 products
+]
+
+
+@pytest.mark.parametrize(("variant", "tokens", "bound"), EXPERT_PATHS)
 @torch.no_grad()
-def test_expert_paths_agree_with_a_plain_loop(tokens: int) -> None:
-    experts = _random_experts(8, 16, 12)
-    x = torch.randn(tokens, 16)
-    idx = torch.stack([torch.randperm(8)[:3] for _ in range(tokens)])
-    w = torch.rand(tokens, 3)
-    expected = torch.stack(
-        [sum(w[t, k] * experts._expert(int(idx[t, k]), x[t : t + 1])[0] for k in range(3)) for t in range(tokens)]
-    )
-    torch.testing.assert_close(experts._grouped(x, idx, w), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(experts._gathered(x, idx, w), expected, atol=1e-5, rtol=1e-5)
+def test_every_cpu_expert_path_matches_the_reference(cpu_plan, variant: str, tokens: int, bound: float) -> None:
+    _needs_native(variant)
+    experts = _random_experts(8, 128, 64, torch.bfloat16 if variant == "native_bf16" else torch.float32)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 128, generator=gen)
+    idx = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(tokens)])
+    w = torch.rand(tokens, 3, generator=gen)
+    dense = [getattr(experts, p).float() for p in experts.projections]
+    if variant == "single":
+        got = experts._single(x, idx, w)
+    elif variant == "grouped":
+        got = experts._grouped(x, idx, w)
+    elif variant == "gathered":
+        got = twin(experts, GatheredExperts)(x, idx, w)
+    elif variant == "native_bf16":
+        x = x.bfloat16()
+        got = experts(x, idx, w)
+    elif variant.startswith("nf4"):
+        cpu_plan(nf4_fused_max_rows=tokens * 3 if variant == "nf4_fused" else 0)
+        nf4 = stacked_nf4_experts(*dense)
+        dense = [dequantize_nf4(NF4Tensor(*nf4._weights(p), torch.float32)) for p in nf4.projections]
+        got = nf4(x, idx, w)
+    else:
+        got = experts(x, idx, w)
+    ref = fused_moe_reference(x.float(), idx, w, *dense)
+    assert got.shape == ref.shape
+    assert ((got.float() - ref).norm() / ref.norm()).item() < bound
 
 
 def test_grouped_routing_picks_within_the_best_groups() -> None:

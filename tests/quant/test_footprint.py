@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kimivl_cli.model.config import TextConfig
-from kimivl_cli.quant.footprint import bf16_footprint_bytes, nf4_footprint_bytes, param_counts
 from kimivl_cli.quant.modules import NF4Experts, NF4Linear
+from kimivl_cli.testing.footprint import bf16_footprint_bytes, nf4_footprint_bytes, param_counts
 
 
 def test_full_size_language_model_fits_in_10_gb() -> None:

@@ -16,9 +16,9 @@ from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.model.language import RoutedExperts
 from kimivl_cli.model.weights import load_model, save_quantized
 from kimivl_cli.quant.modules import Int8Linear, NF4Experts, NF4Linear
-from kimivl_cli.quant.nf4 import dequantize_nf4, quantize_nf4
 from kimivl_cli.testing.checkpoint import cached_checkpoint
 from kimivl_cli.testing.nf4_twins import should_quantize
+from kimivl_cli.weight_formats import dequantize_nf4, quantize_nf4
 
 QUANTIZED = (NF4Linear, NF4Experts, Int8Linear)
 

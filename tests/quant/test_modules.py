@@ -20,9 +20,9 @@ from kimivl_cli.quant.modules import (
     quantize_linears_,
     quantize_lm_head_,
 )
-from kimivl_cli.quant.nf4 import NF4Tensor, dequantize_nf4
 from kimivl_cli.testing.nf4_twins import should_quantize, stacked_nf4_experts
 from kimivl_cli.testing.random_nf4 import random_nf4_language_model
+from kimivl_cli.weight_formats import NF4Tensor, dequantize_nf4
 
 
 @pytest.mark.parametrize(

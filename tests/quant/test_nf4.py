@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from kimivl_cli.quant.nf4 import NF4_LEVELS, dequantize_nf4, quantize_int8, quantize_nf4
 from kimivl_cli.testing.nf4_twins import dequantize_int8, unpack_nf4_codes
+from kimivl_cli.weight_formats import NF4_LEVELS, dequantize_nf4, quantize_int8, quantize_nf4
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -72,7 +72,7 @@ def test_rejects_k_not_multiple_of_block() -> None:
 
 
 def test_chunked_quantization_equals_one_shot(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kimivl_cli.quant.nf4 as nf4
+    import kimivl_cli.weight_formats as nf4
 
     w = torch.randn(40, 128)
     whole = quantize_nf4(w)

@@ -1,4 +1,7 @@
-"""NF4 and int8 weight formats, bit-compatible with bitsandbytes.
+"""NF4 and int8 weight formats, bit-compatible with bitsandbytes: a leaf (it imports only torch).
+
+The format is what `kernels/` (which read it) and `quant/` (whose modules hold it) share; as a module
+of its own below both, kernels never import `quant`, and `quant` imports kernels one way.
 
 NF4 (QLoRA): each run of 64 consecutive weights (row-major) shares one fp32 `absmax`;
 every weight becomes the index of the nearest of 16 normal-quantile values in

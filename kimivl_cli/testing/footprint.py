@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kimivl_cli.model.config import TextConfig
-from kimivl_cli.quant.nf4 import BLOCKSIZE
+from kimivl_cli.weight_formats import BLOCKSIZE
 
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / BLOCKSIZE  # packed nibble + fp32 absmax per 64 weights
 BF16_BYTES = 2
