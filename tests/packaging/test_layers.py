@@ -32,16 +32,16 @@ LAYERS = [
 """README's order ("How it is built"): a module imports only from its own layer and those before it."""
 
 LEAVES = ["errors", "guards", "files", "prompts", "weight_formats"]
-"""Top-level modules any layer may read, as it may `model/config.py` and the package's `__version__`."""
+"""Top-level modules any layer may read, as it may `model/config.py`, `model/hooks.py` (the loader's
+protocols quant's modules declare) and the package's `__version__`."""
 
 OUTSIDE = ["testing", "golden", "demo", "__main__"]
 """Test support and entry points: they may import any layer, and no layer imports them."""
 
 
-
 def _shared(module: str) -> bool:
     return module == "kimivl_cli" or module.startswith(
-        (*(f"kimivl_cli.{leaf}" for leaf in LEAVES), "kimivl_cli.model.config")
+        (*(f"kimivl_cli.{leaf}" for leaf in LEAVES), "kimivl_cli.model.config", "kimivl_cli.model.hooks")
     )
 
 
