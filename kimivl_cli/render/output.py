@@ -78,7 +78,7 @@ class Output:
 
     def __post_init__(self) -> None:
         if self.json and self.jsonl:
-            raise InputError("--json and --jsonl cannot be combined", "pick one")
+            raise InputError("`json` and `jsonl` cannot be combined", "pick one")
 
     @property
     def style(self) -> Style:

@@ -52,7 +52,7 @@ class MediaOptions:
 
     def __post_init__(self) -> None:
         if self.frames is not None and self.fps is not None:
-            raise InputError("--frames and --fps both choose the video frames", "give one of them")
+            raise InputError("`frames` and `fps` both choose the video frames", "give one of them")
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def build_prompt(
             raise InputError(
                 f"no room for any PDF page: {budget.source} is {budget.limit:,} tokens and the text, other images "
                 f"and the reply need {used:,}",
-                "raise --max-context, lower --max-tokens, or drop other inputs",
+                "raise `max_context`, lower `max_tokens`, or drop other inputs",
             )
         keep = {id(pages[i]) for i in plan.keep}
         cap = plan.cap
