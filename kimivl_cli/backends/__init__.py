@@ -74,6 +74,10 @@ class ChatBackend(Protocol):
         applies its own limit (so a `max_context` cannot be honoured)."""
         ...
 
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        """What of `options` it may not honour, one line each (options named as `field`)."""
+        ...
+
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ...
     ) -> Iterator[Event]: ...
@@ -95,6 +99,9 @@ class ServerSide:
 
     def context_limit(self, options: ChatOptions) -> ContextLimit | None:
         return None
+
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        return []
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ class LocalBackend:
         reply = engine.defaults.with_overrides(max_new_tokens=options.max_tokens).max_new_tokens
         return ContextLimit(engine.config.text.max_position_embeddings, reply)
 
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        return []  # the engine honours every option
+
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ChatOptions()
     ) -> Iterator[Event]:

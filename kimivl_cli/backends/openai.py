@@ -173,6 +173,14 @@ class OpenAIBackend(ServerSide):
         self._model_lock = threading.Lock()
         self.notes: list[str] = []  # what of the user's options the server side ignores (filled by the caller)
 
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        if options.thinking_budget is None:
+            return []
+        return [
+            f"`thinking_budget` {options.thinking_budget} is sent as the request field thinking_budget: "
+            "kimivl serve honours it, vLLM and SGLang ignore it"
+        ]
+
     @property
     def name(self) -> str:
         """The model asked for: `model`, else the server's first, listed once (not once per thread)."""

@@ -141,7 +141,6 @@ def ask_command(
     """
     from kimivl_cli.render import Output, Transcript
     from kimivl_cli.tasks.ask import MediaOptions, build_prompt, folder_note, read_inputs, resolve, split_question
-    from kimivl_cli.tasks.backend import sampling_notes
     from kimivl_cli.tasks.structured import json_format
 
     chat = open_chat_backend(backend, api_base, api_key, model, device, quant, quiet)
@@ -156,16 +155,16 @@ def ask_command(
     if note := folder_note(inputs, items, skipped):
         output.note(f"note: {note}")
     image_config, tokenizer, budget = prompt_fitting(chat, sampling, max_context)
-    for note in sampling_notes(chat, sampling):
+    for note in chat.option_notes(sampling):
         output.note(f"note: {with_flags(note)}")
     with read_inputs(items, media, image_config) as (segments, capped):
         for note in capped:
-            output.note(f"note: {note}")
+            output.note(f"note: {with_flags(note)}")
         prompt = build_prompt(
             segments, question, system=instructions, tokenizer=tokenizer, image_config=image_config, budget=budget
         )
     for note in prompt.notes:
-        output.note(note)
+        output.note(with_flags(note))
     options = replace(sampling, show_thinking=output.wants_thinking, max_context=max_context, json_format=answer_format)
     transcript = Transcript(
         model=chat.name,

@@ -111,7 +111,6 @@ def chat_command(
     """
     from kimivl_cli.render import Output
     from kimivl_cli.tasks.ask import MediaOptions
-    from kimivl_cli.tasks.backend import sampling_notes
     from kimivl_cli.tasks.chat import Conversation
 
     chat_backend = open_chat_backend(backend, api_base, api_key, model, device, quant, quiet)
@@ -123,7 +122,7 @@ def chat_command(
     if "-" in (inputs or []) and not interactive:
         raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
     image_config = prompt_fitting(chat_backend, sampling, max_context)[0]
-    ignored = [with_flags(note) for note in sampling_notes(chat_backend, sampling)]
+    ignored = [with_flags(note) for note in chat_backend.option_notes(sampling)]
     for note in ignored:
         output.note(f"note: {note}")
     conversation = Conversation(instructions, image_config, media)

@@ -152,11 +152,11 @@ def batch_answerer(
     """The answer-only view of `backend` for a batch command and the concurrency it allows: the
     asked one, or 1 for the local engine (said on stderr unless `quiet`)."""
     from kimivl_cli.backends import AnswerOnly
-    from kimivl_cli.tasks.backend import batch_concurrency, sampling_notes
+    from kimivl_cli.tasks.backend import batch_concurrency
 
     concurrency, note = batch_concurrency(backend, concurrency)
     notes = [note] if note else []
-    for message in [*notes, *sampling_notes(backend, sampling)]:
+    for message in [*notes, *backend.option_notes(sampling)]:
         if not quiet:
             print(f"note: {with_flags(message)}", file=sys.stderr)
     return AnswerOnly(backend, sampling, limit=concurrency), concurrency

@@ -9,7 +9,7 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.quant import quant_mode
 
 if TYPE_CHECKING:
-    from kimivl_cli.backends import ChatBackend, ChatOptions
+    from kimivl_cli.backends import ChatBackend
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.model.weights import LoadProgress
 
@@ -114,18 +114,6 @@ def open_backend(
             note(message)
         return server
     raise InputError(f"unknown `backend` {backend!r}", f"use {' or '.join(BACKENDS)}")
-
-
-def sampling_notes(backend: ChatBackend, options: ChatOptions) -> list[str]:
-    """What of the sampling options `backend` may not honour, one line each."""
-    from kimivl_cli.backends.openai import OpenAIBackend
-
-    if isinstance(backend, OpenAIBackend) and options.thinking_budget is not None:
-        return [
-            f"`thinking_budget` {options.thinking_budget} is sent as the request field thinking_budget: "
-            "kimivl serve honours it, vLLM and SGLang ignore it"
-        ]
-    return []
 
 
 def batch_concurrency(backend: ChatBackend, concurrency: int) -> tuple[int, str | None]:
