@@ -29,7 +29,7 @@ from kimivl_cli.cli.common import (
     chat_options,
     open_chat_backend,
 )
-from kimivl_cli.cli.flags import with_flags
+from kimivl_cli.cli.flags import flag, with_flags
 from kimivl_cli.errors import InputError
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def ask_command(
     sampling = chat_options(max_tokens, temperature, top_p, seed, thinking_budget)
     media = MediaOptions(pages, password, frames, fps)
     instructions = system_prompt(system, prompt_file)
-    output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
+    output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet, name_field=flag)
     answer_format = json_format(schema, json_mode)
     inputs, question = split_question(args or [], sys.stdin.isatty(), lambda: sys.stdin.buffer.read())
     skipped: list[str] = []

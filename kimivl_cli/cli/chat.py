@@ -46,7 +46,7 @@ from kimivl_cli.cli.common import (
     chat_options,
     open_chat_backend,
 )
-from kimivl_cli.cli.flags import error_line, with_flags
+from kimivl_cli.cli.flags import error_line, flag, with_flags
 from kimivl_cli.errors import InputError, KimivlError, Terminated
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def chat_command(
     sampling = chat_options(max_tokens, temperature, top_p, seed, thinking_budget)
     media = MediaOptions(pages, password, frames, fps)
     instructions = system_prompt(system, prompt_file)
-    output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
+    output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet, name_field=flag)
     interactive = sys.stdin.isatty()
     if "-" in (inputs or []) and not interactive:
         raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")

@@ -15,14 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "kimivl_cli"
 
 
 def _message_texts(tree: ast.AST) -> list[str]:
-    """String parts of the arguments of every `...Error(...)` / `...Failure(...)` / `notes.append(...)` call."""
+    """String parts of the arguments of every `...Error(...)`, `...Failure(...)`, `.append(...)`, `.note(...)` call."""
     texts = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
         name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-        if name.endswith(("Error", "Failure")) or name == "append":
+        if name.endswith(("Error", "Failure")) or name in ("append", "note"):
             for arg in node.args:
                 texts += [c.value for c in ast.walk(arg) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
     return texts
