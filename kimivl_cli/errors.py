@@ -3,11 +3,24 @@
 Every failure a user can cause or fix is raised as a `KimivlError`: the CLI prints
 `error: <message>` (plus the hint) on one line of stderr and exits with `exit_code`,
 never a traceback (unless `--debug`). Code below the CLI raises these and nothing prints.
+Messages name options by their field, in backquotes (`max_context`); the CLI shows each as
+its flag (`--max-context`), other callers (the server, the library) as the field.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
+
+FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+"""An option named in a message: `max_context`."""
+
+
+def name_fields(text: str, name: Callable[[str], str]) -> str:
+    """`text` with each backquoted field shown as `name(field)` (e.g. the CLI's flag)."""
+    return FIELD.sub(lambda match: name(match[1]), text)
+
 
 notes = logging.getLogger("kimivl.notes")
 """Notes for the user from below the CLI (a file skipped, a cap applied): the CLI prints each
@@ -24,11 +37,12 @@ class KimivlError(Exception):
         self.message = message
         self.hint = hint
 
-    def one_line(self) -> str:
+    def one_line(self, name: Callable[[str], str] = lambda field: f"`{field}`") -> str:
+        """Message and hint on one line, fields shown by `name` (default: as they are written)."""
         text = self.message.rstrip(".")
         if self.hint:
             text += f" ({self.hint.rstrip('.')})"
-        return " ".join(text.split())
+        return name_fields(" ".join(text.split()), name)
 
 
 class InputError(KimivlError):

@@ -3,7 +3,8 @@
 Both speak one interface, `ChatBackend.chat(messages, images, options) -> Iterator[Event]`, with
 the engine's events (`engine.events`): messages in the `processor.chat` format (one
 `{"type": "image"}` item per entry of `images`, in order), PIL images, thinking already split
-out. Streaming tasks (ask, chat) take a backend; batch tasks (ocr, video-scenes) take an
+out. Each declares what it can do (as `llm` models declare `can_stream`): how its images are
+sized, its tokenizer if prompts can be counted here, its context limit, its concurrency. Streaming tasks (ask, chat) take a backend; batch tasks (ocr, video-scenes) take an
 `AnswerOnly` over one, and never care which.
 
 In the one-way flow: above `engine` (whose events they yield) and `processor`, below `tasks`,
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from kimivl_cli.processor.chat import Message
+    from kimivl_cli.processor.image import ImageProcessorConfig
+    from kimivl_cli.processor.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,15 @@ class ChatOptions:
     stop: tuple[str, ...] = ()  # strings that end the answer (OpenAI's `stop`; not included)
 
 
+@dataclass(frozen=True)
+class ContextLimit:
+    """The tokens a prompt and its reply may take together (`context`), and how many of them the
+    reply may take under a request's options (`reply`)."""
+
+    context: int
+    reply: int
+
+
 class ChatBackend(Protocol):
     @property
     def name(self) -> str: ...
@@ -47,9 +59,52 @@ class ChatBackend(Protocol):
     notes: list[str]
     """What the backend ignored or changed of what was asked (one line each), once it is open."""
 
+    max_concurrency: int | None
+    """Requests it runs at once; None: as many as are sent (a server queues its own)."""
+
+    @property
+    def image_config(self) -> ImageProcessorConfig:
+        """How images are sized for its model."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """Counts prompt tokens here; None where the other side counts its own."""
+        ...
+
+    def context_limit(self, options: ChatOptions) -> ContextLimit | None:
+        """Its model's context and the reply's share under `options`; None where the other side
+        applies its own limit (so a `max_context` cannot be honoured)."""
+        ...
+
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        """What of `options` it may not honour, one line each (options named as `field`)."""
+        ...
+
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ...
     ) -> Iterator[Event]: ...
+
+
+class ServerSide:
+    """The capabilities of a backend whose server counts and limits on its side: images at the
+    official processor's size, no tokenizer here, no context limit known here, no concurrency
+    limit (the server queues)."""
+
+    max_concurrency: int | None = None
+    tokenizer: Tokenizer | None = None
+
+    @property
+    def image_config(self) -> ImageProcessorConfig:
+        from kimivl_cli.processor.image import ImageProcessorConfig  # imports torch: not at CLI start
+
+        return ImageProcessorConfig.official()
+
+    def context_limit(self, options: ChatOptions) -> ContextLimit | None:
+        return None
+
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        return []
 
 
 @dataclass(frozen=True)

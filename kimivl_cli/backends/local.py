@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from kimivl_cli.backends import ChatOptions
+from kimivl_cli.backends import ChatOptions, ContextLimit
 from kimivl_cli.engine.events import Event
 
 if TYPE_CHECKING:
@@ -14,16 +14,20 @@ if TYPE_CHECKING:
 
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.processor.chat import Message
+    from kimivl_cli.processor.image import ImageProcessorConfig
+    from kimivl_cli.processor.tokenizer import Tokenizer
 
 
 class LocalBackend:
     """An `Engine` in this process: options become `SamplingParams` overrides of the checkpoint defaults.
 
     Give it an engine, or (`LocalBackend.lazy`) a function that opens one: then the weights load
-    on first use, so runs that never reach the model (`ocr --method text`, `--resume` with
+    on first use, so runs that never reach the model (OCR from the text layer, a resume with
     everything done, early input errors) never pay for them. One engine runs one request at a
     time: batch commands run it with concurrency 1.
     """
+
+    max_concurrency: int | None = 1  # one engine runs one request at a time
 
     def __init__(self, engine: Engine | None = None, *, opener: Callable[[], Engine] | None = None) -> None:
         if (engine is None) == (opener is None):
@@ -49,8 +53,25 @@ class LocalBackend:
 
     @property
     def notes(self) -> list[str]:
-        """The engine's notes from loading (e.g. a --quant it could not honour); [] before it loads."""
+        """The engine's notes from loading (e.g. a quant mode it could not honour); [] before it loads."""
         return self._engine.notes if self._engine is not None else []
+
+    @property
+    def image_config(self) -> ImageProcessorConfig:
+        return self.engine.image_config
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def context_limit(self, options: ChatOptions) -> ContextLimit:
+        """The model's context; the reply takes `options.max_tokens`, else the checkpoint's default."""
+        engine = self.engine
+        reply = engine.defaults.with_overrides(max_new_tokens=options.max_tokens).max_new_tokens
+        return ContextLimit(engine.config.text.max_position_embeddings, reply)
+
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        return []  # the engine honours every option
 
     def chat(
         self, messages: Sequence[Message], images: Sequence[Image.Image], options: ChatOptions = ChatOptions()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
-from kimivl_cli.backends import ChatOptions
+from kimivl_cli.backends import ChatOptions, ServerSide
 from kimivl_cli.engine.events import Done, Event, JsonFormat, ThinkingDelta, Timings, Usage
 from kimivl_cli.engine.stream import ThinkingSplitter
 from kimivl_cli.errors import InputError, RuntimeFailure
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from kimivl_cli.processor.chat import Message
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-API_KEY_HINT = "pass --api-key or set KIMIVL_API_KEY to the server's key"
+API_KEY_HINT = "pass `api_key` or set KIMIVL_API_KEY to the server's key"
 
 
 class _Retryable(Exception):
@@ -133,7 +133,7 @@ def response_format(fmt: JsonFormat | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": fmt.schema, "strict": True}}
 
 
-class OpenAIBackend:
+class OpenAIBackend(ServerSide):
     """Chat completions from `api_base` (e.g. `http://gpu-node:8000/v1`), streamed.
 
     `model`: the name to ask for; None asks `/v1/models` once and takes the first. `timeout`:
@@ -157,7 +157,7 @@ class OpenAIBackend:
     ) -> None:
         url = urlsplit(api_base.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise InputError(f"--api-base {api_base!r} is not an http(s) URL", "e.g. http://localhost:8000/v1")
+            raise InputError(f"`api_base` {api_base!r} is not an http(s) URL", "e.g. http://localhost:8000/v1")
         self.api_base = api_base.rstrip("/")
         self._scheme = url.scheme
         self._netloc = url.netloc.rpartition("@")[2]
@@ -172,6 +172,14 @@ class OpenAIBackend:
         self._model = model
         self._model_lock = threading.Lock()
         self.notes: list[str] = []  # what of the user's options the server side ignores (filled by the caller)
+
+    def option_notes(self, options: ChatOptions) -> list[str]:
+        if options.thinking_budget is None:
+            return []
+        return [
+            f"`thinking_budget` {options.thinking_budget} is sent as the request field thinking_budget: "
+            "kimivl serve honours it, vLLM and SGLang ignore it"
+        ]
 
     @property
     def name(self) -> str:
@@ -249,7 +257,7 @@ class OpenAIBackend:
                 if attempt == self.max_retries:
                     raise RuntimeFailure(
                         f"{self.api_base} failed {attempt + 1} times, last: {exc}",
-                        "check that the server is up, or raise --max-retries / --timeout",
+                        "check that the server is up and `api_base` points at it",
                     ) from None
                 self._sleep(self._delay(attempt, getattr(exc, "delay", None)))
 
@@ -265,7 +273,7 @@ class OpenAIBackend:
                 listed = data.get("data") if isinstance(data, dict) else None
                 models = [m.get("id") for m in listed or [] if isinstance(m, dict)]
                 if not models or not isinstance(models[0], str):
-                    raise RuntimeFailure(f"{self.api_base}/models lists no model", "pass --model NAME")
+                    raise RuntimeFailure(f"{self.api_base}/models lists no model", "pass `model` NAME")
                 return models[0]
             except (_Retryable, OSError, http.client.HTTPException, ValueError) as exc:
                 if attempt == self.max_retries:
@@ -309,7 +317,7 @@ class OpenAIBackend:
             raise InputError(f"{where} rejected the request (HTTP {status}): {message}")
         if status == 404:
             raise RuntimeFailure(
-                f"{where}: not found (HTTP 404: {message})", "check --api-base (it usually ends in /v1) and --model"
+                f"{where}: not found (HTTP 404: {message})", "check `api_base` (it usually ends in /v1) and `model`"
             )
         raise RuntimeFailure(f"{where}: HTTP {status}: {message}")
 

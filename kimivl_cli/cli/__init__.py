@@ -18,6 +18,7 @@ import typer
 from kimivl_cli import __version__
 from kimivl_cli.cli import ask, chat, info, inspect, ocr, quantize, serve, video_scenes
 from kimivl_cli.cli.common import StderrLines
+from kimivl_cli.cli.flags import error_line
 from kimivl_cli.cli.signals import sigterm_as_sigint, terminating
 from kimivl_cli.errors import KimivlError, notes
 
@@ -121,7 +122,7 @@ def _run(debug: bool) -> None:
     except KimivlError as exc:
         if debug:
             raise
-        print(f"error: {exc.one_line()}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         if exc.exit_code == 130:  # a command that caught Ctrl-C or SIGTERM itself

@@ -18,18 +18,39 @@ import typer
 
 from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.ask import (
+    FpsOpt,
+    FramesOpt,
     JsonlOpt,
     MaxContextOpt,
-    media_options,
+    PagesOpt,
+    PromptFileOpt,
+    SystemOpt,
     prompt_fitting,
-    system_options,
+    system_prompt,
 )
-from kimivl_cli.cli.common import QuietOpt, ShowThinkingOpt, backend_options, sampling_options
+from kimivl_cli.cli.common import (
+    ApiBaseOpt,
+    ApiKeyOpt,
+    BackendModelOpt,
+    BackendOpt,
+    DeviceOpt,
+    MaxTokensOpt,
+    PasswordOpt,
+    QuantOpt,
+    QuietOpt,
+    SeedOpt,
+    ShowThinkingOpt,
+    TemperatureOpt,
+    ThinkingBudgetOpt,
+    TopPOpt,
+    chat_options,
+    open_chat_backend,
+)
+from kimivl_cli.cli.flags import error_line, flag, with_flags
 from kimivl_cli.errors import InputError, KimivlError, Terminated
 
 if TYPE_CHECKING:
     from kimivl_cli.render import Output
-    from kimivl_cli.tasks.ask import MediaOptions
     from kimivl_cli.tasks.chat import Conversation, Reply
 
 PROMPT = "› "
@@ -51,59 +72,69 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
     return read
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("chat")
-    @backend_options
-    @sampling_options
-    @media_options
-    @system_options
-    def _command(
-        inputs: Annotated[
-            Optional[list[str]],
-            typer.Argument(help="Images, PDFs, videos or text files for the first question.", metavar="INPUT"),
-        ] = None,
-        show_thinking: ShowThinkingOpt = None,
-        json: Annotated[bool, typer.Option("--json", help="Print one JSON object per answer, a line each.")] = False,
-        jsonl: JsonlOpt = False,
-        max_context: MaxContextOpt = None,
-        quiet: QuietOpt = False,
-        *,
-        backend: ChatBackend,
-        sampling: ChatOptions,
-        media: MediaOptions,
-        system: str,
-    ) -> None:
-        """Chat about images, PDFs and videos; /help lists the commands.
+def chat_command(
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Images, PDFs, videos or text files for the first question.", metavar="INPUT"),
+    ] = None,
+    show_thinking: ShowThinkingOpt = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object per answer, a line each.")] = False,
+    jsonl: JsonlOpt = False,
+    max_context: MaxContextOpt = None,
+    quiet: QuietOpt = False,
+    system: SystemOpt = None,
+    prompt_file: PromptFileOpt = None,
+    pages: PagesOpt = None,
+    password: PasswordOpt = None,
+    frames: FramesOpt = None,
+    fps: FpsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    thinking_budget: ThinkingBudgetOpt = None,
+    backend: BackendOpt = "local",
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
+    model: BackendModelOpt = None,
+    device: DeviceOpt = "auto",
+    quant: QuantOpt = "auto",
+) -> None:
+    """Chat about images, PDFs and videos; /help lists the commands.
 
-        \b
-        Commands: /image PATH, /pdf PATH [PAGES], /reset, /save FILE, /load FILE, /thinking on|off,
-                  /help, /exit
-        Piped in, each line is a question (or a command) and each answer is followed by a blank
-        line; --json gives one object per answer, --jsonl its events.
-        Example:  kimivl chat report.pdf --pages 1-3
-        """
-        from kimivl_cli.render import Output
-        from kimivl_cli.tasks.backend import sampling_notes
-        from kimivl_cli.tasks.chat import Conversation
+    \b
+    Commands: /image PATH, /pdf PATH [PAGES], /reset, /save FILE, /load FILE, /thinking on|off,
+              /help, /exit
+    Piped in, each line is a question (or a command) and each answer is followed by a blank
+    line; --json gives one object per answer, --jsonl its events.
+    Example:  kimivl chat report.pdf --pages 1-3
+    """
+    from kimivl_cli.render import Output
+    from kimivl_cli.tasks.ask import MediaOptions
+    from kimivl_cli.tasks.chat import Conversation
 
-        output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet)
-        interactive = sys.stdin.isatty()
-        if "-" in (inputs or []) and not interactive:
-            raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
-        image_config = prompt_fitting(backend, sampling, max_context)[0]
-        ignored = sampling_notes(backend, sampling)
-        for note in ignored:
-            output.note(f"note: {note}")
-        conversation = Conversation(system, image_config, media)
-        if inputs:
-            output.note(conversation.attach(inputs))
-        if interactive and not quiet:
-            output.note(f"kimivl chat with {backend.name} · /help for commands, /exit or Ctrl-D to leave")
-        options = replace(sampling, max_context=max_context)
-        session = _Session(output, conversation, backend, options, ignored, interactive)
-        failure = session.run(_line_reader(interactive))
-        if failure is not None and not interactive:
-            raise typer.Exit(failure.exit_code)  # a script learns that a step failed
+    chat_backend = open_chat_backend(backend, api_base, api_key, model, device, quant, quiet)
+    sampling = chat_options(max_tokens, temperature, top_p, seed, thinking_budget)
+    media = MediaOptions(pages, password, frames, fps)
+    instructions = system_prompt(system, prompt_file)
+    output = Output(json=json, jsonl=jsonl, show_thinking=show_thinking, quiet=quiet, name_field=flag)
+    interactive = sys.stdin.isatty()
+    if "-" in (inputs or []) and not interactive:
+        raise InputError("chat reads its questions from stdin, so '-' cannot be an input", "pass a file path")
+    image_config = prompt_fitting(chat_backend, sampling, max_context)[0]
+    ignored = [with_flags(note) for note in chat_backend.option_notes(sampling)]
+    for note in ignored:
+        output.note(f"note: {note}")
+    conversation = Conversation(instructions, image_config, media)
+    if inputs:
+        output.note(conversation.attach(inputs))
+    if interactive and not quiet:
+        output.note(f"kimivl chat with {chat_backend.name} · /help for commands, /exit or Ctrl-D to leave")
+    options = replace(sampling, max_context=max_context)
+    session = _Session(output, conversation, chat_backend, options, ignored, interactive)
+    failure = session.run(_line_reader(interactive))
+    if failure is not None and not interactive:
+        raise typer.Exit(failure.exit_code)  # a script learns that a step failed
 
 
 @dataclass
@@ -132,7 +163,7 @@ class _Session:
                     break
             except KimivlError as exc:
                 failure = exc
-                print(f"error: {exc.one_line()}", file=sys.stderr, flush=True)
+                print(error_line(exc), file=sys.stderr, flush=True)
         return failure
 
     def _next_line(self, read: Callable[[], str]) -> str | None:
@@ -153,7 +184,7 @@ class _Session:
         from kimivl_cli.render import Transcript
 
         messages, images = self.conversation.request(question)
-        transcript = Transcript(model=self.backend.name, notes=[*self.backend.notes, *self.ignored])
+        transcript = Transcript(model=self.backend.name, notes=[*map(with_flags, self.backend.notes), *self.ignored])
         try:
             options = replace(self.sampling, show_thinking=self.output.wants_thinking)
             self.output.stream(self.backend.chat(messages, images, options), transcript)
@@ -181,3 +212,7 @@ class _Session:
         if reply.note:
             self.output.note(reply.note)
         return reply.leave
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat_command)

@@ -1,23 +1,21 @@
 """Options shared by every command, so each flag means the same everywhere.
 
-Single options are `Annotated` aliases. The two groups every model command takes, where the
-model runs (`--backend`, `--api-base`, `--api-key`, `--model`, `--device`, `--quant`) and how it
-samples (`--max-tokens`, `--temperature`, `--top-p`, `--seed`, `--thinking-budget`), are added by
-the decorators `backend_options` and `sampling_options`: the command declares one parameter,
-`backend: ChatBackend` or `sampling: ChatOptions`, and receives it built from the flags.
+Options are `Annotated` aliases, reused by every command that takes them. The two groups every
+model command takes, where the model runs (`--backend`, `--api-base`, `--api-key`, `--model`,
+`--device`, `--quant`) and how it samples (`--max-tokens`, `--temperature`, `--top-p`, `--seed`,
+`--thinking-budget`), are listed in each command's signature (last, in that order of flags
+after sampling) and built by `open_chat_backend` and `chat_options`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from kimivl_cli.cli.flags import with_flags
 from kimivl_cli.tasks.backend import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -33,7 +31,7 @@ class StderrLines(logging.Handler):
         self.prefix = prefix
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"{self.prefix}{record.getMessage()}", file=sys.stderr, flush=True)
+        print(f"{self.prefix}{with_flags(record.getMessage())}", file=sys.stderr, flush=True)
 
 
 ModelOpt = Annotated[
@@ -100,63 +98,20 @@ ConcurrencyOpt = Annotated[
     typer.Option("--concurrency", "-j", help="Requests in flight at once (--backend openai; local runs 1).", min=1),
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def fold_options(
-    target: str, flags: dict[str, tuple[Any, Any]], build: Callable[..., Any], shared: tuple[str, ...] = ()
-) -> Callable[[F], F]:
-    """Replace the command's parameter `target` by the options `flags` (name -> (annotation, default));
-    Typer sees the options, the command gets `build(**their values)` as `target`. `shared`: the
-    command's own parameters that `build` also receives (e.g. `quiet`)."""
-
-    def decorate(command: F) -> F:
-        signature = inspect.signature(command)
-        if target not in signature.parameters:
-            raise TypeError(f"{command.__name__} has no parameter {target!r} to fill")
-        if missing := [name for name in shared if name not in signature.parameters]:
-            raise TypeError(f"{command.__name__} lacks {missing}, which {target!r} is built from")
-        # Typer needs the options' `Annotated` objects, not the strings `from __future__ import
-        # annotations` leaves.
-        namespace = command.__globals__
-        kept = [
-            p.replace(annotation=_evaluated(p.annotation, namespace))
-            for p in signature.parameters.values()
-            if p.name != target
-        ]
-        added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for name, (annotation, default) in flags.items()
-        ]
-
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in flags}
-            kwargs[target] = build(**values, **{name: kwargs[name] for name in shared})
-            return command(*args, **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in [*kept, *added]}
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
-    """A string annotation of one of our commands as the object; an import for type checkers only
-    stays a string (it is another decorator's target, gone before Typer reads the signature)."""
-    if not isinstance(annotation, str):
-        return annotation
-    try:
-        return eval(annotation, namespace)
-    except NameError:
-        return annotation
-
-
-def _open_backend(quiet: bool, **flags: Any) -> Any:
-    """The backend, with a bar on a terminal while the model loads and notes for what it ignores."""
+def open_chat_backend(
+    backend: str,
+    api_base: str | None,
+    api_key: str | None,
+    model: str | None,
+    device: str,
+    quant: str,
+    quiet: bool,
+) -> ChatBackend:
+    """The backend the `--backend` group of flags names, with a bar on a terminal while the model
+    loads and notes for what it ignores."""
     from kimivl_cli.render import Output
-    from kimivl_cli.tasks import backend
+    from kimivl_cli.tasks import backend as backends
 
     output = Output(quiet=quiet)
 
@@ -164,43 +119,31 @@ def _open_backend(quiet: bool, **flags: Any) -> Any:
         return output.progress(total, unit="bytes", description=description)
 
     # looked up at call time: tests put a fake model here
-    return backend.open_backend(**flags, progress=progress, note=lambda message: output.note(f"note: {message}"))
+    return backends.open_backend(
+        backend=backend,
+        model=model,
+        device=device,
+        quant=quant,
+        api_base=api_base,
+        api_key=api_key,
+        progress=progress,
+        note=lambda message: output.note(f"note: {with_flags(message)}"),
+    )
 
 
-def _chat_options(**flags: Any) -> Any:
+def chat_options(
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    thinking_budget: int | None,
+) -> ChatOptions:
+    """The sampling flags as request options (None: the backend's default)."""
     from kimivl_cli.backends import ChatOptions
 
-    return ChatOptions(**flags)
-
-
-backend_options = fold_options(
-    "backend",
-    {
-        "backend": (BackendOpt, "local"),
-        "api_base": (ApiBaseOpt, None),
-        "api_key": (ApiKeyOpt, None),
-        "model": (BackendModelOpt, None),
-        "device": (DeviceOpt, "auto"),
-        "quant": (QuantOpt, "auto"),
-    },
-    _open_backend,
-    shared=("quiet",),
-)
-"""Adds --backend/--api-base/--api-key/--model/--device/--quant; the command (which takes `quiet`)
-gets `backend: ChatBackend`."""
-
-sampling_options = fold_options(
-    "sampling",
-    {
-        "max_tokens": (MaxTokensOpt, None),
-        "temperature": (TemperatureOpt, None),
-        "top_p": (TopPOpt, None),
-        "seed": (SeedOpt, None),
-        "thinking_budget": (ThinkingBudgetOpt, None),
-    },
-    _chat_options,
-)
-"""Adds --max-tokens/--temperature/--top-p/--seed/--thinking-budget; the command gets `sampling: ChatOptions`."""
+    return ChatOptions(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, thinking_budget=thinking_budget
+    )
 
 
 def batch_answerer(
@@ -209,11 +152,11 @@ def batch_answerer(
     """The answer-only view of `backend` for a batch command and the concurrency it allows: the
     asked one, or 1 for the local engine (said on stderr unless `quiet`)."""
     from kimivl_cli.backends import AnswerOnly
-    from kimivl_cli.tasks.backend import batch_concurrency, sampling_notes
+    from kimivl_cli.tasks.backend import batch_concurrency
 
     concurrency, note = batch_concurrency(backend, concurrency)
     notes = [note] if note else []
-    for message in [*notes, *sampling_notes(backend, sampling)]:
+    for message in [*notes, *backend.option_notes(sampling)]:
         if not quiet:
-            print(f"note: {message}", file=sys.stderr)
+            print(f"note: {with_flags(message)}", file=sys.stderr)
     return AnswerOnly(backend, sampling, limit=concurrency), concurrency

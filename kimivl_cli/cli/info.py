@@ -281,16 +281,18 @@ def _text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("info")
-    def _command(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "auto", as_json: JsonOpt = False) -> None:
-        """Show versions, the device, whether bitsandbytes and triton work, and the model that would load.
+def info_command(model: ModelOpt = DEFAULT_MODEL, device: DeviceOpt = "auto", as_json: JsonOpt = False) -> None:
+    """Show versions, the device, whether bitsandbytes and triton work, and the model that would load.
 
-        Offline: looks at the local Hub cache only. Example: kimivl info --json
-        """
-        if device not in ("auto", "cuda", "cpu"):
-            raise InputError(f"unknown --device {device!r}", "use auto, cuda or cpu")
-        info = gather(model, device)
-        typer.echo(json.dumps(info, indent=2) if as_json else _text(info))
-        if info["model"]["source"] == "invalid":
-            raise InputError(f"--model {model}: {info['model']['problem']}", "pass a checkpoint folder or owner/name")
+    Offline: looks at the local Hub cache only. Example: kimivl info --json
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"unknown --device {device!r}", "use auto, cuda or cpu")
+    info = gather(model, device)
+    typer.echo(json.dumps(info, indent=2) if as_json else _text(info))
+    if info["model"]["source"] == "invalid":
+        raise InputError(f"--model {model}: {info['model']['problem']}", "pass a checkpoint folder or owner/name")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info_command)

@@ -46,45 +46,58 @@ def describe(item: MediaInput, password: str | None = None) -> dict[str, Any]:
             too_long=item.size > MAX_TEXT_BYTES,
         )
     elif item.kind is MediaKind.PDF:
-        from kimivl_cli.media.pdf import DEFAULT_DPI, PdfDocument
-
-        with PdfDocument(item, password=password) as doc:
-            info["page_count"] = doc.page_count
-            info["repaired"] = doc.repaired
-            info["dpi"] = DEFAULT_DPI
-            info["pages"] = []
-            for index in range(doc.page_count):
-                width_pt, height_pt = doc.page_size(index)
-                width, height = doc.render_size(index)
-                info["pages"].append(
-                    {
-                        "page": index + 1,
-                        "width_pt": round(width_pt, 2),
-                        "height_pt": round(height_pt, 2),
-                        "width": width,
-                        "height": height,
-                        "tokens": _token_count(width, height),
-                        "words": len(doc.page(index).get_text("words")),
-                    }
-                )
+        info.update(_pdf_info(item, password))
     elif item.kind is MediaKind.VIDEO:
-        from kimivl_cli.media.video import VideoFile
+        info.update(_video_info(item))
+    return info
 
-        with VideoFile(item) as video:
-            video.check_end()
-            info.update(
-                width=video.width,
-                height=video.height,
-                frame_count=video.frame_count,
-                fps=round(video.fps, 3),
-                duration=round(video.duration, 3),
-                tokens_per_frame=_token_count(video.width, video.height),
+
+def _pdf_info(item: MediaInput, password: str | None) -> dict[str, Any]:
+    """Page count, repair, and each page's size, tokens and words at the default DPI."""
+    from kimivl_cli.media.pdf import DEFAULT_DPI, PdfDocument
+
+    info: dict[str, Any] = {}
+    with PdfDocument(item, password=password) as doc:
+        info["page_count"] = doc.page_count
+        info["repaired"] = doc.repaired
+        info["dpi"] = DEFAULT_DPI
+        info["pages"] = []
+        for index in range(doc.page_count):
+            width_pt, height_pt = doc.page_size(index)
+            width, height = doc.render_size(index)
+            info["pages"].append(
+                {
+                    "page": index + 1,
+                    "width_pt": round(width_pt, 2),
+                    "height_pt": round(height_pt, 2),
+                    "width": width,
+                    "height": height,
+                    "tokens": _token_count(width, height),
+                    "words": len(doc.page(index).get_text("words")),
+                }
             )
-        from kimivl_cli.tasks.ask import DEFAULT_FRAMES
+    return info
 
-        frames = min(DEFAULT_FRAMES, info["frame_count"])
-        per_frame = info["tokens_per_frame"]
-        info.update(default_frames=frames, default_tokens=None if per_frame is None else frames * per_frame)
+
+def _video_info(item: MediaInput) -> dict[str, Any]:
+    """Size, frames, rate, duration, and the tokens `ask`'s default frames cost."""
+    from kimivl_cli.media.video import VideoFile
+    from kimivl_cli.tasks.ask import DEFAULT_FRAMES
+
+    info: dict[str, Any] = {}
+    with VideoFile(item) as video:
+        video.check_end()
+        info.update(
+            width=video.width,
+            height=video.height,
+            frame_count=video.frame_count,
+            fps=round(video.fps, 3),
+            duration=round(video.duration, 3),
+            tokens_per_frame=_token_count(video.width, video.height),
+        )
+    frames = min(DEFAULT_FRAMES, info["frame_count"])
+    per_frame = info["tokens_per_frame"]
+    info.update(default_frames=frames, default_tokens=None if per_frame is None else frames * per_frame)
     return info
 
 
@@ -159,27 +172,29 @@ def summary(info: dict[str, Any]) -> str:
     )
 
 
+def inspect_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Images, PDFs, videos, text files or folders ('-' reads stdin).", metavar="FILE"),
+    ],
+    password: Annotated[Optional[str], typer.Option("--password", help="Password of encrypted PDFs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what kimivl sees in each input: kind, size, pages, frames, fps, duration, token cost.
+
+    Takes what `ask` takes: images, PDFs, videos, text files, folders and '-'.
+
+    Example: kimivl inspect scan.pdf clip.mp4 photos/ --json
+    """
+    from kimivl_cli.tasks.ask import ASK_KINDS
+
+    described = [describe(item, password) for item in resolve_inputs(inputs, kinds=ASK_KINDS)]
+    if as_json:
+        typer.echo(json.dumps({"inputs": described}, indent=2))
+    else:
+        for info in described:
+            typer.echo(summary(info))
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("inspect")
-    def _command(
-        inputs: Annotated[
-            list[str],
-            typer.Argument(help="Images, PDFs, videos, text files or folders ('-' reads stdin).", metavar="FILE"),
-        ],
-        password: Annotated[Optional[str], typer.Option("--password", help="Password of encrypted PDFs.")] = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Show what kimivl sees in each input: kind, size, pages, frames, fps, duration, token cost.
-
-        Takes what `ask` takes: images, PDFs, videos, text files, folders and '-'.
-
-        Example: kimivl inspect scan.pdf clip.mp4 photos/ --json
-        """
-        from kimivl_cli.tasks.ask import ASK_KINDS
-
-        described = [describe(item, password) for item in resolve_inputs(inputs, kinds=ASK_KINDS)]
-        if as_json:
-            typer.echo(json.dumps({"inputs": described}, indent=2))
-        else:
-            for info in described:
-                typer.echo(summary(info))
+    app.command("inspect")(inspect_command)

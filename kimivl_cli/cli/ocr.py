@@ -13,104 +13,121 @@ from typing import Annotated, Optional
 
 import typer
 
-from kimivl_cli.backends import ChatBackend, ChatOptions
 from kimivl_cli.cli.common import (
+    ApiBaseOpt,
+    ApiKeyOpt,
+    BackendModelOpt,
+    BackendOpt,
     ConcurrencyOpt,
+    DeviceOpt,
     ForceOpt,
+    MaxTokensOpt,
     PasswordOpt,
+    QuantOpt,
     QuietOpt,
-    backend_options,
+    SeedOpt,
+    TemperatureOpt,
+    ThinkingBudgetOpt,
+    TopPOpt,
     batch_answerer,
-    sampling_options,
+    chat_options,
+    open_chat_backend,
 )
 from kimivl_cli.errors import InputError
 
 LISTED = 8  # pages named in one note before "and N more"
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("ocr")
-    @backend_options
-    @sampling_options
-    def _command(
-        inputs: Annotated[list[str], typer.Argument(help="PDFs, images or folders ('-' reads stdin).")],
-        output: Annotated[
-            Optional[str],
-            typer.Option(
-                "--output", "-o", help="Write here instead of stdout; a folder (ending in /) gets a file per input."
-            ),
-        ] = None,
-        force: ForceOpt = False,
-        resume: Annotated[
-            bool, typer.Option("--resume", help="Skip the pages already in OUT, append the rest.")
-        ] = False,
-        redo_truncated: Annotated[
-            bool,
-            typer.Option(
-                "--redo-truncated", help="With --resume: redo the pages cut at the token limit (raise --max-tokens)."
-            ),
-        ] = False,
-        jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON record per page instead of Markdown.")] = False,
-        method: Annotated[
-            str,
-            typer.Option(
-                "--method", help="auto (each page to the text path or the model, by its content), vision or text."
-            ),
-        ] = "auto",
-        pages: Annotated[Optional[str], typer.Option("--pages", help="Pages of each PDF, e.g. 1-3,7.")] = None,
-        dpi: Annotated[
-            Optional[float], typer.Option("--dpi", help="Render PDF pages at this DPI.", min=10, max=1200)
-        ] = None,
-        max_side: Annotated[
-            Optional[int], typer.Option("--max-side", help="Render PDF pages with this longest side (pixels).", min=28)
-        ] = None,
-        password: PasswordOpt = None,
-        keep_headers: Annotated[
-            bool, typer.Option("--keep-headers", help="Keep running headers, footers, page numbers.")
-        ] = False,
-        prompt_file: Annotated[
-            Optional[Path],
-            typer.Option("--prompt-file", help="Instruction to use instead of prompts/ocr.md ({anchors} placeholder)."),
-        ] = None,
-        concurrency: ConcurrencyOpt = 1,
-        quiet: QuietOpt = False,
-        verbose: Annotated[
-            bool, typer.Option("--verbose", "-v", help="Without a terminal: one line per page on stderr.")
-        ] = False,
-        *,
-        backend: ChatBackend,
-        sampling: ChatOptions,
-    ) -> None:
-        """OCR PDFs and images to Markdown, page by page, in order (resumable with -o OUT --resume).
+def ocr_command(
+    inputs: Annotated[list[str], typer.Argument(help="PDFs, images or folders ('-' reads stdin).")],
+    output: Annotated[
+        Optional[str],
+        typer.Option(
+            "--output", "-o", help="Write here instead of stdout; a folder (ending in /) gets a file per input."
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the pages already in OUT, append the rest.")] = False,
+    redo_truncated: Annotated[
+        bool,
+        typer.Option(
+            "--redo-truncated", help="With --resume: redo the pages cut at the token limit (raise --max-tokens)."
+        ),
+    ] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON record per page instead of Markdown.")] = False,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method", help="auto (each page to the text path or the model, by its content), vision or text."
+        ),
+    ] = "auto",
+    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages of each PDF, e.g. 1-3,7.")] = None,
+    dpi: Annotated[
+        Optional[float], typer.Option("--dpi", help="Render PDF pages at this DPI.", min=10, max=1200)
+    ] = None,
+    max_side: Annotated[
+        Optional[int], typer.Option("--max-side", help="Render PDF pages with this longest side (pixels).", min=28)
+    ] = None,
+    password: PasswordOpt = None,
+    keep_headers: Annotated[
+        bool, typer.Option("--keep-headers", help="Keep running headers, footers, page numbers.")
+    ] = False,
+    prompt_file: Annotated[
+        Optional[Path],
+        typer.Option("--prompt-file", help="Instruction to use instead of prompts/ocr.md ({anchors} placeholder)."),
+    ] = None,
+    concurrency: ConcurrencyOpt = 1,
+    quiet: QuietOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Without a terminal: one line per page on stderr.")
+    ] = False,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    thinking_budget: ThinkingBudgetOpt = None,
+    backend: BackendOpt = "local",
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
+    model: BackendModelOpt = None,
+    device: DeviceOpt = "auto",
+    quant: QuantOpt = "auto",
+) -> None:
+    """OCR PDFs and images to Markdown, page by page, in order (resumable with -o OUT --resume).
 
-        \b
-        Examples:
-          kimivl ocr scan.pdf --pages 1-10 -o scan.md
-          kimivl ocr paper.pdf --method text                 # no model: the text layer only
-          kimivl ocr archive/ -o out/ --resume               # one Markdown file per input
-          kimivl ocr archive/ --backend openai --api-base http://gpu:8000/v1 -j 16 --jsonl -o all.jsonl --resume
-        """
-        from kimivl_cli.media import MediaKind, resolve_inputs
-        from kimivl_cli.prompts import load_prompt
-        from kimivl_cli.tasks.ocr import OcrOptions, plan_pages
+    \b
+    Examples:
+      kimivl ocr scan.pdf --pages 1-10 -o scan.md
+      kimivl ocr paper.pdf --method text                 # no model: the text layer only
+      kimivl ocr archive/ -o out/ --resume               # one Markdown file per input
+      kimivl ocr archive/ --backend openai --api-base http://gpu:8000/v1 -j 16 --jsonl -o all.jsonl --resume
+    """
+    from kimivl_cli.media import MediaKind, resolve_inputs
+    from kimivl_cli.prompts import load_prompt
+    from kimivl_cli.tasks.ocr import OcrOptions, plan_pages
 
-        if method not in ("auto", "vision", "text"):
-            raise InputError(f"unknown --method {method!r}", "use auto, vision or text")
-        if dpi and max_side:
-            raise InputError("--dpi and --max-side both set the page size", "give one of them")
-        if redo_truncated and not resume:
-            raise InputError("--redo-truncated works with --resume", "add --resume -o OUT")
-        if prompt_file is not None:
-            load_prompt("ocr.md", prompt_file)  # unreadable: fail before any page is written
-        options = OcrOptions(method, pages, dpi, max_side, password, keep_headers, prompt_file)  # type: ignore[arg-type]
-        sources = resolve_inputs(inputs, kinds={MediaKind.IMAGE, MediaKind.PDF})
-        fmt = "jsonl" if jsonl else "markdown"
-        targets = _targets(sources, output, fmt)
-        runs = [(target, plan_pages(group, options)) for target, group in targets]
-        generate = None
-        if method != "text":
-            generate, concurrency = batch_answerer(backend, sampling, concurrency, quiet)
-        _run(runs, options, fmt, generate, concurrency, force, resume, redo_truncated, quiet, verbose, output)
+    if method not in ("auto", "vision", "text"):
+        raise InputError(f"unknown --method {method!r}", "use auto, vision or text")
+    if dpi and max_side:
+        raise InputError("--dpi and --max-side both set the page size", "give one of them")
+    if redo_truncated and not resume:
+        raise InputError("--redo-truncated works with --resume", "add --resume -o OUT")
+    if prompt_file is not None:
+        load_prompt("ocr.md", prompt_file)  # unreadable: fail before any page is written
+    options = OcrOptions(method, pages, dpi, max_side, password, keep_headers, prompt_file)  # type: ignore[arg-type]
+    sources = resolve_inputs(inputs, kinds={MediaKind.IMAGE, MediaKind.PDF})
+    fmt = "jsonl" if jsonl else "markdown"
+    targets = _targets(sources, output, fmt)
+    runs = [(target, plan_pages(group, options)) for target, group in targets]
+    generate = None
+    if method != "text":
+        generate, concurrency = batch_answerer(
+            open_chat_backend(backend, api_base, api_key, model, device, quant, quiet),
+            chat_options(max_tokens, temperature, top_p, seed, thinking_budget),
+            concurrency,
+            quiet,
+        )
+    _run(runs, options, fmt, generate, concurrency, force, resume, redo_truncated, quiet, verbose, output)
 
 
 def _targets(sources: list, output: str | None, fmt: str) -> list[tuple[Path | None, list]]:
@@ -242,3 +259,7 @@ class _Progress:
         elif self.lines:
             why = f" ({record.reason})" if record.reason else ""
             print(f"ocr: {record.file} page {record.page}: {record.method}{why} {record.seconds:.2f}s", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ocr")(ocr_command)

@@ -64,10 +64,10 @@ def plan_context(
     limit = model_context if max_context is None else min(max_context, model_context)
     plan = ContextPlan(text_tokens, tuple(image_tokens), limit, max_new_tokens)
     if plan.prompt_tokens >= limit:
-        source = "the model's context" if max_context is None or max_context >= model_context else "--max-context"
+        source = "the model's context" if max_context is None or max_context >= model_context else "`max_context`"
         raise InputError(
             f"the prompt needs {plan.prompt_tokens:,} tokens ({describe_costs(text_tokens, image_tokens)}) "
             f"but {source} is {limit:,} tokens",
-            "use fewer or smaller images (fewer PDF pages), shorten the text, or raise --max-context",
+            "use fewer or smaller images (fewer PDF pages), shorten the text, or raise `max_context`",
         )
     return ContextPlan(text_tokens, tuple(image_tokens), limit, min(max_new_tokens, limit - plan.prompt_tokens))

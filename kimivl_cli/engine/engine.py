@@ -64,6 +64,20 @@ class GenerationStats:
     finish_reason: FinishReason = "length"
 
 
+@dataclass
+class _Decoding:
+    """What one request's decode steps read: sampling, stops, the cache (in the held graph, if any),
+    the generator and the ids so far [1, cache_len] (for the repetition penalty)."""
+
+    params: SamplingParams
+    stop: frozenset[int]
+    max_new: int
+    cache: LatentCache
+    graph: DecodeGraph | None
+    generator: torch.Generator | None
+    history: torch.Tensor
+
+
 class TokenStream:
     """The generated ids of one request, one per iteration (stop tokens are not yielded).
 
@@ -327,66 +341,87 @@ class Engine:
         cache_len: int,
         stop: frozenset[int],
     ) -> Iterator[int]:
-        stats = stream.stats
-        t0 = time.perf_counter()
-        features = None
-        if grids.shape[0]:
-            if pixel_values is None:
-                raise InputError("image grids given without pixel_values")
-            per_image, stats.images_encoded = self.image_features(pixel_values, grids)
-            features = torch.cat(per_image)
-            _sync(self.device)
-            stats.vision_s = time.perf_counter() - t0
+        """One request: vision, then prefill, then decode (the stream's `stats` record each)."""
+        features = self._vision(pixel_values, grids, stream.stats)
         t1 = time.perf_counter()
-
         with self._held_graph(cache_len) as graph:
             cache = graph.cache if graph else LatentCache(self.config.text, 1, cache_len, self.dtype, self.device)
-            stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
+            stream.stats.cache_bytes = cache.buf.numel() * cache.buf.element_size()
             logits = self.prefill(ids.to(self.device), features, cache)
-            generator = make_generator(params.seed, self.device)
-            pos = ids.shape[1]
             # Prompt + generated ids for the repetition penalty, -1 = not yet: a static shape.
             history = torch.full((1, cache_len), -1, dtype=torch.long, device=self.device)
-            history[:, :pos] = ids
+            history[:, : ids.shape[1]] = ids
+            run = _Decoding(params, stop, max_new, cache, graph, make_generator(params.seed, self.device), history)
             _sync(self.device)
-            t2 = time.perf_counter()
-            stats.prefill_s = t2 - t1
-            try:
-                while stats.generated_tokens < max_new:
-                    n = stats.generated_tokens
-                    if stream.forced:
-                        forced = stream.forced[: max_new - n]
-                        stream.forced = []
-                        tokens = torch.tensor([forced], dtype=torch.long, device=self.device)
-                    else:
-                        if stream.guide is not None and stream.guide.active:
-                            stream.guide.mask_(logits)
-                        token = sample(logits, params, generator, history)  # [1]
-                        if stream.logits is not None:
-                            stream.logits.append(logits[0].clone())  # a graph reuses its buffer
-                        tid = int(token)  # the one host sync per step: streaming needs the id
-                        if tid in stop:
-                            stats.finish_reason = "stop"
-                            return
-                        forced, tokens = [tid], token.view(1, 1)
-                    history[:, pos : pos + len(forced)] = tokens
-                    stats.generated_tokens += len(forced)
-                    for tid in forced:
-                        yield tid
-                    if stats.generated_tokens >= max_new:
-                        break  # the last token needs no forward pass
-                    T = tokens.shape[1]
-                    if graph is not None and T == 1:
-                        logits = graph(tokens, pos)
-                    else:  # eager: attention over the filled slots only
-                        logits = self.decode_step(tokens, pos, cache, pos + T)
-                    pos += T
-                stats.finish_reason = "length"
-            except GeneratorExit:
-                stats.finish_reason = "interrupted"
-                raise
-            finally:
-                stats.decode_s = time.perf_counter() - t2
+            stream.stats.prefill_s = time.perf_counter() - t1
+            yield from self._decode_n(stream, run, logits, ids.shape[1])
+
+    def _vision(
+        self, pixel_values: torch.Tensor | None, grids: torch.Tensor, stats: GenerationStats
+    ) -> torch.Tensor | None:
+        """The images' features [F, D] in prompt order (None without images); times the encoder."""
+        if not grids.shape[0]:
+            return None
+        if pixel_values is None:
+            raise InputError("image grids given without pixel_values")
+        t0 = time.perf_counter()
+        per_image, stats.images_encoded = self.image_features(pixel_values, grids)
+        features = torch.cat(per_image)
+        _sync(self.device)
+        stats.vision_s = time.perf_counter() - t0
+        return features
+
+    def _decode_n(self, stream: TokenStream, run: _Decoding, logits: torch.Tensor, pos: int) -> Iterator[int]:
+        """Yield up to `run.max_new` ids after the prompt's `logits`, the next one written at `pos`."""
+        stats = stream.stats
+        t0 = time.perf_counter()
+        try:
+            while stats.generated_tokens < run.max_new:
+                step = self._next_tokens(stream, run, logits)
+                if step is None:
+                    stats.finish_reason = "stop"
+                    return
+                ids, tokens = step
+                run.history[:, pos : pos + len(ids)] = tokens
+                stats.generated_tokens += len(ids)
+                yield from ids
+                if stats.generated_tokens >= run.max_new:
+                    break  # the last token needs no forward pass
+                logits = self._step(run, tokens, pos)
+                pos += tokens.shape[1]
+            stats.finish_reason = "length"
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            stats.decode_s = time.perf_counter() - t0
+
+    def _next_tokens(
+        self, stream: TokenStream, run: _Decoding, logits: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor] | None:
+        """The ids to feed next and as tokens [1, T]: the forced ones, else one sampled from `logits`
+        [1, V]; None when the sample is a stop token."""
+        if stream.forced:
+            ids = stream.forced[: stream.left]
+            stream.forced = []
+            return ids, torch.tensor([ids], dtype=torch.long, device=self.device)
+        if stream.guide is not None and stream.guide.active:
+            stream.guide.mask_(logits)
+        token = sample(logits, run.params, run.generator, run.history)  # [1]
+        if stream.logits is not None:
+            stream.logits.append(logits[0].clone())  # a graph reuses its buffer
+        tid = int(token)  # the one host sync per step: streaming needs the id
+        if tid in run.stop:
+            return None
+        return [tid], token.view(1, 1)
+
+    def _step(self, run: _Decoding, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """tokens [1, T] at `pos` -> fp32 logits [1, V]: one token replays the captured graph where
+        there is one; otherwise eager (`decode_step` picks fused, native or plain), attending over
+        the filled slots only."""
+        if run.graph is not None and tokens.shape[1] == 1:
+            return run.graph(tokens, pos)
+        return self.decode_step(tokens, pos, run.cache, pos + tokens.shape[1])
 
     @contextlib.contextmanager
     def _held_graph(self, cache_len: int) -> Iterator[DecodeGraph | None]:

@@ -190,19 +190,7 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
         where = "text_config"
-        if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
-            raise CheckpointError(
-                f"config.json: unsupported {where}.model_type {d.get('model_type')!r}", "expected deepseek_v3"
-            )
-        if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise CheckpointError(
-                f"config.json: routing {d.get('scoring_func')!r}/{d.get('topk_method')!r} is not supported",
-                "Kimi-VL uses scoring_func 'sigmoid' with topk_method 'noaux_tc'",
-            )
-        if d.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(
-                f"config.json: {where}.hidden_act {d.get('hidden_act')!r} is not supported", "expected silu"
-            )
+        _check_architecture(d, where)
         scaling = d.get("rope_scaling")
         optional_int = (int, type(None))
         cfg = cls(
@@ -235,32 +223,53 @@ class TextConfig:
             eos_token_id=_take(d, "eos_token_id", optional_int, where, None),
             pad_token_id=_take(d, "pad_token_id", optional_int, where, None),
         )
-        _at_least(cfg, where, 1, *_INT_FIELDS[cls])
-        _at_least(cfg, where, 0, "n_shared_experts", "first_k_dense_replace")
-        _positive_float(cfg, where, "rms_norm_eps", "rope_theta")
-        if cfg.qk_rope_head_dim % 2:
+        cfg._check(where)
+        return cfg
+
+    def _check(self, where: str) -> None:
+        """Ranges and the fit of the routing groups, past each field's type."""
+        _at_least(self, where, 1, *_INT_FIELDS[TextConfig])
+        _at_least(self, where, 0, "n_shared_experts", "first_k_dense_replace")
+        _positive_float(self, where, "rms_norm_eps", "rope_theta")
+        if self.qk_rope_head_dim % 2:
             raise CheckpointError(f"config.json: {where}.qk_rope_head_dim must be even (RoPE rotates pairs)")
-        if cfg.max_position_embeddings > MAX_POSITIONS:
+        if self.max_position_embeddings > MAX_POSITIONS:
             raise CheckpointError(
-                f"config.json: {where}.max_position_embeddings {cfg.max_position_embeddings} is implausibly large",
+                f"config.json: {where}.max_position_embeddings {self.max_position_embeddings} is implausibly large",
                 f"at most {MAX_POSITIONS}",
             )
-        per_group = cfg.n_routed_experts // cfg.n_group
+        per_group = self.n_routed_experts // self.n_group
         if (
-            cfg.n_routed_experts % cfg.n_group
-            or not 0 < cfg.topk_group <= cfg.n_group
-            or (cfg.n_group > 1 and per_group < 2)  # a group scores by its best two experts
+            self.n_routed_experts % self.n_group
+            or not 0 < self.topk_group <= self.n_group
+            or (self.n_group > 1 and per_group < 2)  # a group scores by its best two experts
         ):
             raise CheckpointError(
-                f"config.json: {where}.n_group {cfg.n_group} / topk_group {cfg.topk_group} do not fit "
-                f"{cfg.n_routed_experts} experts"
+                f"config.json: {where}.n_group {self.n_group} / topk_group {self.topk_group} do not fit "
+                f"{self.n_routed_experts} experts"
             )
-        if not 0 < cfg.num_experts_per_tok <= cfg.topk_group * per_group:
+        if not 0 < self.num_experts_per_tok <= self.topk_group * per_group:
             raise CheckpointError(
-                f"config.json: {where}.num_experts_per_tok {cfg.num_experts_per_tok} is out of range",
-                f"at most the {cfg.topk_group * per_group} experts of the groups kept",
+                f"config.json: {where}.num_experts_per_tok {self.num_experts_per_tok} is out of range",
+                f"at most the {self.topk_group * per_group} experts of the groups kept",
             )
-        return cfg
+
+
+def _check_architecture(d: dict[str, Any], where: str) -> None:
+    """The text model is the DeepSeek-V3 kind this code runs: sigmoid routing, SiLU."""
+    if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
+        raise CheckpointError(
+            f"config.json: unsupported {where}.model_type {d.get('model_type')!r}", "expected deepseek_v3"
+        )
+    if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise CheckpointError(
+            f"config.json: routing {d.get('scoring_func')!r}/{d.get('topk_method')!r} is not supported",
+            "Kimi-VL uses scoring_func 'sigmoid' with topk_method 'noaux_tc'",
+        )
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(
+            f"config.json: {where}.hidden_act {d.get('hidden_act')!r} is not supported", "expected silu"
+        )
 
 
 _INT_FIELDS: dict[type, tuple[str, ...]] = {
@@ -310,7 +319,7 @@ class KimiVLConfig:
         if d.get("model_type") != "kimi_vl":
             raise CheckpointError(
                 f"config.json: model_type is {d.get('model_type')!r}, not 'kimi_vl'",
-                "point --model at a Kimi-VL checkpoint",
+                "point `model` at a Kimi-VL checkpoint",
             )
         vision = _take(d, "vision_config", dict, "config")
         text = _take(d, "text_config", dict, "config")

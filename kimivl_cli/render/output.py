@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from kimivl_cli.engine.events import Done, Event
-from kimivl_cli.errors import InputError
+from kimivl_cli.errors import InputError, name_fields
 from kimivl_cli.render.answer import Transcript, render_json, render_jsonl, render_plain, render_rich
 
 Style = Literal["rich", "plain", "json", "jsonl"]
@@ -65,7 +65,9 @@ def stderr_console() -> Console:
 
 @dataclass
 class Output:
-    """A command's output channels and the user's display choices (`--json`, `--jsonl`, `--quiet`, ...)."""
+    """A command's output channels and the user's display choices (JSON, JSON lines, quiet, ...).
+
+    `name_field` shows an option a note names as `field` (the CLI: as its flag)."""
 
     stdout: Console = field(default_factory=lambda: Console(highlight=False))
     stderr: Console = field(default_factory=stderr_console)
@@ -74,11 +76,12 @@ class Output:
     show_thinking: bool | None = None  # None: fold the reasoning on a terminal, omit it elsewhere
     quiet: bool = False
     clock: Callable[[], float] = time.monotonic
-    notes: list[str] = field(default_factory=list)  # every note given, shown or not (--json reports them)
+    notes: list[str] = field(default_factory=list)  # every note given, shown or not (the JSON output reports them)
+    name_field: Callable[[str], str] = lambda field: f"`{field}`"
 
     def __post_init__(self) -> None:
         if self.json and self.jsonl:
-            raise InputError("--json and --jsonl cannot be combined", "pick one")
+            raise InputError("`json` and `jsonl` cannot be combined", "pick one")
 
     @property
     def style(self) -> Style:
@@ -109,7 +112,8 @@ class Output:
         return transcript
 
     def note(self, message: str) -> None:
-        """One line for the user on stderr (unless --quiet); never parsed as markup. Kept in `notes`."""
+        """One line for the user on stderr (unless quiet); never parsed as markup. Kept in `notes`."""
+        message = name_fields(message, self.name_field)
         if message:
             self.notes.append(message.removeprefix("note: "))
         if not self.quiet:
@@ -125,7 +129,7 @@ class Output:
     @contextmanager
     def progress(self, total: int | None, unit: str = "pages", description: str = "") -> Iterator[Callable[..., None]]:
         """A progress bar on stderr yielding `advance(n=1)`: count, rate and ETA (bytes, speed and ETA
-        for unit "bytes"; elapsed time for total None); silent off a terminal or with --quiet."""
+        for unit "bytes"; elapsed time for total None); silent off a terminal or when quiet."""
         if self.quiet or not _fancy(self.stderr):
             yield lambda n=1: None
             return
@@ -142,4 +146,4 @@ class Output:
     def _warn_if_cut(self, done: Done | None) -> None:
         if done is not None and done.finish_reason == "length":
             tokens = done.usage.completion_tokens
-            self.note(f"note: the answer was cut at {tokens} new tokens (raise --max-tokens for more)")
+            self.note(f"note: the answer was cut at {tokens} new tokens (raise `max_tokens` for more)")

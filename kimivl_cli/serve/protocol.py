@@ -165,7 +165,7 @@ def load_image_url(url: str, allow_local_files: bool) -> list[Image.Image]:
         pages = load_images(data, max_pages=1)
     elif scheme == "file":
         if not allow_local_files:
-            raise InputError("file:// image URLs are refused", "start the server with --allow-local-files")
+            raise InputError("file:// image URLs are refused", "start the server with `allow_local_files`")
         path = Path(unquote(urlsplit(url).path))
         if not path.is_file():
             raise InputError(f"no such image file on the server: {path}")

@@ -25,7 +25,7 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -74,25 +74,27 @@ class ChatServer(ThreadingHTTPServer):
         allow_local_files: bool = False,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         model_name: str | None = None,
+        name_field: Callable[[str], str] = lambda field: f"`{field}`",
     ) -> None:
         if queue_size < 0:
-            raise InputError("--queue-size must be at least 0")
+            raise InputError("`queue_size` must be at least 0")
         if api_key is not None and not api_key.strip():
-            raise InputError("the API key is empty (an unset variable?)", "give a key, or leave out --api-key")
+            raise InputError("the API key is empty (an unset variable?)", "give a key, or leave out `api_key`")
         self.worker: Worker | None = None
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
-            hint = "pick another --port" if isinstance(exc, PermissionError) or exc.errno == errno.EADDRINUSE else None
+            hint = "pick another `port`" if isinstance(exc, PermissionError) or exc.errno == errno.EADDRINUSE else None
             raise InputError(
                 f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                hint or "check --host (an address of this machine)",
+                hint or "check `host` (an address of this machine)",
             ) from None
         self.backend = backend
         self.api_key = api_key
         self._connections = threading.BoundedSemaphore(max(MIN_CONNECTIONS, 2 * (queue_size + 1)))
         self.allow_local_files = allow_local_files
         self.model_name = model_name or backend.name
+        self.name_field = name_field  # how messages show an option: the CLI's flag
         self.worker = Worker(backend, queue_size)
 
     @property
@@ -226,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 request = parse_request(body, self.server.allow_local_files)
             except KimivlError as exc:
-                raise HttpError(400, exc.one_line()) from None
+                raise HttpError(400, exc.one_line(self.server.name_field)) from None
             job = worker.submit(request, slot)
         except BaseException:
             slot.release()
@@ -236,7 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
             first = next(items, None)
             if isinstance(first, KimivlError):  # raised before anything was generated
                 status = 400 if isinstance(first, InputError) else 500
-                raise HttpError(status, first.one_line(), "invalid_request_error" if status == 400 else "server_error")
+                raise HttpError(
+                    status,
+                    first.one_line(self.server.name_field),
+                    "invalid_request_error" if status == 400 else "server_error",
+                )
             if request.stream:
                 self._stream(request, job, first, items)
             else:
@@ -252,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         done = Done()
         for item in itertools.chain([first], items):
             if isinstance(item, KimivlError):
-                raise HttpError(500, item.one_line(), "server_error")
+                raise HttpError(500, item.one_line(self.server.name_field), "server_error")
             if isinstance(item, Done):
                 done = item
             elif item is not None:
@@ -270,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._event(chunk_json(request, model, {"role": "assistant", "content": ""}))
         for item in itertools.chain([first] if first is not None else [], items):
             if isinstance(item, KimivlError):
-                self._event(error_json(item.one_line(), "server_error"))
+                self._event(error_json(item.one_line(self.server.name_field), "server_error"))
                 break
             if isinstance(item, Done):
                 usage = usage_json(item)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 ASK_KINDS = MEDIA_KINDS | {MediaKind.TEXT}
 DEFAULT_FRAMES = 8
-"""Frames sampled from a video when neither --frames nor --fps is given."""
+"""Frames sampled from a video when neither a frame count nor a rate is given."""
 MAX_TEXT_BYTES = 4 << 20
 """A text input larger than this is refused: it could not fit any context anyway (~1M tokens)."""
 
@@ -52,7 +52,7 @@ class MediaOptions:
 
     def __post_init__(self) -> None:
         if self.frames is not None and self.fps is not None:
-            raise InputError("--frames and --fps both choose the video frames", "give one of them")
+            raise InputError("`frames` and `fps` both choose the video frames", "give one of them")
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,10 @@ class Segments:
         with VideoFile(item) as video:
             if self.options.fps is not None:
                 frames = video.sample(fps=self.options.fps)
-                wanted, asked = math.ceil(video.duration * self.options.fps - 1e-9), f"--fps {self.options.fps:g}"
+                wanted, asked = math.ceil(video.duration * self.options.fps - 1e-9), f"`fps` {self.options.fps:g}"
             else:
                 frames = video.sample(count=self.options.frames or DEFAULT_FRAMES)
-                wanted, asked = self.options.frames or DEFAULT_FRAMES, f"--frames {self.options.frames}"
+                wanted, asked = self.options.frames or DEFAULT_FRAMES, f"`frames` {self.options.frames}"
             if len(frames) < wanted:
                 why = (
                     f"it has only {video.frame_count}"
@@ -254,7 +254,7 @@ def build_prompt(
             raise InputError(
                 f"no room for any PDF page: {budget.source} is {budget.limit:,} tokens and the text, other images "
                 f"and the reply need {used:,}",
-                "raise --max-context, lower --max-tokens, or drop other inputs",
+                "raise `max_context`, lower `max_tokens`, or drop other inputs",
             )
         keep = {id(pages[i]) for i in plan.keep}
         cap = plan.cap
@@ -308,7 +308,7 @@ def _plan_notes(
     )
     return [
         f"{why}: sending {len(keep)} of {len(pages)} pages, {how}, {size}: {chosen}",
-        "choose pages yourself with --pages, or raise --max-context",
+        "choose pages yourself with `pages`, or raise `max_context`",
     ]
 
 

@@ -9,7 +9,7 @@ from kimivl_cli.errors import InputError
 from kimivl_cli.quant import quant_mode
 
 if TYPE_CHECKING:
-    from kimivl_cli.backends import ChatBackend, ChatOptions
+    from kimivl_cli.backends import ChatBackend
     from kimivl_cli.engine.engine import Engine
     from kimivl_cli.model.weights import LoadProgress
 
@@ -28,14 +28,14 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError(
-            "--device cuda but no CUDA GPU is usable here", "use --device cpu, or install a CUDA build of torch"
+            "`device` cuda but no CUDA GPU is usable here", "use `device` cpu, or install a CUDA build of torch"
         )
     return device
 
 
 INT8_EXPERTS_NOTE = (
-    "--quant int8 quantizes attention and the dense and shared MLPs; the routed experts (most of the "
-    "weights) stay bf16, so it saves little memory: use --quant nf4 to fit a smaller device"
+    "`quant` int8 quantizes attention and the dense and shared MLPs; the routed experts (most of the "
+    "weights) stay bf16, so it saves little memory: use `quant` nf4 to fit a smaller device"
 )
 
 
@@ -63,7 +63,7 @@ def open_engine(
     stored = stored_quant([SafetensorsFile(path) for path in checkpoint_files(folder)])
     notes = []
     if quant == "none" and stored != "none":
-        notes.append(f"--quant none ignored: {model} was saved quantized as {stored}, so it loads as {stored}")
+        notes.append(f"`quant` none ignored: {model} was saved quantized as {stored}, so it loads as {stored}")
     if "int8" in (quant, stored):
         notes.append(INT8_EXPERTS_NOTE)
     engine = Engine.load(model, dtype=torch.bfloat16, device=resolve_device(device), quant=quant, progress=progress)
@@ -101,40 +101,30 @@ def open_backend(
 
         if not api_base:
             raise InputError(
-                "--backend openai needs the server's address",
-                "add --api-base http://HOST:8000/v1, or set KIMIVL_API_BASE",
+                "`backend` openai needs the server's address",
+                "add `api_base` http://HOST:8000/v1, or set KIMIVL_API_BASE",
             )
         server = OpenAIBackend(api_base, api_key, model)
         ignored = [
-            f"--{name} {value}" for name, value in (("device", device), ("quant", quant)) if value.lower() != "auto"
+            f"`{name}` {value}" for name, value in (("device", device), ("quant", quant)) if value.lower() != "auto"
         ]
         if ignored:
             server.notes.append(f"{', '.join(ignored)} ignored: the server chooses its own device and weights")
         for message in server.notes:
             note(message)
         return server
-    raise InputError(f"unknown --backend {backend!r}", f"use {' or '.join(BACKENDS)}")
-
-
-def sampling_notes(backend: ChatBackend, options: ChatOptions) -> list[str]:
-    """What of the sampling options `backend` may not honour, one line each."""
-    from kimivl_cli.backends.openai import OpenAIBackend
-
-    if isinstance(backend, OpenAIBackend) and options.thinking_budget is not None:
-        return [
-            f"--thinking-budget {options.thinking_budget} is sent as the request field thinking_budget: "
-            "kimivl serve honours it, vLLM and SGLang ignore it"
-        ]
-    return []
+    raise InputError(f"unknown `backend` {backend!r}", f"use {' or '.join(BACKENDS)}")
 
 
 def batch_concurrency(backend: ChatBackend, concurrency: int) -> tuple[int, str | None]:
     """Requests a batch command may keep in flight on `backend`, and a note when that is not what was asked.
 
-    The local engine runs one request at a time, so more threads would only queue on it.
+    A backend that runs fewer at once (the local engine: one) would only queue more threads.
     """
-    from kimivl_cli.backends.local import LocalBackend
-
-    if concurrency > 1 and isinstance(backend, LocalBackend):
-        return 1, f"--concurrency {concurrency} ignored: the local engine runs one request at a time (running 1)"
+    limit = backend.max_concurrency
+    if limit is not None and concurrency > limit:
+        return (
+            limit,
+            f"`concurrency` {concurrency} ignored: the local engine runs one request at a time (running {limit})",
+        )
     return concurrency, None

@@ -32,34 +32,34 @@ def concise_schema(text: str) -> dict[str, Any]:
             continue
         match = _FIELD.match(part)
         if match is None:
-            raise InputError(f"--schema: cannot read the field {part!r}", "write fields as 'name, age int, bio: text'")
+            raise InputError(f"`schema`: cannot read the field {part!r}", "write fields as 'name, age int, bio: text'")
         kind = match["type"] or "str"
         if kind not in CONCISE_TYPES:
-            raise InputError(f"--schema: unknown type {kind!r} for {match['name']}", "use str, int, float or bool")
+            raise InputError(f"`schema`: unknown type {kind!r} for {match['name']}", "use str, int, float or bool")
         field: dict[str, Any] = {"type": CONCISE_TYPES[kind]}
         if match["description"]:
             field["description"] = match["description"].strip()
         properties[match["name"]] = field
     if not properties:
-        raise InputError("--schema lists no fields", "e.g. --schema 'name, age int'")
+        raise InputError("`schema` lists no fields", "e.g. `schema` 'name, age int'")
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
 def json_format(schema: str | None, json_mode: bool) -> JsonFormat | None:
-    """The format `--schema VALUE` / `--json-mode` ask for (None: free text)."""
+    """The format a schema (`schema`) or plain JSON (`json_mode`) asks for (None: free text)."""
     if schema is None:
         return JsonFormat() if json_mode else None
     if json_mode:
-        raise InputError("--schema already makes the answer JSON", "give --schema or --json-mode, not both")
+        raise InputError("`schema` already makes the answer JSON", "give `schema` or `json_mode`, not both")
     path = Path(schema).expanduser()
     if not schema.lstrip().startswith("{") and path.is_file():
         try:
             schema = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"--schema: cannot read {path} ({exc})") from None
+            raise InputError(f"`schema`: cannot read {path} ({exc})") from None
         return JsonFormat(_parsed(schema, str(path)))
     if schema.lstrip().startswith("{"):
-        return JsonFormat(_parsed(schema, "--schema"))
+        return JsonFormat(_parsed(schema, "`schema`"))
     return JsonFormat(concise_schema(schema))
 
 

@@ -73,7 +73,7 @@ def test_video_frames_and_plain_output_without_escape_codes(ask, bikes_mp4: Path
     result = ask(str(bikes_mp4), "--frames", "4", "What happens?", "--max-tokens", "5", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\x1b" not in result.stderr
-    assert result.stdout.endswith("\n") and "cut at 5 new tokens" in result.stderr
+    assert result.stdout.endswith("\n") and "cut at 5 new tokens (raise --max-tokens for more)" in result.stderr
 
 
 def test_stdin_image_and_question_from_stdin(ask) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from kimivl_cli.cli.flags import error_line
 from kimivl_cli.engine.context import describe_costs, plan_context
 from kimivl_cli.engine.engine import Engine
 from kimivl_cli.engine.sampling import SamplingParams
@@ -23,7 +24,7 @@ def test_new_tokens_are_capped_to_the_context_left() -> None:
 def test_overflow_error_lists_text_and_each_image() -> None:
     with pytest.raises(InputError) as err:
         plan_context(120, [1080, 256], max_new_tokens=10, model_context=131072, max_context=1000)
-    message = err.value.one_line()
+    message = error_line(err.value)  # as the CLI prints it: fields as flags
     assert "1,456 tokens" in message and "--max-context is 1,000" in message
     assert "text 120 tokens, image 1 1,080, image 2 256" in message
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import kimivl_cli.engine.engine as engine_module
+from kimivl_cli.cli.flags import error_line
 from kimivl_cli.engine.engine import Engine
 from kimivl_cli.engine.events import AnswerDelta, Done, ThinkingDelta
 from kimivl_cli.engine.sampling import SamplingParams
@@ -118,8 +121,11 @@ def test_closing_early_stops_the_generation(tiny_engine: Engine, monkeypatch) ->
 
 
 def test_context_overflow_names_each_input(tiny_engine: Engine, photos) -> None:
-    with pytest.raises(InputError, match=r"image 1 4, image 2 3, image 3 6.*--max-context is 30"):
+    with pytest.raises(InputError) as err:
         tiny_engine.generate(user(IMAGE, IMAGE, IMAGE, "hello"), photos, SamplingParams(), max_context=30)
+    assert re.search(
+        r"image 1 4, image 2 3, image 3 6.*--max-context is 30", error_line(err.value)
+    )  # as the CLI says it
 
 
 def test_image_count_must_match_placeholders(tiny_engine: Engine, photos) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kimivl_cli import cli
+from kimivl_cli.backends import ServerSide
 from kimivl_cli.engine.events import AnswerDelta, Done, Usage
 from kimivl_cli.tasks import backend
 
 
-class SlowBackend:
+class SlowBackend(ServerSide):
     name = "slow"
 
     def __init__(self) -> None:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from kimivl_cli.backends import ServerSide
+
 FAKE_CLI = Path(__file__).with_name("fake_cli.py")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +20,7 @@ def fake_generate(messages: list[dict], images: list) -> str:
     return f"Here is the markdown:\n```markdown\n# Fake page {images[0].size}\nanchored={anchored}\n```"
 
 
-class FakeBackend:
+class FakeBackend(ServerSide):
     """A `ChatBackend` whose answer is `generate(messages, images)` (a str or a `Generation`):
     what the OCR tests put where the CLI opens its backend."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kimivl_cli.backends import ChatOptions
+from kimivl_cli.cli.flags import flag
 from kimivl_cli.engine.events import AnswerDelta, Done, Event, ThinkingDelta, Usage
 from kimivl_cli.serve import ChatServer
 
@@ -31,7 +32,9 @@ def start_server() -> Iterator:
     servers: list[ChatServer] = []
 
     def start(backend: Any, **kw: Any) -> ChatServer:
-        server = ChatServer(backend, "127.0.0.1", 0, **kw)
+        server = ChatServer(
+            backend, "127.0.0.1", 0, **{"name_field": flag, **kw}
+        )  # messages as `kimivl serve` words them
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server

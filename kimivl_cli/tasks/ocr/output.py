@@ -49,7 +49,7 @@ _RECORD_START = b'{"file": '
 @dataclass(frozen=True)
 class PageRecord:
     """One finished page. `method`: text, anchored, vision or blank; `route`/`reason`: where the
-    router sent it and why; `finish_reason`: the model's ('length': cut at --max-tokens)."""
+    router sent it and why; `finish_reason`: the model's ('length': cut at the token limit)."""
 
     file: str
     page: int  # 1-based
@@ -106,7 +106,7 @@ def read_pages(data: bytes, fmt: Format, path: Path | str = "OUT") -> tuple[list
 
 
 def _not_ours(path: str, why: str) -> InputError:
-    return InputError(f"{path} is not kimivl OCR output ({why})", "pick another output file, or --force to replace it")
+    return InputError(f"{path} is not kimivl OCR output ({why})", "pick another output file, or `force` to replace it")
 
 
 def _read_jsonl(data: bytes, path: str) -> tuple[list[StoredPage], int]:
@@ -248,7 +248,7 @@ def _append(fd: int, data: bytes) -> None:
     except OSError as exc:
         os.ftruncate(fd, size)
         raise InputError(
-            f"cannot write the output ({exc.strerror or exc})", "free some disk space, then --resume"
+            f"cannot write the output ({exc.strerror or exc})", "free some disk space, then `resume`"
         ) from None
 
 
@@ -263,20 +263,20 @@ def open_sink(
     """
     if out is None:
         if resume:
-            raise InputError("--resume needs an output file", "add -o OUT")
+            raise InputError("`resume` needs an output file", "add `output` OUT")
         return StreamSink(sys.stdout, fmt), set()
     if out.is_dir():
         raise InputError(
             f"output {out} is a folder", "give a file name with -o, or end it with / for one file per input"
         )
-    check_output(out)  # a device or FIFO is never unlinked, truncated or read (`-o /dev/null --force`)
+    check_output(out)  # a device or FIFO is never unlinked, truncated or read (`/dev/null` as the output, forced)
     if not out.exists():
         if not out.parent.exists():
             raise InputError(f"folder {out.parent} does not exist", "create it first")
         return FileSink(out, fmt), set()
     if not resume:
         if not force:
-            raise InputError(f"{out} already exists", "use --force to overwrite it or --resume to continue it")
+            raise InputError(f"{out} already exists", "use `force` to overwrite it or `resume` to continue it")
         out.unlink()
         return FileSink(out, fmt), set()
     if not out.is_file():
