@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -51,46 +53,59 @@ def serve_command(
     from kimivl_cli.serve import ChatServer
     from kimivl_cli.tasks.backend import open_engine
 
-    log = logging.getLogger("kimivl")  # the request log; other libraries' loggers stay silent
-    if not log.handlers:
-        log.addHandler(StderrLines())
+    with request_log(quiet):
+        output = Output(quiet=quiet)
+        backend = LocalBackend.lazy(
+            lambda: open_engine(
+                model,
+                device,
+                quant,
+                progress=lambda total, what: output.progress(total, unit="bytes", description=what),
+                note=lambda message: output.note(f"note: {with_flags(message)}"),
+            )
+        )
+        server = ChatServer(  # binds first: a busy port, a bad --host or an empty key fail before the model loads
+            backend,
+            host,
+            port,
+            api_key=api_key,
+            allow_local_files=allow_local_files,
+            queue_size=queue_size,
+            model_name=served_model_name or model,
+            name_field=flag,
+        )
+        try:
+            _ = backend.engine  # load now, not on the first request
+            if api_key:
+                auth = "API key required"
+            elif host in LOOPBACK:
+                auth = "no API key: anyone on this machine can use it"
+            else:
+                auth = "no API key: anyone who can reach it can use it"
+                print(f"warning: serving on {host} without --api-key: {auth.partition(': ')[2]}", file=sys.stderr)
+            print(f"serving {server.model_name} at {server.url}, {auth} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+        finally:
+            server.server_close()
+
+
+@contextmanager
+def request_log(quiet: bool) -> Iterator[None]:
+    """The request log on stderr (kimivl's loggers only; other libraries' stay silent), for this run
+    only: a command also runs in-process (tests), where a handler left behind would log other servers."""
+    log = logging.getLogger("kimivl")
+    handler, saved = StderrLines(), (log.level, log.propagate)
+    log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    output = Output(quiet=quiet)
-    backend = LocalBackend.lazy(
-        lambda: open_engine(
-            model,
-            device,
-            quant,
-            progress=lambda total, what: output.progress(total, unit="bytes", description=what),
-            note=lambda message: output.note(f"note: {with_flags(message)}"),
-        )
-    )
-    server = ChatServer(  # binds first: a busy port, a bad --host or an empty key fail before the model loads
-        backend,
-        host,
-        port,
-        api_key=api_key,
-        allow_local_files=allow_local_files,
-        queue_size=queue_size,
-        model_name=served_model_name or model,
-        name_field=flag,
-    )
     try:
-        _ = backend.engine  # load now, not on the first request
-        if api_key:
-            auth = "API key required"
-        elif host in LOOPBACK:
-            auth = "no API key: anyone on this machine can use it"
-        else:
-            auth = "no API key: anyone who can reach it can use it"
-            print(f"warning: serving on {host} without --api-key: {auth.partition(': ')[2]}", file=sys.stderr)
-        print(f"serving {server.model_name} at {server.url}, {auth} (Ctrl-C stops)", file=sys.stderr, flush=True)
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+        yield
     finally:
-        server.server_close()
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def register(app: typer.Typer) -> None:

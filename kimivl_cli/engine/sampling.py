@@ -22,7 +22,7 @@ import torch
 from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.guards import inside, read_config
 
-# Model-card settings (spec section 8): the Thinking model reasons for thousands of tokens.
+# The model cards' recommended settings: the Thinking model reasons for thousands of tokens.
 THINKING_DEFAULTS = {"temperature": 0.8, "max_new_tokens": 32768}
 INSTRUCT_DEFAULTS = {"temperature": 0.2, "max_new_tokens": 512}
 

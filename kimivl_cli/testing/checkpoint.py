@@ -146,7 +146,10 @@ def _mlp(name: str, hidden: int, inter: int) -> list[TensorSpec]:
 
 def tensor_specs(cfg: KimiVLConfig) -> list[TensorSpec]:
     """Every tensor of the official state dict, with the reference module layout ([out, in] linears)."""
-    v, t = cfg.vision, cfg.text
+    return [*_vision_specs(cfg.vision), *_projector_specs(cfg), *_language_specs(cfg.text)]
+
+
+def _vision_specs(v: VisionConfig) -> list[TensorSpec]:
     d, p = v.hidden_size, v.patch_size
     specs = [
         TensorSpec("vision_tower.patch_embed.proj.weight", (d, 3, p, p), std=(3 * p * p) ** -0.5),
@@ -163,49 +166,60 @@ def tensor_specs(cfg: KimiVLConfig) -> list[TensorSpec]:
             *_linear(f"{block}.mlp.fc0", v.intermediate_size, d, bias=True),
             *_linear(f"{block}.mlp.fc1", d, v.intermediate_size, bias=True),
         ]
-    specs += _layer_norm("vision_tower.encoder.final_layernorm", d)
+    return specs + _layer_norm("vision_tower.encoder.final_layernorm", d)
 
-    merged = d * v.merge_kernel_size[0] * v.merge_kernel_size[1]
-    specs += [
+
+def _projector_specs(cfg: KimiVLConfig) -> list[TensorSpec]:
+    d, kernel = cfg.vision.hidden_size, cfg.vision.merge_kernel_size
+    merged = d * kernel[0] * kernel[1]
+    return [
         *_layer_norm("multi_modal_projector.pre_norm", d),
         *_linear("multi_modal_projector.linear_1", merged, merged, bias=True),
-        *_linear("multi_modal_projector.linear_2", t.hidden_size, merged, bias=True),
+        *_linear("multi_modal_projector.linear_2", cfg.text.hidden_size, merged, bias=True),
     ]
 
-    h, heads = t.hidden_size, t.num_attention_heads
-    lm = "language_model.model"
-    specs.append(TensorSpec(f"{lm}.embed_tokens.weight", (t.vocab_size, h), std=h**-0.5))
+
+def _language_specs(t: TextConfig) -> list[TensorSpec]:
+    h, lm = t.hidden_size, "language_model.model"
+    specs = [TensorSpec(f"{lm}.embed_tokens.weight", (t.vocab_size, h), std=h**-0.5)]
     for i in range(t.num_hidden_layers):
         layer = f"{lm}.layers.{i}"
-        attn = f"{layer}.self_attn"
         specs += [_rms_norm(f"{layer}.input_layernorm", h), _rms_norm(f"{layer}.post_attention_layernorm", h)]
-        if t.q_lora_rank is None:
-            specs += _linear(f"{attn}.q_proj", heads * t.qk_head_dim, h)
-        else:
-            specs += [
-                *_linear(f"{attn}.q_a_proj", t.q_lora_rank, h),
-                _rms_norm(f"{attn}.q_a_layernorm", t.q_lora_rank),
-                *_linear(f"{attn}.q_b_proj", heads * t.qk_head_dim, t.q_lora_rank),
-            ]
-        specs += [
-            *_linear(f"{attn}.kv_a_proj_with_mqa", t.kv_lora_rank + t.qk_rope_head_dim, h),
-            _rms_norm(f"{attn}.kv_a_layernorm", t.kv_lora_rank),
-            *_linear(f"{attn}.kv_b_proj", heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank),
-            *_linear(f"{attn}.o_proj", h, heads * t.v_head_dim),
-        ]
-        if not t.is_moe_layer(i):
-            specs += _mlp(f"{layer}.mlp", h, t.intermediate_size)
-            continue
-        specs += [
-            TensorSpec(f"{layer}.mlp.gate.weight", (t.n_routed_experts, h), std=h**-0.5),
-            TensorSpec(f"{layer}.mlp.gate.e_score_correction_bias", (t.n_routed_experts,), std=0.1),
-        ]
-        for e in range(t.n_routed_experts):
-            specs += _mlp(f"{layer}.mlp.experts.{e}", h, t.moe_intermediate_size)
-        if t.n_shared_experts:
-            specs += _mlp(f"{layer}.mlp.shared_experts", h, t.moe_intermediate_size * t.n_shared_experts)
+        specs += _attention_specs(t, f"{layer}.self_attn")
+        specs += _moe_specs(t, f"{layer}.mlp") if t.is_moe_layer(i) else _mlp(f"{layer}.mlp", h, t.intermediate_size)
     specs.append(_rms_norm(f"{lm}.norm", h))
-    specs += _linear("language_model.lm_head", t.vocab_size, h)
+    return specs + _linear("language_model.lm_head", t.vocab_size, h)
+
+
+def _attention_specs(t: TextConfig, attn: str) -> list[TensorSpec]:
+    h, heads = t.hidden_size, t.num_attention_heads
+    if t.q_lora_rank is None:
+        specs = _linear(f"{attn}.q_proj", heads * t.qk_head_dim, h)
+    else:
+        specs = [
+            *_linear(f"{attn}.q_a_proj", t.q_lora_rank, h),
+            _rms_norm(f"{attn}.q_a_layernorm", t.q_lora_rank),
+            *_linear(f"{attn}.q_b_proj", heads * t.qk_head_dim, t.q_lora_rank),
+        ]
+    return [
+        *specs,
+        *_linear(f"{attn}.kv_a_proj_with_mqa", t.kv_lora_rank + t.qk_rope_head_dim, h),
+        _rms_norm(f"{attn}.kv_a_layernorm", t.kv_lora_rank),
+        *_linear(f"{attn}.kv_b_proj", heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank),
+        *_linear(f"{attn}.o_proj", h, heads * t.v_head_dim),
+    ]
+
+
+def _moe_specs(t: TextConfig, mlp: str) -> list[TensorSpec]:
+    h = t.hidden_size
+    specs = [
+        TensorSpec(f"{mlp}.gate.weight", (t.n_routed_experts, h), std=h**-0.5),
+        TensorSpec(f"{mlp}.gate.e_score_correction_bias", (t.n_routed_experts,), std=0.1),
+    ]
+    for e in range(t.n_routed_experts):
+        specs += _mlp(f"{mlp}.experts.{e}", h, t.moe_intermediate_size)
+    if t.n_shared_experts:
+        specs += _mlp(f"{mlp}.shared_experts", h, t.moe_intermediate_size * t.n_shared_experts)
     return specs
 
 
