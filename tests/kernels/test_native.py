@@ -282,6 +282,8 @@ def _host_results(inputs: dict[str, torch.Tensor], lib) -> list[torch.Tensor]:
         native.nf4_moe(inputs["xm"], inputs["idx"], inputs["rw"], *experts, lib=lib),
         native.nf4_moe(inputs["xm"][:1], inputs["idx"][:1], inputs["rw"][:1], *experts, lib=lib)[0],
         native.bf16_moe_decode(inputs["xm"][0], inputs["idx"][0], inputs["rw"][0], *bf16_experts, lib=lib),
+        native.bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *bf16_experts, lib=lib),
+        native.nf4_bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *experts, lib=lib),
     ]
 
 
