@@ -891,15 +891,22 @@ typedef struct {
 
 /* rows [n, k] of NF4 -> bf16 (level * absmax in fp32, rounded to nearest even: as nf4_dequantize) */
 static void nf4_to_bf16(const uint8_t* packed, const float* absmax, int64_t n, int64_t k, uint16_t* out) {
-  float v[BLOCK];
   for (int64_t r = 0; r < n; r++)
     for (int64_t b = 0; b < k / BLOCK; b++) {
       const uint8_t* p = packed + r * (k / 2) + b * (BLOCK / 2);
-      for (int q = 0; q < BLOCK / 16; q++) dequant16(p + 8 * q, absmax[r * (k / BLOCK) + b], v + 16 * q);
       uint16_t* o = out + r * k + b * BLOCK;
-#if BF16_DOT
-      for (int q = 0; q < BLOCK / 16; q++) _mm256_storeu_si256((__m256i*)(o + 16 * q), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + 16 * q)));
+#if BF16_DOT /* the block's 16 levels * absmax rounded to bf16 once, then one word permute per 32 weights */
+      const __m512i lut = _mm512_castsi256_si512(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(L), _mm512_set1_ps(absmax[r * (k / BLOCK) + b]))));
+      for (int half = 0; half < 2; half++) { /* 16 code bytes -> 32 words: high nibble first, then low */
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * half)));
+        const __m512i low = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(15)), 16);
+        const __m512i codes = _mm512_or_si512(_mm512_srli_epi32(c, 4), low);
+        _mm512_storeu_si512(o + 32 * half, _mm512_permutexvar_epi16(codes, lut));
+      }
 #else
+      float v[BLOCK];
+      for (int q = 0; q < BLOCK / 16; q++) dequant16(p + 8 * q, absmax[r * (k / BLOCK) + b], v + 16 * q);
       for (int j = 0; j < BLOCK; j++) {
         uint32_t u;
         memcpy(&u, &v[j], 4);
