@@ -2,6 +2,8 @@
  *
  * One source, one build per instruction set (kernels/native.py compiles each variant the CPU can run
  * and picks one; `kimivl_variant()` says which path a build took):
+ *   amx          avx512_bf16 + AMX tiles: grouped bf16 experts as TDPBF16PS on the weights in place
+ *   avx512_bf16  avx512_vnni + vdpbf16ps: grouped bf16 experts sum bf16 pairs in one instruction
  *   avx512_vnni  AVX-512 BW/VL + VNNI: one vpdpbusd sums a 64-weight block (unsigned x times signed level)
  *   avx2         AVX2 + FMA: maddubs/madd pairs, the activation's sign moved onto the level
  *   neon_dotprod ARMv8.2 dot product: four sdot per block (Apple Silicon, Graviton 2+)
@@ -15,7 +17,8 @@
  * the same integer block sums, so all agree to float rounding (tests/kernels/test_native.py). Error of
  * the int8 rounding: < 1% of the output norm for one product, against ~10% for NF4 itself.
  *
- * bf16 weights (the bf16 model's decode) are widened to fp32 in registers: fp32 sums, fp32 out.
+ * bf16 weights (the bf16 model's decode) are widened to fp32 in registers: fp32 sums, fp32 out. Grouped
+ * experts of many tokens (prefill) take bf16 activations where the build has bf16 dot products or AMX.
  *
  * Threads: OpenMP when built with -fopenmp (the process's libgomp.so.1, torch's own, so its warm thread
  * team and set_num_threads apply), else one thread. Each output element is computed whole by one thread,

@@ -4,9 +4,9 @@ Why native: at a few tokens the CPU model is bound by reading weights. Any torch
 product (dequantise to fp32, then GEMM) writes and rereads 4 bytes per weight; these kernels read the
 0.56-byte codes once, and a whole routed-expert step is one call instead of dozens of small ops.
 
-Variants (`VARIANTS`, widest first): avx512_vnni, avx2, neon_dotprod, scalar. A variant is a candidate
-when the CPU has its features (`kernels/cpu.py`, which also honours KIMIVL_CPU_OFF) and it compiles;
-`cpu.plan()` times the candidates once per machine and picks one. KIMIVL_NATIVE=0 turns every native
+Variants (`VARIANTS`, widest first): amx, avx512_bf16, avx512_vnni, avx2, neon_dotprod, scalar. A
+variant is a candidate when the CPU has its features (`kernels/cpu.py`, which also honours
+KIMIVL_CPU_OFF) and it compiles; `cpu.plan()` times the candidates once per machine and picks one. KIMIVL_NATIVE=0 turns every native
 kernel off (callers keep their torch paths).
 
 Built with the system C compiler into $KIMIVL_CACHE (default ~/.cache/kimivl)/native, keyed by a digest
