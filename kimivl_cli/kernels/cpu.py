@@ -12,13 +12,19 @@ features, times the candidates that matter and keeps the fastest:
   which the upcast wins). One-row products use the native bf16 GEMV.
 - `nf4_fused_max_rows`: up to how many rows an NF4 product runs on the fused int8 kernel (reading the
   codes) rather than dequantising the matrix once and running `half_gemm`'s GEMM.
+- `bf16_moe_max_rows`: up to how many rows per expert (on average) the routed experts of bf16 stacks run
+  as one native call (`native.bf16_moe`: AMX tiles, or bf16 dot products, reading each active expert's
+  weights once) rather than torch's GEMM per expert (oneDNN repacks each weight matrix per call).
+- `nf4_moe_bf16_min_rows`: from how many rows per expert NF4 routed experts run as one native call that
+  dequantises 16 weight rows at a time into cache and multiplies them like bf16_moe (`native.nf4_bf16_moe`)
+  rather than the fused int8 kernel or a dequantised matrix + GEMM per expert, whichever is faster there.
 
 The plan is measured on first use (about a second, plus compiling the kernels once) and stored in
 $KIMIVL_CACHE/cpu/, keyed by the CPU's features, the torch version, the kernel
 source and the switches below; `kimivl info` shows it with the reasons.
 
 Switches: KIMIVL_CPU_OFF=name[,name...] takes candidates out (kernel variants `avx512_vnni`, `avx2`,
-`neon_dotprod`; `bf16_gemm`; `nf4_fused`; `fused_decode`: the whole-model native decode step of
+`neon_dotprod`, `avx512_bf16`, `amx`; `bf16_gemm`; `nf4_fused`; `bf16_moe`: the native grouped bf16 experts; `fused_decode`: the whole-model native decode step of
 engine/cpu_decode.py, leaving torch's step over the single kernels), as if the CPU lacked them;
 KIMIVL_NATIVE=0 turns every native kernel off.
 """
@@ -41,8 +47,8 @@ import torch
 
 from kimivl_cli.kernels import native
 
-SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused", "fused_decode")
-_PLAN_VERSION = 1
+SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused", "bf16_moe", "fused_decode")
+_PLAN_VERSION = 2
 
 
 def switched_off() -> frozenset[str]:
@@ -81,6 +87,8 @@ class CpuPlan:
     half_gemm: str  # "bf16" | "fp32"
     upcast_min_rows: int | None  # with half_gemm "fp32": rows from which the upcast wins
     nf4_fused_max_rows: int  # NF4 products of up to this many rows read the codes (fused int8 kernel)
+    bf16_moe_max_rows: int  # bf16 routed experts of up to this many rows per expert: one native call
+    nf4_moe_bf16_min_rows: int  # NF4 routed experts of at least this many rows per expert: bf16 tiles
     why: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -120,11 +128,13 @@ def _choose_native(timings: dict[str, float], why: dict[str, str]) -> str | None
         return built[0]
     packed, absmax = _random_nf4(2048, 2048)
     one, many = torch.randn(1, 2048), torch.randn(32, 2048)
+    moe = _random_bf16_moe(rows=16)
     for v in built[:-1] if built[-1] == "scalar" else built:  # scalar never wins where a SIMD build runs
         lib = native.build(v)
         timings[f"native_{v}"] = round(
             _best_ms(lambda lib=lib: native.q8_matmul(one, packed, absmax, lib=lib))
-            + _best_ms(lambda lib=lib: native.q8_matmul(many, packed, absmax, lib=lib)),
+            + _best_ms(lambda lib=lib: native.q8_matmul(many, packed, absmax, lib=lib))
+            + _best_ms(lambda lib=lib: native.bf16_moe(*moe, lib=lib)),
             3,
         )
     timed = {v: timings[f"native_{v}"] for v in built if f"native_{v}" in timings}
@@ -132,7 +142,7 @@ def _choose_native(timings: dict[str, float], why: dict[str, str]) -> str | None
     why["native"] = (
         f"{best}: fastest of "
         + ", ".join(f"{v} {t:.2f} ms" for v, t in timed.items())
-        + (" (a 2048x2048 NF4 GEMV + a 32-row product)")
+        + (" (a 2048x2048 NF4 GEMV + a 32-row product + bf16 experts, 16 rows each)")
     )
     return best
 
@@ -198,6 +208,111 @@ def _choose_nf4_rows(variant: str | None, half_gemm: str, timings: dict[str, flo
     return rows
 
 
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
+
+
+def _random_bf16_moe(rows: int, experts: int = 4, top_k: int = 2) -> tuple[torch.Tensor, ...]:
+    """A prefill-shaped routed-expert step with bf16 stacks ([E, 512, 1024] gate/up), `rows` pairs per expert."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = rows * experts // top_k
+    idx = (torch.arange(tokens * top_k) % experts).view(tokens, top_k)
+    stacks = [(torch.randn(experts, *shape, generator=gen) * 0.03).bfloat16() for shape in ((512, 1024),) * 2]
+    down = (torch.randn(experts, 1024, 512, generator=gen) * 0.03).bfloat16()
+    return torch.randn(tokens, 1024, generator=gen).bfloat16(), idx, torch.rand(tokens, top_k), *stacks, down
+
+
+def _choose_bf16_moe_rows(variant: str | None, half_gemm: str, timings: dict[str, float], why: dict[str, str]) -> int:
+    if variant is None:
+        why["bf16_moe_max_rows"] = "0: no native kernels (torch runs each expert)"
+        return 0
+    if "bf16_moe" in switched_off():
+        why["bf16_moe_max_rows"] = "0: bf16_moe switched off (KIMIVL_CPU_OFF): torch runs each expert"
+        return 0
+    from kimivl_cli.kernels.moe_cpu import grouped_experts_reference  # moe_cpu reads this plan
+
+    lib = native.build(variant)
+    linear = torch.nn.functional.linear if half_gemm == "bf16" else _upcast_linear
+    fused, loop = {}, {}
+    for rows in (4, 64):
+        moe = _random_bf16_moe(rows)
+        fused[rows] = _best_ms(lambda moe=moe: native.bf16_moe(*moe, lib=lib), 3)
+        loop[rows] = _best_ms(lambda moe=moe: grouped_experts_reference(*moe, linear=linear), 3)
+        timings[f"bf16_moe_native_{rows}rows"], timings[f"bf16_moe_torch_{rows}rows"] = (
+            round(fused[rows], 3),
+            round(loop[rows], 3),
+        )
+    # both grow linearly in rows: native ~ n + a·r, torch ~ d + g·r; they cross at (d - n) / (a - g)
+    a, g = (fused[64] - fused[4]) / 60, (loop[64] - loop[4]) / 60
+    n, d = fused[4] - 4 * a, loop[4] - 4 * g
+    if fused[64] <= loop[64] and fused[4] <= loop[4]:
+        rows = 1 << 20
+    elif fused[4] > loop[4]:  # loses on few rows: never (a machine where it only wins on many is not known)
+        rows = 0
+    else:
+        rows = max(0, round((d - n) / (a - g)))
+    why["bf16_moe_max_rows"] = (
+        f"{rows}: native ({variant}) {fused[4]:.2f} / {fused[64]:.2f} ms vs torch {half_gemm} GEMM per expert "
+        f"{loop[4]:.2f} / {loop[64]:.2f} ms at 4 / 64 rows per expert (4 experts, 1024 -> 512 -> 1024)"
+    )
+    return rows
+
+
+def _choose_nf4_moe_rows(variant: str | None, half_gemm: str, timings: dict[str, float], why: dict[str, str]) -> int:
+    never = 1 << 20
+    if variant is None or "bf16_moe" in switched_off():
+        why["nf4_moe_bf16_min_rows"] = f"{never} (never): " + (
+            "no native kernels" if variant is None else "bf16_moe switched off (KIMIVL_CPU_OFF)"
+        )
+        return never
+    lib = native.build(variant)
+    dtype = torch.bfloat16 if half_gemm == "bf16" else torch.float32
+    wins, report = [], []
+    samples = (4, 8, 16, 64)
+    for rows in samples:
+        tiles, fused, dequant = _time_nf4_moe(rows, dtype, lib)
+        timings[f"nf4_moe_bf16_{rows}rows"], timings[f"nf4_moe_int8_{rows}rows"] = round(tiles, 3), round(fused, 3)
+        timings[f"nf4_moe_dequant_gemm_{rows}rows"] = round(dequant, 3)
+        wins.append(tiles < min(fused, dequant))
+        report.append(f"{rows} rows: {tiles:.2f} vs int8 {fused:.2f} / dequantise + {half_gemm} GEMM {dequant:.2f} ms")
+    from_rows = next((r for i, r in enumerate(samples) if all(wins[i:])), never)
+    why["nf4_moe_bf16_min_rows"] = f"{from_rows}: bf16 tiles ({variant}) " + ", ".join(report) + " (4 experts)"
+    return from_rows
+
+
+def _time_nf4_moe(rows: int, dtype: torch.dtype, lib: object) -> tuple[float, float, float]:
+    """ms of the NF4 routed-expert candidates at `rows` per expert: bf16 tiles, fused int8, dequantise + GEMM."""
+    x, idx, w, *stacks = _random_bf16_moe(rows)
+    nf4 = []
+    for t in stacks:
+        packed, absmax = _random_nf4(t.shape[0] * t.shape[1], t.shape[2])
+        nf4.append((packed.view(*t.shape[:2], -1), absmax.view(*t.shape[:2], -1)))
+    return (
+        _best_ms(lambda: native.nf4_bf16_moe(x, idx, w, *nf4, lib=lib), 3),
+        _best_ms(lambda: native.nf4_moe(x, idx, w, *nf4, lib=lib), 3),
+        _best_ms(lambda: _nf4_moe_dequantising(x, idx, w, nf4, dtype, lib), 3),
+    )
+
+
+def _nf4_moe_dequantising(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    nf4: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype,
+    lib: object,
+) -> torch.Tensor:
+    """Timing candidate: each active expert's NF4 matrices dequantised whole, then torch GEMMs."""
+    out = torch.zeros(x.shape[0], x.shape[1])
+    for e in idx.unique().tolist():
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        gate, up, down = (native.nf4_dequantize(p[e], a[e], dtype, lib=lib) for p, a in nf4)
+        xe = x[tok].to(dtype)
+        h = torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)
+        out.index_put_((tok,), (h @ down.T).float() * w[tok, slot, None], accumulate=True)
+    return out
+
+
 def _key() -> str:
     parts = [
         str(_PLAN_VERSION),
@@ -220,9 +335,11 @@ def _measure() -> CpuPlan:
         variant = _choose_native(timings, why)
         half_gemm, upcast_from = _choose_half_gemm(timings, why)
         rows = _choose_nf4_rows(variant, half_gemm, timings, why)
+        moe_rows = _choose_bf16_moe_rows(variant, half_gemm, timings, why)
+        nf4_moe_rows = _choose_nf4_moe_rows(variant, half_gemm, timings, why)
     finally:
         torch.set_num_threads(threads)
-    return CpuPlan(variant, half_gemm, upcast_from, rows, why, timings)
+    return CpuPlan(variant, half_gemm, upcast_from, rows, moe_rows, nf4_moe_rows, why, timings)
 
 
 @functools.cache

@@ -2,6 +2,8 @@
  *
  * One source, one build per instruction set (kernels/native.py compiles each variant the CPU can run
  * and picks one; `kimivl_variant()` says which path a build took):
+ *   amx          avx512_bf16 + AMX tiles: grouped bf16 experts as TDPBF16PS on the weights in place
+ *   avx512_bf16  avx512_vnni + vdpbf16ps: grouped bf16 experts sum bf16 pairs in one instruction
  *   avx512_vnni  AVX-512 BW/VL + VNNI: one vpdpbusd sums a 64-weight block (unsigned x times signed level)
  *   avx2         AVX2 + FMA: maddubs/madd pairs, the activation's sign moved onto the level
  *   neon_dotprod ARMv8.2 dot product: four sdot per block (Apple Silicon, Graviton 2+)
@@ -15,7 +17,8 @@
  * the same integer block sums, so all agree to float rounding (tests/kernels/test_native.py). Error of
  * the int8 rounding: < 1% of the output norm for one product, against ~10% for NF4 itself.
  *
- * bf16 weights (the bf16 model's decode) are widened to fp32 in registers: fp32 sums, fp32 out.
+ * bf16 weights (the bf16 model's decode) are widened to fp32 in registers: fp32 sums, fp32 out. Grouped
+ * experts of many tokens (prefill) take bf16 activations where the build has bf16 dot products or AMX.
  *
  * Threads: OpenMP when built with -fopenmp (the process's libgomp.so.1, torch's own, so its warm thread
  * team and set_num_threads apply), else one thread. Each output element is computed whole by one thread,
@@ -37,7 +40,13 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define KV_AVX512 1
+#if defined(__AMX_BF16__)
+#define VARIANT "amx"
+#elif defined(__AVX512BF16__)
+#define VARIANT "avx512_bf16"
+#else
 #define VARIANT "avx512_vnni"
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KV_AVX2 1
 #define VARIANT "avx2"
@@ -676,6 +685,396 @@ int bf16_moe_decode(const float* x, const int64_t* experts, const float* route_w
   }
   free(h);
   return 0;
+}
+
+/* ---------------------------------------------------------------- bf16 weights, many activation rows */
+
+/* Activation rows per bf16 tile: NR x BMR accumulators plus NR weight vectors stay in registers
+ * (32 vector registers with AVX-512, 16 with AVX2 and NEON). With AVX512_BF16 the activations are bf16 too
+ * and one vdpbf16ps sums 32 products into 16 fp32 lanes (no widening); elsewhere they are fp32. */
+#if KV_AVX512
+#define BMR 4
+#else
+#define BMR 2
+#endif
+#if KV_AVX512 && defined(__AVX512BF16__)
+#define BF16_DOT 1
+typedef uint16_t bact; /* bf16 bits */
+#else
+typedef float bact;
+#endif
+
+static inline float bf16_value(uint16_t b) {
+  const uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float act_value(bact a) {
+#if BF16_DOT
+  return bf16_value(a);
+#else
+  return a;
+#endif
+}
+
+/* n fp32 values -> activations (bf16: round to nearest even, as torch) */
+static void to_act(const float* v, bact* out, int64_t n) {
+#if BF16_DOT
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &v[i], 4);
+    out[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+#else
+  memcpy(out, v, n * sizeof(float));
+#endif
+}
+
+/* out[j * ldo + i] = (bf16 weight row i) . (activation row j) for nr weight rows and mr activation rows:
+ * each weight vector is loaded once and used for all mr rows (the rows stay in cache, the weights stream). */
+static inline __attribute__((always_inline)) void bf16_tile(const int nr, const int mr, const uint16_t* const* w,
+                                                            const bact* const* x, int64_t k, float* out,
+                                                            int64_t ldo) {
+#if BF16_DOT
+  enum { STEP = 32 };
+  __m512 acc[NR][BMR];
+  for (int i = 0; i < nr; i++)
+    for (int j = 0; j < mr; j++) acc[i][j] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + STEP <= k; c += STEP) {
+    __m512bh wv[NR];
+    for (int i = 0; i < nr; i++) {
+      prefetch(w[i] + c + PREFETCH_BYTES / 2);
+      wv[i] = (__m512bh)_mm512_loadu_si512(w[i] + c);
+    }
+    for (int j = 0; j < mr; j++) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x[j] + c);
+      for (int i = 0; i < nr; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
+    }
+  }
+#define ACC_SUM(a) _mm512_reduce_add_ps(a)
+#else
+  enum { STEP = BW };
+  bvec acc[NR][BMR];
+  for (int i = 0; i < nr; i++)
+    for (int j = 0; j < mr; j++) acc[i][j] = bvzero();
+  int64_t c = 0;
+  for (; c + STEP <= k; c += STEP) {
+    bvec wv[NR];
+    for (int i = 0; i < nr; i++) {
+      prefetch(w[i] + c + PREFETCH_BYTES / 2);
+      wv[i] = bload(w[i] + c);
+    }
+    for (int j = 0; j < mr; j++)
+      for (int i = 0; i < nr; i++) acc[i][j] = bfma(acc[i][j], wv[i], x[j] + c);
+  }
+#define ACC_SUM(a) bsum(a)
+#endif
+  for (int i = 0; i < nr; i++)
+    for (int j = 0; j < mr; j++) {
+      float s = ACC_SUM(acc[i][j]);
+      for (int64_t r = c; r < k; r++) s += bf16_value(w[i][r]) * act_value(x[j][r]);
+      out[j * ldo + i] = s;
+    }
+#undef ACC_SUM
+}
+
+/* y[j * ldy + n - n0] = (row n of bf16 w [*, k]) . x[j] for rows n0..n1 and m activation rows. */
+static void bf16_rows_many(const bact* const* x, int64_t m, const uint16_t* w, int64_t n0, int64_t n1, int64_t k,
+                           float* y, int64_t ldy) {
+  for (int64_t j0 = 0; j0 < m; j0 += ROW_CHUNK) {
+    const int64_t j1 = j0 + ROW_CHUNK < m ? j0 + ROW_CHUNK : m;
+    for (int64_t n = n0; n < n1; n += NR) {
+      const int nr = n1 - n >= NR ? NR : (int)(n1 - n);
+      const uint16_t* p[NR];
+      for (int i = 0; i < nr; i++) p[i] = w + (n + i) * k;
+      for (int64_t j = j0; j < j1; j += BMR) {
+        const int mr = j1 - j >= BMR ? BMR : (int)(j1 - j);
+        float* o = y + j * ldy + (n - n0);
+        if (nr == NR && mr == BMR) bf16_tile(NR, BMR, p, x + j, k, o, ldy);
+        else
+          for (int i = 0; i < nr; i++)
+            for (int jj = 0; jj < mr; jj++) bf16_tile(1, 1, p + i, x + j + jj, k, o + jj * ldy + i, ldy);
+      }
+    }
+  }
+}
+
+/* AMX (Sapphire Rapids on): one TDPBF16PS multiplies a 16 x 32 bf16 weight block, loaded straight from the
+ * row-major [n, k] matrix (no repacking), by 32 k x 16 activation rows held as bf16 pairs ("VNNI": for each
+ * pair of k, the 16 rows' two values side by side) into 16 x 16 fp32 sums. Compute then costs a few percent
+ * of reading the weights, at any row count. Linux grants the tile registers per process on request. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && BF16_DOT
+#define KV_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_ROWS 16   /* weight rows (and activation rows) per tile */
+#define AMX_CHUNKS 4  /* activation tiles per weight block: tmm0-3 sums, tmm4 weights, tmm5 activations */
+
+static int amx_permitted(void) {
+  static int state; /* 0 unknown, 1 granted, -1 refused */
+  if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+  return state == 1;
+}
+
+static void amx_configure(void) {
+  struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg = {.palette = 1};
+  for (int t = 0; t < 6; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+/* rows[j] (bf16 [k], j < c) -> vnni [ceil(c/16)][k/2][16] pairs of k, zero past row c */
+static void amx_pack(const bact* const* rows, int64_t c, int64_t k, uint32_t* vnni) {
+  const int64_t chunks = (c + AMX_ROWS - 1) / AMX_ROWS;
+  for (int64_t q = 0; q < chunks; q++)
+    for (int64_t j = 0; j < AMX_ROWS; j++) {
+      uint32_t* dst = vnni + q * (k / 2) * AMX_ROWS + j;
+      if (q * AMX_ROWS + j < c) {
+        const uint32_t* src = (const uint32_t*)rows[q * AMX_ROWS + j];
+        for (int64_t r = 0; r < k / 2; r++) dst[r * AMX_ROWS] = src[r];
+      } else
+        for (int64_t r = 0; r < k / 2; r++) dst[r * AMX_ROWS] = 0;
+    }
+}
+
+/* y[j * ldy + i] = (row i of the 16-row bf16 block w, row stride k) . (activation row j) for the c rows in
+ * `vnni`: up to AMX_CHUNKS activation tiles per pass over the block, sums stored transposed. */
+#define AMX_DOT(T)                                                                   \
+  case T + 1:                                                                        \
+    _tile_loadd(5, vnni + ((q0 + T) * (k / 2) + kk / 2) * AMX_ROWS, 4 * AMX_ROWS); \
+    _tile_dpbf16ps(T, 4, 5);
+static void amx_block(const uint32_t* vnni, int64_t c, const uint16_t* w, int64_t k, float* y, int64_t ldy) {
+  const int64_t chunks = (c + AMX_ROWS - 1) / AMX_ROWS;
+  float sums[AMX_ROWS * AMX_ROWS];
+  for (int64_t q0 = 0; q0 < chunks; q0 += AMX_CHUNKS) {
+    const int nq = chunks - q0 < AMX_CHUNKS ? (int)(chunks - q0) : AMX_CHUNKS;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kk = 0; kk < k; kk += 32) {
+      _tile_loadd(4, w + kk, 2 * k);
+      switch (nq) { /* tile numbers are immediates; the cases fall through from the last chunk down */
+        AMX_DOT(3)
+        AMX_DOT(2)
+        AMX_DOT(1)
+        AMX_DOT(0)
+      }
+    }
+    for (int q = 0; q < nq; q++) {
+      switch (q) {
+        case 0: _tile_stored(0, sums, 4 * AMX_ROWS); break;
+        case 1: _tile_stored(1, sums, 4 * AMX_ROWS); break;
+        case 2: _tile_stored(2, sums, 4 * AMX_ROWS); break;
+        default: _tile_stored(3, sums, 4 * AMX_ROWS); break;
+      }
+      const int64_t j0 = (q0 + q) * AMX_ROWS, j1 = j0 + AMX_ROWS < c ? j0 + AMX_ROWS : c;
+      for (int64_t j = j0; j < j1; j++)
+        for (int i = 0; i < AMX_ROWS; i++) y[j * ldy + i] = sums[i * AMX_ROWS + j - j0];
+    }
+  }
+}
+#undef AMX_DOT
+#endif
+
+/* One expert matrix [n, k]: bf16 rows, or NF4 codes (packed [n, k/2], absmax [n, k/64]) that are dequantised
+ * to bf16 a block of WBLOCK rows at a time (into cache, never the whole matrix). */
+typedef struct {
+  const uint16_t* bf16;
+  const uint8_t* packed;
+  const float* absmax;
+} wsrc;
+#define WBLOCK 16
+
+/* rows [n, k] of NF4 -> bf16 (level * absmax in fp32, rounded to nearest even: as nf4_dequantize) */
+static void nf4_to_bf16(const uint8_t* packed, const float* absmax, int64_t n, int64_t k, uint16_t* out) {
+  for (int64_t r = 0; r < n; r++)
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+      const uint8_t* p = packed + r * (k / 2) + b * (BLOCK / 2);
+      uint16_t* o = out + r * k + b * BLOCK;
+#if BF16_DOT /* the block's 16 levels * absmax rounded to bf16 once, then one word permute per 32 weights */
+      const __m512i lut = _mm512_castsi256_si512(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(L), _mm512_set1_ps(absmax[r * (k / BLOCK) + b]))));
+      for (int half = 0; half < 2; half++) { /* 16 code bytes -> 32 words: high nibble first, then low */
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * half)));
+        const __m512i low = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(15)), 16);
+        const __m512i codes = _mm512_or_si512(_mm512_srli_epi32(c, 4), low);
+        _mm512_storeu_si512(o + 32 * half, _mm512_permutexvar_epi16(codes, lut));
+      }
+#else
+      float v[BLOCK];
+      for (int q = 0; q < BLOCK / 16; q++) dequant16(p + 8 * q, absmax[r * (k / BLOCK) + b], v + 16 * q);
+      for (int j = 0; j < BLOCK; j++) {
+        uint32_t u;
+        memcpy(&u, &v[j], 4);
+        o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      }
+#endif
+    }
+}
+
+/* One expert's product for c activation rows, weight rows n0..n1: AMX tiles from the pairs `vnni` where `amx`
+ * (n0, n1 multiples of WBLOCK), else dot tiles. wbuf: WBLOCK * k bf16 for NF4 blocks. */
+static void expert_rows(int amx, const bact* const* x, const uint32_t* vnni, int64_t c, const wsrc* w, int64_t n0,
+                        int64_t n1, int64_t k, float* y, int64_t ldy, uint16_t* wbuf) {
+  (void)amx, (void)vnni;
+  for (int64_t n = n0; n < n1; n += WBLOCK) {
+    const int64_t nb = n1 - n < WBLOCK ? n1 - n : WBLOCK;
+    const uint16_t* block = w->bf16 ? w->bf16 + n * k : wbuf;
+    if (!w->bf16) nf4_to_bf16(w->packed + n * (k / 2), w->absmax + n * (k / BLOCK), nb, k, wbuf);
+#if KV_AMX
+    if (amx) {
+      amx_block(vnni, c, block, k, y + n - n0, ldy);
+      continue;
+    }
+#endif
+    bf16_rows_many(x, c, block, 0, nb, k, y + n - n0, ldy);
+  }
+}
+
+/* One thread's scratch for one expert of up to `rows` pairs: gu [rows, 2 inter] fp32 (gate then up; down's
+ * output after), h [rows, inter], xp/hp [rows] row pointers, vnni pairs for AMX. */
+typedef struct {
+  float* gu;
+  bact* h;
+  const bact** xp;
+  const bact** hp;
+  uint32_t* vnni;
+  uint16_t* wbuf;
+} expert_scratch;
+
+static int scratch_alloc(expert_scratch* s, int amx, int64_t rows, int64_t hidden, int64_t inter) {
+  const int64_t padded = (rows + 15) / 16 * 16, width = hidden > inter ? hidden : inter;
+  const int64_t gu_floats = rows * (2 * inter > hidden ? 2 * inter : hidden);
+  s->gu = malloc(gu_floats * sizeof(float));
+  s->h = malloc(rows * inter * sizeof(bact));
+  s->xp = malloc(rows * sizeof(*s->xp));
+  s->hp = malloc(rows * sizeof(*s->hp));
+  s->vnni = amx ? malloc(padded * width * 2) : NULL;
+  s->wbuf = malloc(WBLOCK * width * sizeof(uint16_t));
+  return s->gu && s->h && s->xp && s->hp && (s->vnni || !amx) && s->wbuf;
+}
+
+static void scratch_free(expert_scratch* s) {
+  free(s->gu), free(s->h), free(s->xp), free(s->hp), free(s->vnni), free(s->wbuf);
+}
+
+/* Expert e on its c (token, slot) pairs: y[slot] = down_e(silu(gate_e x_t) * up_e x_t), t = slot / top_k. */
+static void grouped_expert(int amx, const expert_scratch* s, const bact* xa, const int64_t* slots, int64_t c,
+                           int64_t top_k, const wsrc* gate, const wsrc* up, const wsrc* down, int64_t hidden,
+                           int64_t inter, float* y) {
+  for (int64_t j = 0; j < c; j++) s->xp[j] = xa + slots[j] / top_k * hidden, s->hp[j] = s->h + j * inter;
+#if KV_AMX
+  if (amx) amx_pack(s->xp, c, hidden, s->vnni);
+#endif
+  expert_rows(amx, s->xp, s->vnni, c, gate, 0, inter, hidden, s->gu, 2 * inter, s->wbuf);
+  expert_rows(amx, s->xp, s->vnni, c, up, 0, inter, hidden, s->gu + inter, 2 * inter, s->wbuf);
+  for (int64_t j = 0; j < c; j++) {
+    float* g = s->gu + j * 2 * inter;
+    for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+    to_act(g, s->h + j * inter, inter);
+  }
+#if KV_AMX
+  if (amx) amx_pack(s->hp, c, inter, s->vnni);
+#endif
+  expert_rows(amx, s->hp, s->vnni, c, down, 0, hidden, inter, s->gu, hidden, s->wbuf);
+  for (int64_t j = 0; j < c; j++) memcpy(y + slots[j] * hidden, s->gu + j * hidden, hidden * sizeof(float));
+}
+
+/* Routed experts of m tokens with stacked bf16 or NF4 weights (gate/up [E, inter, hidden], down [E, hidden, inter];
+ * NF4 dequantised to bf16 16 rows at a time), fp32 sums: out [m, hidden] = sum_a route_w[t, a] * down_e(silu(gate_e x_t) * up_e x_t), e = idx[t, a]. Pairs are
+ * grouped by expert and the threads take whole experts (no barrier per expert: a descheduled thread holds
+ * no one up), each expert's weights read once; then each token sums its top_k rows in slot order, so every
+ * thread count gives the same bits. With BF16_DOT x and h are rounded to bf16 (as a bf16 model's own GEMMs
+ * take them). Scratch O(m * top_k * hidden). Returns -1 if out of memory, else 0. */
+static int grouped_moe(const float* x, const int64_t* idx, const float* route_w, int64_t m, int64_t top_k,
+                       int64_t n_experts, const wsrc* stacks, int64_t hidden, int64_t inter, float* out) {
+  const int64_t pairs = m * top_k;
+#if KV_AMX
+  const int amx = hidden % 32 == 0 && inter % 32 == 0 && amx_permitted();
+#else
+  const int amx = 0;
+#endif
+  int64_t* first = calloc(n_experts + 1, sizeof(int64_t)); /* first[e]: expert e's first slot in `order` */
+  int64_t* fill = malloc(n_experts * sizeof(int64_t));
+  int64_t* order = malloc(pairs * sizeof(int64_t));
+  bact* xa = malloc(m * hidden * sizeof(bact));
+  float* y = malloc(pairs * hidden * sizeof(float)); /* row i: pair i's expert output */
+  int ok = first && fill && order && xa && y;
+  if (ok) {
+    int64_t most = 0;
+    for (int64_t i = 0; i < pairs; i++) first[idx[i] + 1]++;
+    for (int64_t e = 0; e < n_experts; e++) most = first[e + 1] > most ? first[e + 1] : most, first[e + 1] += first[e];
+    memcpy(fill, first, n_experts * sizeof(int64_t));
+    for (int64_t i = 0; i < pairs; i++) order[fill[idx[i]]++] = i;
+#pragma omp parallel if (pairs * 3 * hidden * inter >= PARALLEL_MIN_WORK)
+    {
+      int64_t lo, hi;
+      expert_scratch s;
+      const int mine = scratch_alloc(&s, amx, most, hidden, inter);
+#pragma omp atomic
+      ok &= mine;
+#if KV_AMX
+      if (amx) amx_configure();
+#endif
+      share(m, 1, &lo, &hi);
+      for (int64_t t = lo; t < hi; t++) to_act(x + t * hidden, xa + t * hidden, hidden);
+#pragma omp barrier
+      if (ok) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < n_experts; e++)
+          if (first[e + 1] > first[e])
+          {
+            wsrc w[3];
+            for (int p = 0; p < 3; p++) { /* expert e's gate, up ([inter, hidden]), down ([hidden, inter]) */
+              const int64_t at = e * inter * hidden;
+              w[p] = stacks[p].bf16 ? (wsrc){stacks[p].bf16 + at, NULL, NULL}
+                                    : (wsrc){NULL, stacks[p].packed + at / 2, stacks[p].absmax + at / BLOCK};
+            }
+            grouped_expert(amx, &s, xa, order + first[e], first[e + 1] - first[e], top_k, &w[0], &w[1], &w[2], hidden,
+                           inter, y);
+          }
+#pragma omp for
+        for (int64_t t = 0; t < m; t++) {
+          float* o = out + t * hidden;
+          memset(o, 0, hidden * sizeof(float));
+          for (int64_t a = 0; a < top_k; a++) {
+            const float w = route_w[t * top_k + a], *r = y + (t * top_k + a) * hidden;
+            for (int64_t i = 0; i < hidden; i++) o[i] += w * r[i];
+          }
+        }
+      }
+#if KV_AMX
+      if (amx) _tile_release();
+#endif
+      scratch_free(&s);
+    }
+  }
+  free(first), free(fill), free(order), free(xa), free(y);
+  return ok ? 0 : -1;
+}
+
+int bf16_moe(const float* x, const int64_t* idx, const float* route_w, int64_t m, int64_t top_k, int64_t n_experts,
+             const uint16_t* gate, const uint16_t* up, const uint16_t* down, int64_t hidden, int64_t inter,
+             float* out) {
+  const wsrc stacks[3] = {{gate, NULL, NULL}, {up, NULL, NULL}, {down, NULL, NULL}};
+  return grouped_moe(x, idx, route_w, m, top_k, n_experts, stacks, hidden, inter, out);
+}
+
+/* nf4_moe's contract, but each expert's NF4 weights dequantised to bf16 16 rows at a time and multiplied like
+ * bf16_moe's (AMX tiles where the build has them): exact products of the dequantised weights. */
+int nf4_bf16_moe(const float* x, const int64_t* idx, const float* route_w, int64_t m, int64_t top_k,
+                 int64_t n_experts, const uint8_t* gate_p, const float* gate_a, const uint8_t* up_p,
+                 const float* up_a, const uint8_t* down_p, const float* down_a, int64_t hidden, int64_t inter,
+                 float* out) {
+  const wsrc stacks[3] = {{NULL, gate_p, gate_a}, {NULL, up_p, up_a}, {NULL, down_p, down_a}};
+  return grouped_moe(x, idx, route_w, m, top_k, n_experts, stacks, hidden, inter, out);
 }
 
 #include "cpu_decode.c" /* the whole-model decode step, built on the kernels above */

@@ -5,9 +5,16 @@ Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per toke
   codes directly (`native.q8_matmul`; the whole routed-expert step, or a whole SwiGLU, is one call:
   `native.nf4_moe`). Int8 activations: ~1% of the output norm off the exact product, against ~10%
   for NF4 itself.
-- More rows: the matrix is dequantised once (natively, to the GEMM's dtype) and one GEMM serves all
+- Many rows per expert, where the plan measured it faster: the routed-expert step is one native call that
+  dequantises 16 weight rows at a time into cache and multiplies them in bf16 (`native.nf4_bf16_moe`:
+  AMX tiles where the CPU has them).
+- More rows otherwise: the matrix is dequantised once (natively, to the GEMM's dtype) and one GEMM serves all
   rows (bf16 through oneDNN where the plan says it wins, AMX on CPUs that have it; else fp32).
   The MoE then loops over the active experts on the host, each expert by its own row count.
+
+Routed experts with bf16 stacks (`grouped_experts`): one native call (`native.bf16_moe`: AMX tiles read
+the weights in place, or bf16 dot products) up to `plan.bf16_moe_max_rows` rows per expert, else torch's
+GEMM per active expert (`grouped_experts_reference`).
 
 This is the CPU path only (GPUs use the sync-free Triton kernels in `moe_triton.py`).
 """
@@ -15,6 +22,7 @@ This is the CPU path only (GPUs use the sync-free Triton kernels in `moe_triton.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +83,15 @@ def moe_cpu(
 ) -> torch.Tensor:
     """Same contract as `moe_triton.fused_moe` but fp32 out: x [T, H], idx/weights [T, K] -> [T, H] fp32.
 
-    One native call when the experts' mean row count is within the fused kernel's range; else a loop
+    By the experts' mean row count, as the CPU plan measured: one native call dequantising 16 weight rows
+    at a time into bf16 tiles (many rows of bf16 activations), or one call of the fused int8 kernel (few rows); else a loop
     over the experts that received tokens, each by its own row count.
     """
     n_experts = gate[0].shape[0]
-    if _fused(-(-idx.numel() // n_experts)):
+    rows = -(-idx.numel() // n_experts)
+    if x.dtype == torch.bfloat16 and native.available() and rows >= cpu.plan().nf4_moe_bf16_min_rows:
+        return native.nf4_bf16_moe(x, idx, weights, gate, up, down)
+    if _fused(rows):
         return native.nf4_moe(x, idx, weights, gate, up, down)
     k = idx.shape[1]
     flat = idx.reshape(-1)
@@ -99,3 +111,56 @@ def moe_cpu(
         y = nf4_linear_cpu(h.to(x.dtype), down[0][e], down[1][e])  # [n, H]
         out.index_put_((token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True)  # index_add_: 10+ ms here
     return out
+
+
+def grouped_experts_reference(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+) -> torch.Tensor:
+    """x [T, D], idx/weights [T, K], stacks gate/up [E, I, D], down [E, D, I] -> [T, D] fp32 = sum_k
+    weights·expert_k(x): the T·K (token, expert) pairs sorted by expert, each active expert run once on its
+    tokens by `linear` (a GEMM per expert: only the active experts' weights are touched)."""
+    T, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort()
+    tokens = order // K  # [T*K] token of each (sorted) pair
+    pair_w = weights.flatten()[order]
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            tok = tokens[start : start + n]
+            xe = x[tok]
+            y = linear(F.silu(linear(xe, gate[e])) * linear(xe, up[e]), down[e])
+            # index_put_ with accumulate: index_add_ measured ~30 ms per call on an AVX2 CPU
+            out.index_put_((tok,), y.float() * pair_w[start : start + n, None], accumulate=True)
+            start += n
+    return out
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+) -> torch.Tensor:
+    """`grouped_experts_reference`'s contract, by the path the CPU plan measured fastest for this many rows
+    per expert: one native call for bf16 stacks (fp32 sums), else the reference with `linear`."""
+    rows = -(-idx.numel() // gate.shape[0])
+    if (
+        x.device.type == "cpu"
+        and all(w.dtype == torch.bfloat16 for w in (gate, up, down))
+        and native.available()
+        and rows <= cpu.plan().bf16_moe_max_rows
+    ):
+        return native.bf16_moe(x, idx, weights, gate, up, down)
+    return grouped_experts_reference(x, idx, weights, gate, up, down, linear)

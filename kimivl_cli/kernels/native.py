@@ -4,9 +4,9 @@ Why native: at a few tokens the CPU model is bound by reading weights. Any torch
 product (dequantise to fp32, then GEMM) writes and rereads 4 bytes per weight; these kernels read the
 0.56-byte codes once, and a whole routed-expert step is one call instead of dozens of small ops.
 
-Variants (`VARIANTS`, widest first): avx512_vnni, avx2, neon_dotprod, scalar. A variant is a candidate
-when the CPU has its features (`kernels/cpu.py`, which also honours KIMIVL_CPU_OFF) and it compiles;
-`cpu.plan()` times the candidates once per machine and picks one. KIMIVL_NATIVE=0 turns every native
+Variants (`VARIANTS`, widest first): amx, avx512_bf16, avx512_vnni, avx2, neon_dotprod, scalar. A
+variant is a candidate when the CPU has its features (`kernels/cpu.py`, which also honours
+KIMIVL_CPU_OFF) and it compiles; `cpu.plan()` times the candidates once per machine and picks one. KIMIVL_NATIVE=0 turns every native
 kernel off (callers keep their torch paths).
 
 Built with the system C compiler into $KIMIVL_CACHE (default ~/.cache/kimivl)/native, keyed by a digest
@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,18 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("cpu_decode.c"))  # the second is #included by the first
 
 # name: (CPU features it needs, compiler flags)
+_AVX512_BF16 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2", "-mfma")
 VARIANTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "amx": (
+        frozenset(
+            {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx2", "fma"}
+        ),
+        (*_AVX512_BF16, "-mamx-tile", "-mamx-bf16"),
+    ),
+    "avx512_bf16": (
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx2", "fma"}),
+        _AVX512_BF16,
+    ),
     "avx512_vnni": (
         frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"),
@@ -52,6 +64,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "nf4_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 6 + [_I64] * 2 + [_P]),
     "bf16_matvec": (None, [_P] * 3 + [_I64] * 2),
     "bf16_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 3 + [_I64] * 2 + [_P]),
+    "bf16_moe": (ctypes.c_int, [_P] * 3 + [_I64] * 3 + [_P] * 3 + [_I64] * 2 + [_P]),
+    "nf4_bf16_moe": (ctypes.c_int, [_P] * 3 + [_I64] * 3 + [_P] * 6 + [_I64] * 2 + [_P]),
     "kimivl_decode": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P]),
 }
 
@@ -201,16 +215,41 @@ def nf4_moe(
     One token takes the decode kernel (all its experts in two threaded phases).
     """
     lib = _lib(lib)
-    (t, hidden), (n_experts, inter) = x.shape, gate[0].shape[:2]
+    if x.shape[0] == 1:
+        hidden, inter = x.shape[1], gate[0].shape[1]
+        out = torch.empty(1, hidden, dtype=torch.float32)
+        xf, ids, rw = x.float().contiguous(), idx.to(torch.int64).contiguous(), route_w.float().contiguous()
+        weights = _ptrs(*(w.contiguous() for w in (*gate, *up, *down)))
+        _check(lib.nf4_moe_decode(*_ptrs(xf, ids, rw), ids.shape[1], *weights, hidden, inter, out.data_ptr()))
+        return out
+    return _grouped_moe(lib.nf4_moe, x, idx, route_w, [*gate, *up, *down])
+
+
+def _grouped_moe(
+    kernel: Callable[..., int], x: torch.Tensor, idx: torch.Tensor, route_w: torch.Tensor, stacks: list[torch.Tensor]
+) -> torch.Tensor:
+    """Call one of the grouped routed-expert kernels (same argument order): x [T, H], idx/route_w [T, K],
+    `stacks` the gate, up and down tensors as the kernel takes them -> [T, H] fp32."""
+    (t, hidden), (n_experts, inter) = x.shape, stacks[0].shape[:2]
     xf, ids, rw = x.float().contiguous(), idx.to(torch.int64).contiguous(), route_w.float().contiguous()
-    weights = _ptrs(*(w.contiguous() for w in (*gate, *up, *down)))
     out = torch.empty(t, hidden, dtype=torch.float32)
-    if t == 1:
-        status = lib.nf4_moe_decode(*_ptrs(xf, ids, rw), ids.shape[1], *weights, hidden, inter, out.data_ptr())
-    else:
-        status = lib.nf4_moe(*_ptrs(xf, ids, rw), t, ids.shape[1], n_experts, *weights, hidden, inter, out.data_ptr())
-    _check(status)
+    weights = _ptrs(*(w.contiguous() for w in stacks))
+    _check(kernel(*_ptrs(xf, ids, rw), t, ids.shape[1], n_experts, *weights, hidden, inter, out.data_ptr()))
     return out
+
+
+def nf4_bf16_moe(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    route_w: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor],
+    up: tuple[torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor],
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """`nf4_moe`'s contract, each expert's NF4 weights dequantised to bf16 16 rows at a time (in cache) and
+    multiplied as in `bf16_moe` (AMX tiles where the build has them): many rows per expert."""
+    return _grouped_moe(_lib(lib).nf4_bf16_moe, x, idx, route_w, [*gate, *up, *down])
 
 
 def bf16_matvec(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -241,6 +280,20 @@ def bf16_moe_decode(
     weights = _ptrs(*(w.contiguous() for w in (gate, up, down)))
     _check(lib.bf16_moe_decode(*_ptrs(xf, ids, rw), ids.shape[0], *weights, hidden, inter, out.data_ptr()))
     return out
+
+
+def bf16_moe(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    route_w: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """Routed experts of T tokens with bf16 weights, fp32 math: x [T, H], idx/route_w [T, K], gate/up
+    [E, I, H], down [E, H, I] -> [T, H] fp32. One call; each active expert's weights are read once."""
+    return _grouped_moe(_lib(lib).bf16_moe, x, idx, route_w, [gate, up, down])
 
 
 def decode_step(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.moe_cpu import grouped_experts
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
@@ -380,28 +381,12 @@ class RoutedExperts(nn.Module, OwnsCheckpointKeys, DevicePaths):
         return torch.einsum("k,kd->d", weights[0], y[:, 0].float())[None]
 
     def _grouped(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
-        """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens.
-
-        Touches only the active experts' weights (batch-1 decode reads K of E). Needs the per-expert
-        counts on the host (`.tolist()`): free on CPU, a sync on a GPU, which is why GPUs take the
-        fused kernel instead.
+        """Sort the T·K (token, expert) pairs by expert and run each active expert once on its tokens
+        (`kernels/moe_cpu.py`: one native call for bf16 stacks where the CPU plan says it wins, else a
+        `linear` per expert). Touches only the active experts' weights. Needs the per-expert counts on
+        the host: free on CPU, a sync on a GPU, which is why GPUs take the fused kernel instead.
         """
-        T, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort()
-        tokens = order // K  # [T*K] token of each (sorted) pair
-        pair_w = weights.flatten()[order]
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                tok = tokens[start : start + n]
-                y = self._expert(e, x[tok])
-                # index_put_ with accumulate: index_add_ measured ~30 ms per call on this CPU
-                out.index_put_((tok,), y.float() * pair_w[start : start + n, None], accumulate=True)
-                start += n
-        return out
+        return grouped_experts(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj, linear)
 
 
 class TritonExperts(RoutedExperts):

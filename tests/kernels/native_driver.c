@@ -19,6 +19,10 @@ int nf4_moe_decode(const float*, const int64_t*, const float*, int64_t, const ui
 void bf16_matvec(const float*, const uint16_t*, float*, int64_t, int64_t);
 int bf16_moe_decode(const float*, const int64_t*, const float*, int64_t, const uint16_t*, const uint16_t*,
                     const uint16_t*, int64_t, int64_t, float*);
+int bf16_moe(const float*, const int64_t*, const float*, int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*,
+             const uint16_t*, int64_t, int64_t, float*);
+int nf4_bf16_moe(const float*, const int64_t*, const float*, int64_t, int64_t, int64_t, const uint8_t*, const float*,
+                 const uint8_t*, const float*, const uint8_t*, const float*, int64_t, int64_t, float*);
 
 static FILE* in;
 
@@ -75,5 +79,9 @@ int main(int argc, char** argv) {
   put(out, y, h * 4);
   if (bf16_moe_decode(xm, idx, rw, a, gb, ub, db, h, i, y)) return 5;
   put(out, y, h * 4);
+  if (bf16_moe(xm, idx, rw, m, a, e, gb, ub, db, h, i, y)) return 5;
+  put(out, y, m * h * 4);
+  if (nf4_bf16_moe(xm, idx, rw, m, a, e, gp, ga, up, ua, dp, da, h, i, y)) return 5;
+  put(out, y, m * h * 4);
   return fclose(out) == 0 ? 0 : 4;
 }

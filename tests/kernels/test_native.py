@@ -3,7 +3,7 @@
 - each variant reports the instruction set its build took (so a test of "avx512_vnni" runs that code);
 - int8-activation products (NF4 and int8-block weights) and the MoE steps against a torch model of their
   integer math (tight: each kernel computes what it claims) and against the exact product (the error bound);
-- bf16 GEMV and expert step against fp32 torch; dequantisation bit for bit;
+- bf16 GEMV, expert step and grouped experts against fp32 torch; dequantisation bit for bit;
 - an aarch64 build with NEON dot products, cross-compiled, equals the scalar build here (run under
   qemu-user where installed, else compiled only);
 - every thread count gives identical bits; KIMIVL_CPU_OFF takes variants out of the plan.
@@ -173,6 +173,51 @@ def test_bf16_products_against_fp32(lib) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "n_experts", "hidden", "inter"),
+    [(5, 8, 128, 64), (120, 3, 128, 96), (9, 4, 80, 66)],  # few rows; 80 rows per expert (5 AMX tiles); ragged
+)
+def test_bf16_grouped_experts_against_fp32(lib, tokens: int, n_experts: int, hidden: int, inter: int) -> None:
+    """Many tokens' experts with bf16 stacks in one call: fp32 sums; builds with bf16 dot products (AMX,
+    AVX512_BF16) round x and h to bf16 as a bf16 model's own GEMMs do, so they get that rounding's bound."""
+    gen = torch.Generator().manual_seed(tokens)
+    gate, up = (torch.randn(n_experts, inter, hidden, generator=gen).bfloat16() * 0.1 for _ in range(2))
+    down = torch.randn(n_experts, hidden, inter, generator=gen).bfloat16() * 0.1
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(n_experts, generator=gen)[:2] for _ in range(tokens)])
+    rw = torch.rand(tokens, 2, generator=gen)
+    got = native.bf16_moe(x, idx, rw, gate, up, down, lib=lib)
+    ref = fused_moe_reference(x.float(), idx, rw, gate.float(), up.float(), down.float())
+    bf16_dot = lib.kimivl_variant().decode() in ("amx", "avx512_bf16")
+    assert _rel(got, ref) < (4e-3 if bf16_dot else 1e-6)
+    if bf16_dot:  # exactly the products of bf16 activations: x is bf16 already, h is rounded once
+        h = F.silu(torch.einsum("td,eid->tei", x.float(), gate.float())) * torch.einsum(
+            "td,eid->tei", x.float(), up.float()
+        )
+        y = torch.einsum("tei,edi->ted", h.bfloat16().float(), down.float())  # [T, E, D]
+        want = (y.gather(1, idx[..., None].expand(-1, -1, hidden)) * rw[..., None]).sum(1)
+        assert _rel(got, want) < 1e-5
+
+
+def test_nf4_grouped_experts_are_bf16_tiles_of_the_dequantised_weights(lib) -> None:
+    """nf4_bf16_moe dequantises 16 rows at a time (to bf16, as nf4_dequantize) and multiplies like bf16_moe:
+    the same bits as bf16_moe on the whole dequantised stacks (~80 rows per expert: 5 AMX tiles of 16)."""
+    gate, up, down = _experts(4, 128, 192)
+    gen = torch.Generator().manual_seed(3)
+    x, idx = (
+        torch.randn(160, 128, generator=gen),
+        torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(160)]),
+    )
+    rw = torch.rand(160, 2, generator=gen)
+    got = native.nf4_bf16_moe(x, idx, rw, *[(t.packed, t.absmax) for t in (gate, up, down)], lib=lib)
+    stacks = [
+        native.nf4_dequantize(t.packed.flatten(0, 1), t.absmax.flatten(0, 1), torch.bfloat16, lib=lib)
+        for t in (gate, up, down)
+    ]
+    stacks = [s.view(4, -1, s.shape[-1]) for s in stacks]
+    assert torch.equal(got, native.bf16_moe(x, idx, rw, *stacks, lib=lib))
+
+
 # ---------------------------------------------------------------- builds, threads, switches
 
 
@@ -188,7 +233,8 @@ def test_thread_counts_agree_and_share_one_openmp_runtime() -> None:
         for n in (1, 2):
             torch.set_num_threads(n)
             moe = native.nf4_moe(x[:, :256], idx, w, *[(t.packed, t.absmax) for t in (gate, up, down)])
-            runs.append((native.q8_matmul(x, q.packed, q.absmax), moe))
+            bf16 = native.bf16_moe(x[:, :256], idx, w, *(_dense(t).bfloat16() for t in (gate, up, down)))
+            runs.append((native.q8_matmul(x, q.packed, q.absmax), moe, bf16))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -236,6 +282,8 @@ def _host_results(inputs: dict[str, torch.Tensor], lib) -> list[torch.Tensor]:
         native.nf4_moe(inputs["xm"], inputs["idx"], inputs["rw"], *experts, lib=lib),
         native.nf4_moe(inputs["xm"][:1], inputs["idx"][:1], inputs["rw"][:1], *experts, lib=lib)[0],
         native.bf16_moe_decode(inputs["xm"][0], inputs["idx"][0], inputs["rw"][0], *bf16_experts, lib=lib),
+        native.bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *bf16_experts, lib=lib),
+        native.nf4_bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *experts, lib=lib),
     ]
 
 
