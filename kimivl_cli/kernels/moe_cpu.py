@@ -12,8 +12,9 @@ Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per toke
   rows (bf16 through oneDNN where the plan says it wins, AMX on CPUs that have it; else fp32).
   The MoE then loops over the active experts on the host, each expert by its own row count.
 
-Routed experts with bf16 stacks (`grouped_experts`): one native call (`native.bf16_moe`: AMX tiles read
-the weights in place, or bf16 dot products) up to `plan.bf16_moe_max_rows` rows per expert, else torch's
+Plain rows: `linear` (one bf16 row: the native GEMV; more rows of half precision: a bf16 GEMM or an
+upcast to fp32, as the plan measured). Routed experts with bf16 stacks (`grouped_experts`): one native
+call (`native.bf16_moe`: AMX tiles read the weights in place, or bf16 dot products) up to `plan.bf16_moe_max_rows` rows per expert, else torch's
 GEMM per active expert (`grouped_experts_reference`).
 
 This is the CPU path only (GPUs use the sync-free Triton kernels in `moe_triton.py`).
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.moe import ExpertWeights
 from kimivl_cli.weight_formats import BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 
@@ -54,6 +56,23 @@ def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
     return dequantize_nf4(NF4Tensor(packed, absmax, torch.float32), dtype)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ weightᵀ -> [..., N] in `out_dtype` (default x's), on CPU tensors. One row of bf16
+    runs the native GEMV (fp32 sums, one rounding: batch-1 decode); more rows of half precision run as
+    the CPU plan measured fastest on this machine (a bf16 GEMM, or an upcast to fp32)."""
+    out_dtype = out_dtype or x.dtype
+    if x.dtype in _HALF:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and weight.dtype == torch.bfloat16 and native.available():
+            return native.bf16_matvec(x.reshape(-1), weight).to(out_dtype).view(*x.shape[:-1], -1)
+        if cpu.plan().upcasts(rows):
+            return F.linear(x.float(), weight.float()).to(out_dtype)
+    return F.linear(x, weight).to(out_dtype)
+
+
 def _fused(rows: int) -> bool:
     return native.available() and rows <= cpu.plan().nf4_fused_max_rows
 
@@ -77,16 +96,19 @@ def moe_cpu(
     x: torch.Tensor,
     idx: torch.Tensor,
     weights: torch.Tensor,
-    gate: tuple[torch.Tensor, torch.Tensor],
-    up: tuple[torch.Tensor, torch.Tensor],
-    down: tuple[torch.Tensor, torch.Tensor],
+    gate: ExpertWeights,
+    up: ExpertWeights,
+    down: ExpertWeights,
 ) -> torch.Tensor:
-    """Same contract as `moe_triton.fused_moe` but fp32 out: x [T, H], idx/weights [T, K] -> [T, H] fp32.
+    """The CPU `MoEKernel` (`kernels/moe.py`), fp32 out: x [T, H], idx/weights [T, K] -> [T, H] fp32.
 
-    By the experts' mean row count, as the CPU plan measured: one native call dequantising 16 weight rows
-    at a time into bf16 tiles (many rows of bf16 activations), or one call of the fused int8 kernel (few rows); else a loop
-    over the experts that received tokens, each by its own row count.
+    Stacks go to `grouped_experts`. NF4, by the experts' mean row count, as the CPU plan measured: one
+    native call dequantising 16 weight rows at a time into bf16 tiles (many rows of bf16 activations), or
+    one call of the fused int8 kernel (few rows); else a loop over the experts that received tokens,
+    each by its own row count.
     """
+    if isinstance(gate, torch.Tensor):
+        return grouped_experts(x, idx, weights, gate, up, down)
     n_experts = gate[0].shape[0]
     rows = -(-idx.numel() // n_experts)
     if x.dtype == torch.bfloat16 and native.available() and rows >= cpu.plan().nf4_moe_bf16_min_rows:
@@ -145,20 +167,13 @@ def grouped_experts_reference(
 
 
 def grouped_experts(
-    x: torch.Tensor,
-    idx: torch.Tensor,
-    weights: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     """`grouped_experts_reference`'s contract, by the path the CPU plan measured fastest for this many rows
     per expert: one native call for bf16 stacks (fp32 sums), else the reference with `linear`."""
     rows = -(-idx.numel() // gate.shape[0])
     if (
-        x.device.type == "cpu"
-        and all(w.dtype == torch.bfloat16 for w in (gate, up, down))
+        all(w.dtype == torch.bfloat16 for w in (gate, up, down))
         and native.available()
         and rows <= cpu.plan().bf16_moe_max_rows
     ):

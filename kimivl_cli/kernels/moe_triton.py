@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kimivl_cli.kernels.align import Alignment, align_tokens
+from kimivl_cli.kernels.moe import ExpertWeights
 from kimivl_cli.weight_formats import BLOCKSIZE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -258,9 +259,14 @@ def _launch(
 
 
 def fused_moe(
-    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: Weight, up: Weight, down: Weight
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate: ExpertWeights,
+    up: ExpertWeights,
+    down: ExpertWeights,
 ) -> torch.Tensor:
-    """Routed experts: x [T, H], idx/weights [T, K] -> [T, H] in x.dtype, fp32 accumulation.
+    """The GPU `MoEKernel` (`kernels/moe.py`): x [T, H], idx/weights [T, K] -> [T, H] in x.dtype, fp32 accumulation.
 
     gate/up: [E, I, H] or NF4 (packed [E, I, H/2], absmax [E, I, H/64]); down: [E, H, I] or NF4.
     Reads only the experts that received tokens. Memory: act [P, I] in x.dtype plus [P, H] fp32.

@@ -22,28 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kimivl_cli.kernels import cpu, native
-from kimivl_cli.kernels.moe_cpu import grouped_experts
+from kimivl_cli.kernels import native
+from kimivl_cli.kernels.moe_cpu import linear, moe_cpu
 from kimivl_cli.kernels.routing import RoutingConfig, route
 from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
 from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
 
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """x [..., K] @ weightᵀ -> [..., N] in `out_dtype` (default x's), on CPU tensors. One row of bf16
-    runs the native GEMV (fp32 sums, one rounding: batch-1 decode); more rows of half precision run as
-    the CPU plan measured fastest on this machine (`kernels/cpu.py`: a bf16 GEMM, or an upcast to fp32)."""
-    out_dtype = out_dtype or x.dtype
-    if x.dtype in _HALF:
-        rows = x.numel() // x.shape[-1]
-        if rows == 1 and weight.dtype == torch.bfloat16 and native.available():
-            return native.bf16_matvec(x.reshape(-1), weight).to(out_dtype).view(*x.shape[:-1], -1)
-        if cpu.plan().upcasts(rows):
-            return F.linear(x.float(), weight.float()).to(out_dtype)
-    return F.linear(x, weight).to(out_dtype)
 
 
 def _native_bf16(x: Tensor, *weights: Tensor) -> bool:
@@ -386,7 +372,7 @@ class RoutedExperts(nn.Module, OwnsCheckpointKeys, DevicePaths):
         `linear` per expert). Touches only the active experts' weights. Needs the per-expert counts on
         the host: free on CPU, a sync on a GPU, which is why GPUs take the fused kernel instead.
         """
-        return grouped_experts(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj, linear)
+        return moe_cpu(x, idx, weights, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class TritonExperts(RoutedExperts):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kimivl_cli.kernels import cpu, native
+from kimivl_cli.kernels.moe import MoEKernel
 from kimivl_cli.kernels.moe_cpu import dequantize_cpu, moe_cpu, nf4_linear_cpu
 from kimivl_cli.model.config import MLP_PROJECTIONS
 from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
@@ -288,8 +289,11 @@ class NF4Experts(nn.Module, OwnsCheckpointKeys, KeepsDtype, DevicePaths):
     def placed(self, device: torch.device) -> NF4Experts:
         return twin(self, TritonNF4Experts) if device.type == "cuda" else self
 
+    def kernel(self) -> MoEKernel:
+        return moe_cpu
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return moe_cpu(x, idx, w, *self._stacks())
+        return self.kernel()(x, idx, w, *self._stacks())
 
 
 class TritonNF4Experts(NF4Experts):
@@ -298,10 +302,10 @@ class TritonNF4Experts(NF4Experts):
     def placed(self, device: torch.device) -> NF4Experts:
         return self if device.type == "cuda" else twin(self, NF4Experts)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def kernel(self) -> MoEKernel:
         from kimivl_cli.kernels.moe_triton import fused_moe  # Triton only where there is a GPU
 
-        return fused_moe(x, idx, w, *self._stacks())
+        return fused_moe
 
 
 def quantize_linears_(model: nn.Module, mode: str, device: torch.device | str | None = None) -> nn.Module:

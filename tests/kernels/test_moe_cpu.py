@@ -4,11 +4,13 @@ the fused int8 kernel, dequantise + GEMM)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from kimivl_cli.kernels import native
-from kimivl_cli.kernels.moe_cpu import grouped_experts, grouped_experts_reference, moe_cpu
+from kimivl_cli.kernels.moe_cpu import grouped_experts, grouped_experts_reference, linear, moe_cpu
 from kimivl_cli.kernels.reference import fused_moe_reference
 
 
@@ -41,7 +43,8 @@ def test_grouped_experts_every_path_matches_reference(cpu_plan, random_routing, 
     # torch's path rounds each bf16 GEMM's output; the native one only x and h (or nothing): both well inside
     assert _rel(got, ref) < 1e-2
     if not native_rows:
-        assert torch.equal(got, grouped_experts_reference(x, idx, w, gate, up, down))
+        assert torch.equal(got, grouped_experts_reference(x, idx, w, gate, up, down, linear))
+    assert torch.equal(moe_cpu(x, idx, w, gate, up, down), got)  # the CPU MoEKernel takes stacks too
 
 
 def test_grouped_experts_takes_the_reference_for_fp32_stacks(cpu_plan, random_routing) -> None:
@@ -66,3 +69,15 @@ def test_nf4_moe_every_path_matches_reference(cpu_plan, make_experts, random_rou
     ref = fused_moe_reference(x.float(), idx, w, *[d.cpu() for d in experts.dense])
     got = moe_cpu(x, idx, w, *[(p.cpu(), a.cpu()) for p, a in experts.packed])
     assert _rel(got, ref) < 3e-2  # bf16 weights and activations (tiles), int8 activations (fused)
+
+
+def test_both_moe_kernels_have_the_one_signature() -> None:
+    """`moe_cpu` and `moe_triton.fused_moe` are the two `MoEKernel`s: same parameters, same order."""
+    pytest.importorskip("triton")
+    from kimivl_cli.kernels.moe import MoEKernel
+    from kimivl_cli.kernels.moe_triton import fused_moe
+
+    def params(fn) -> list[tuple[str, object]]:
+        return [(p.name, p.annotation) for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+    assert params(moe_cpu) == params(fused_moe) == params(MoEKernel.__call__)
