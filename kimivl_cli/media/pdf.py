@@ -84,7 +84,7 @@ class PdfDocument:
         if self.doc.needs_pass:
             if not password:
                 self.close()
-                raise InputError(f"{item.name} is encrypted", "pass its password with --password")
+                raise InputError(f"{item.name} is encrypted", "pass its password with `password`")
             if not self.doc.authenticate(password):
                 self.close()
                 raise InputError(f"wrong password for {item.name}")
@@ -141,7 +141,7 @@ class PdfDocument:
         if width * height > max_pixels:
             raise InputError(
                 f"{self.name} page {page + 1} would render at {width}x{height} pixels, over the limit",
-                "use a lower --dpi or --max-side",
+                "use a lower `dpi` or `max_side`",
             )
         try:
             pix = p.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
@@ -226,7 +226,7 @@ def parse_page_range(spec: str, page_count: int) -> list[int]:
 
 def _zoom(width: float, height: float, dpi: float | None, max_side: int | None) -> float:
     if (dpi is not None and dpi <= 0) or (max_side is not None and max_side <= 0):
-        raise InputError("the render size must be positive", "check --dpi / --max-side")
+        raise InputError("the render size must be positive", "check `dpi` / `max_side`")
     zooms = [dpi / 72] if dpi else []
     if max_side:
         zooms.append(max_side / max(width, height, 1e-6))

@@ -95,7 +95,7 @@ def resolve_checkpoint(path_or_repo: str | Path) -> Path:
         return path
     text = str(path_or_repo)
     if path.exists():
-        raise CheckpointError(f"{text} is a file", "--model wants a checkpoint folder or a Hub repo id")
+        raise CheckpointError(f"{text} is a file", "`model` wants a checkpoint folder or a Hub repo id")
     if not is_repo_id(text):
         raise CheckpointError(f"{text}: no such folder", "pass a checkpoint folder or a Hub repo id like owner/name")
     from huggingface_hub import constants, snapshot_download
@@ -494,13 +494,13 @@ def load_model(
     if stored != "none" and quant not in ("none", stored):
         raise CheckpointError(
             f"{folder} is pre-quantized as {stored}; it cannot be loaded as {quant}",
-            f"pass --quant {stored}, or quantize the original checkpoint",
+            f"pass `quant` {stored}, or quantize the original checkpoint",
         )
     try:
         quantize_linears_(model.language_model, stored if stored != "none" else quant, "meta")
     except ValueError as exc:  # NF4 needs inner dims in multiples of its 64-weight blocks
         raise CheckpointError(
-            f"{folder} cannot be quantized as {quant}: {exc}", "use --quant int8, or no quantization"
+            f"{folder} cannot be quantized as {quant}: {exc}", "use `quant` int8, or no quantization"
         ) from None
     model = place(model, device)  # the modules for the device, before the targets name them
     # Everything is checked on the meta model, from the shard headers, before one byte is allocated:
@@ -559,7 +559,7 @@ def check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device | str)
         raise RuntimeFailure(
             f"the model's weights need {need / 2**30:.1f} GiB, {torch.device(device).type} has "
             f"{have / 2**30:.1f} GiB available",
-            "use --quant nf4, or a machine with more memory",
+            "use `quant` nf4, or a machine with more memory",
         )
 
 
@@ -587,7 +587,7 @@ def _check_destination(folder: Path, dst: Path, force: bool) -> None:
             "write the quantized checkpoint to a new folder elsewhere",
         )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise InputError(f"{dst} already exists", "pick another destination or pass --force to replace it")
+        raise InputError(f"{dst} already exists", "pick another destination or pass `force` to replace it")
 
 
 @torch.no_grad()

@@ -67,9 +67,9 @@ class DetectorParams:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
-            raise InputError(f"--threshold {self.threshold} is out of range", "use a value between 0 and 1, e.g. 0.4")
+            raise InputError(f"`threshold` {self.threshold} is out of range", "use a value between 0 and 1, e.g. 0.4")
         if self.min_scene_len < 1:
-            raise InputError("--min-scene-len must be at least 1 frame")
+            raise InputError("`min_scene_len` must be at least 1 frame")
         if self.max_side < 16:
             raise InputError("the analysis size must be at least 16 pixels")
         if self.stride < 0:

@@ -73,10 +73,12 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def error_line(call, *args, **kwargs) -> str:
-    """The one line the CLI would print (message and hint) for the InputError `call` raises."""
+    """The one line the CLI would print (message and hint, fields as flags) for the InputError `call` raises."""
+    from kimivl_cli.cli.flags import error_line as cli_error_line
+
     with pytest.raises(InputError) as caught:
         call(*args, **kwargs)
-    return caught.value.one_line()
+    return cli_error_line(caught.value).removeprefix("error: ")
 
 
 def _ebml(element_id: int, payload: bytes) -> bytes:

@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from kimivl_cli.cli import quantize
+from kimivl_cli.cli.flags import error_line
 from kimivl_cli.errors import CheckpointError, InputError
 from kimivl_cli.model.weights import load_model
 from kimivl_cli.quant.modules import NF4Linear
@@ -36,7 +37,7 @@ def test_quantize_writes_a_checkpoint_that_loads_quantized(tmp_path: Path) -> No
     assert isinstance(model.language_model.model.layers[0].self_attn.o_proj, NF4Linear)
 
     again = CliRunner().invoke(_app(), ["quantize", str(src), str(dst)])
-    assert isinstance(again.exception, InputError) and "--force" in again.exception.hint
+    assert isinstance(again.exception, InputError) and "--force" in error_line(again.exception)
     assert CliRunner().invoke(_app(), ["quantize", str(src), str(dst), "--force"]).exit_code == 0
 
     bad = CliRunner().invoke(_app(), ["quantize", str(src), str(tmp_path / "x"), "--quant", "nf2"])

@@ -51,9 +51,9 @@ class VideoScenesOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.sample_fps < math.inf:
-            raise InputError(f"--fps {self.sample_fps}: keyframes per second must be a positive, finite number")
+            raise InputError(f"`fps` {self.sample_fps}: keyframes per second must be a positive, finite number")
         if self.max_frames < 1 or self.concurrency < 1:
-            raise InputError("--max-frames and --concurrency must be at least 1")
+            raise InputError("`max_frames` and `concurrency` must be at least 1")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def check_request(videos: list[str], fmt: str, output: str | None, force: bool) 
     chapters, ffmetadata) need a folder for several videos.
     """
     if fmt not in FORMATS:
-        raise InputError(f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown `fmt` {fmt!r}", f"use one of {', '.join(FORMATS)}")
     if output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir()):
         files = per_video_files(videos, fmt, Path(output), force)
         output_folder(Path(output))
@@ -80,13 +80,13 @@ def check_request(videos: list[str], fmt: str, output: str | None, force: bool) 
         check_output(Path(output))
     if len(videos) > 1 and fmt not in MULTI_VIDEO_FORMATS:
         raise InputError(
-            f"--format {fmt} holds one video",
+            f"`fmt` {fmt} holds one video",
             f"pass -o FOLDER/ (a trailing slash makes a folder) for one file per video, or use "
             f"{', '.join(MULTI_VIDEO_FORMATS)}",
         )
     path = Path(output) if output is not None else None
     if path is not None and path.exists() and not force:
-        raise InputError(f"{path} already exists", "pass --force to overwrite it")
+        raise InputError(f"{path} already exists", "pass `force` to overwrite it")
     if path is not None and not path.parent.is_dir():
         raise InputError(
             f"{path.parent} is not a folder", "create it first, or end -o with / to write into a new folder"
@@ -115,7 +115,7 @@ def per_video_files(videos: list[str], fmt: str, folder: Path, force: bool) -> l
         seen[path] = video
         check_output(path)
         if path.exists() and not force:
-            raise InputError(f"{path} already exists", "pass --force to overwrite it")
+            raise InputError(f"{path} already exists", "pass `force` to overwrite it")
     return files
 
 
@@ -173,6 +173,6 @@ def write_output(lists: list[SceneList], fmt: str, output: Path | None, force: b
     if output is None:
         return text
     if output.exists() and not force:  # checked again: it may have appeared while we worked
-        raise InputError(f"{output} already exists", "pass --force to overwrite it")
+        raise InputError(f"{output} already exists", "pass `force` to overwrite it")
     write_atomic(output, text)
     return None
