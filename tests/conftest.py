@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The signal tests press Ctrl-C in child processes. A suite started as a script's background job
+# has SIGINT ignored, which children inherit (and kimivl honours, as a background job should):
+# give them the default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SHARED = Path(os.environ.get("KIMIVL_SHARED", ROOT.parent / "shared"))
 
 # Without a GPU the Triton kernels run under the interpreter. The switch must be on before

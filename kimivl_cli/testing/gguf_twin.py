@@ -16,6 +16,7 @@ No vocabulary is written (`tokenizer.ggml.model` "no_vocab"): every run feeds to
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,61 +45,72 @@ def layout(cfg: TextConfig) -> list[Spec]:
     """The GGUF tensors of `cfg`'s language model, in llama.cpp's converter's order and names."""
     import gguf
 
-    names = gguf.TENSOR_NAMES
-    T = gguf.MODEL_TENSOR
-    D, H, R, Dr = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    specs = [Spec(names[T.TOKEN_EMBD] + ".weight", (cfg.vocab_size, D), ("model.embed_tokens.weight",))]
+    names, T = gguf.TENSOR_NAMES, gguf.MODEL_TENSOR
+    specs = [Spec(names[T.TOKEN_EMBD] + ".weight", (cfg.vocab_size, cfg.hidden_size), ("model.embed_tokens.weight",))]
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-
-        def t(kind, shape, *keys, suffix=".weight", part="", i=i, p=p):
-            return Spec(names[kind].format(bid=i) + suffix, shape, tuple(p + k for k in keys), part)
-
-        specs.append(t(T.ATTN_NORM, (D,), "input_layernorm.weight"))
-        if cfg.q_lora_rank is None:
-            specs.append(t(T.ATTN_Q, (H * cfg.qk_head_dim, D), "self_attn.q_proj.weight"))
-        else:
-            specs += [
-                t(T.ATTN_Q_A, (cfg.q_lora_rank, D), "self_attn.q_a_proj.weight"),
-                t(T.ATTN_Q_A_NORM, (cfg.q_lora_rank,), "self_attn.q_a_layernorm.weight"),
-                t(T.ATTN_Q_B, (H * cfg.qk_head_dim, cfg.q_lora_rank), "self_attn.q_b_proj.weight"),
-            ]
-        specs += [
-            t(T.ATTN_KV_A_MQA, (R + Dr, D), "self_attn.kv_a_proj_with_mqa.weight"),
-            t(T.ATTN_KV_A_NORM, (R,), "self_attn.kv_a_layernorm.weight"),
-            t(T.ATTN_K_B, (H, R, cfg.qk_nope_head_dim), "self_attn.kv_b_proj.weight", part="k_b"),
-            t(T.ATTN_V_B, (H, cfg.v_head_dim, R), "self_attn.kv_b_proj.weight", part="v_b"),
-            t(T.ATTN_OUT, (D, H * cfg.v_head_dim), "self_attn.o_proj.weight"),
-            t(T.FFN_NORM, (D,), "post_attention_layernorm.weight"),
-        ]
-        if not cfg.is_moe_layer(i):
-            F = cfg.intermediate_size
-            specs += [
-                t(T.FFN_GATE, (F, D), "mlp.gate_proj.weight"),
-                t(T.FFN_UP, (F, D), "mlp.up_proj.weight"),
-                t(T.FFN_DOWN, (D, F), "mlp.down_proj.weight"),
-            ]
-            continue
-        E, Fe = cfg.n_routed_experts, cfg.moe_intermediate_size
-        experts = [f"mlp.experts.{e}." for e in range(E)]
-        specs += [
-            t(T.FFN_GATE_INP, (E, D), "mlp.gate.weight"),
-            t(T.FFN_EXP_PROBS_B, (E,), "mlp.gate.e_score_correction_bias", suffix=".bias"),
-            t(T.FFN_GATE_EXP, (E, Fe, D), *(x + "gate_proj.weight" for x in experts)),
-            t(T.FFN_UP_EXP, (E, Fe, D), *(x + "up_proj.weight" for x in experts)),
-            t(T.FFN_DOWN_EXP, (E, D, Fe), *(x + "down_proj.weight" for x in experts)),
-        ]
-        if cfg.n_shared_experts:
-            S = Fe * cfg.n_shared_experts
-            specs += [
-                t(T.FFN_GATE_SHEXP, (S, D), "mlp.shared_experts.gate_proj.weight"),
-                t(T.FFN_UP_SHEXP, (S, D), "mlp.shared_experts.up_proj.weight"),
-                t(T.FFN_DOWN_SHEXP, (D, S), "mlp.shared_experts.down_proj.weight"),
-            ]
-    specs += [
-        Spec(names[T.OUTPUT_NORM] + ".weight", (D,), ("model.norm.weight",)),
-        Spec(names[T.OUTPUT] + ".weight", (cfg.vocab_size, D), ("lm_head.weight",)),
+        t = functools.partial(_layer_spec, names, i)
+        specs += _attention_layout(cfg, T, t)
+        specs += _moe_layout(cfg, T, t) if cfg.is_moe_layer(i) else _mlp_layout(cfg, T, t)
+    return [
+        *specs,
+        Spec(names[T.OUTPUT_NORM] + ".weight", (cfg.hidden_size,), ("model.norm.weight",)),
+        Spec(names[T.OUTPUT] + ".weight", (cfg.vocab_size, cfg.hidden_size), ("lm_head.weight",)),
     ]
+
+
+def _layer_spec(names, i: int, kind, shape, *keys: str, suffix: str = ".weight", part: str = "") -> Spec:
+    """Layer i's GGUF tensor of `kind`, read from the checkpoint keys `keys` (relative to the layer)."""
+    return Spec(names[kind].format(bid=i) + suffix, shape, tuple(f"model.layers.{i}.{k}" for k in keys), part)
+
+
+def _attention_layout(cfg: TextConfig, T, t) -> list[Spec]:
+    D, H, R, Dr = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    specs = [t(T.ATTN_NORM, (D,), "input_layernorm.weight")]
+    if cfg.q_lora_rank is None:
+        specs.append(t(T.ATTN_Q, (H * cfg.qk_head_dim, D), "self_attn.q_proj.weight"))
+    else:
+        specs += [
+            t(T.ATTN_Q_A, (cfg.q_lora_rank, D), "self_attn.q_a_proj.weight"),
+            t(T.ATTN_Q_A_NORM, (cfg.q_lora_rank,), "self_attn.q_a_layernorm.weight"),
+            t(T.ATTN_Q_B, (H * cfg.qk_head_dim, cfg.q_lora_rank), "self_attn.q_b_proj.weight"),
+        ]
+    return [
+        *specs,
+        t(T.ATTN_KV_A_MQA, (R + Dr, D), "self_attn.kv_a_proj_with_mqa.weight"),
+        t(T.ATTN_KV_A_NORM, (R,), "self_attn.kv_a_layernorm.weight"),
+        t(T.ATTN_K_B, (H, R, cfg.qk_nope_head_dim), "self_attn.kv_b_proj.weight", part="k_b"),
+        t(T.ATTN_V_B, (H, cfg.v_head_dim, R), "self_attn.kv_b_proj.weight", part="v_b"),
+        t(T.ATTN_OUT, (D, H * cfg.v_head_dim), "self_attn.o_proj.weight"),
+        t(T.FFN_NORM, (D,), "post_attention_layernorm.weight"),
+    ]
+
+
+def _mlp_layout(cfg: TextConfig, T, t) -> list[Spec]:
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    return [
+        t(T.FFN_GATE, (F, D), "mlp.gate_proj.weight"),
+        t(T.FFN_UP, (F, D), "mlp.up_proj.weight"),
+        t(T.FFN_DOWN, (D, F), "mlp.down_proj.weight"),
+    ]
+
+
+def _moe_layout(cfg: TextConfig, T, t) -> list[Spec]:
+    D, E, Fe = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    experts = [f"mlp.experts.{e}." for e in range(E)]
+    specs = [
+        t(T.FFN_GATE_INP, (E, D), "mlp.gate.weight"),
+        t(T.FFN_EXP_PROBS_B, (E,), "mlp.gate.e_score_correction_bias", suffix=".bias"),
+        t(T.FFN_GATE_EXP, (E, Fe, D), *(x + "gate_proj.weight" for x in experts)),
+        t(T.FFN_UP_EXP, (E, Fe, D), *(x + "up_proj.weight" for x in experts)),
+        t(T.FFN_DOWN_EXP, (E, D, Fe), *(x + "down_proj.weight" for x in experts)),
+    ]
+    if cfg.n_shared_experts:
+        S = Fe * cfg.n_shared_experts
+        specs += [
+            t(T.FFN_GATE_SHEXP, (S, D), "mlp.shared_experts.gate_proj.weight"),
+            t(T.FFN_UP_SHEXP, (S, D), "mlp.shared_experts.up_proj.weight"),
+            t(T.FFN_DOWN_SHEXP, (D, S), "mlp.shared_experts.down_proj.weight"),
+        ]
     return specs
 
 

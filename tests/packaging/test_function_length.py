@@ -11,11 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "kimivl_cli"
 MAX_BODY_LINES = 50
-EXCEPTIONS: dict[str, str] = {
-    # Both are changed on other branches this session (testing/ by the trace work, the GGUF twin by
-    # the CPU-kernel work); they are split once those merge, and this test then drops them.
-    "kimivl_cli/testing/gguf_twin.py:layout": "one table of llama.cpp's tensor names; other branch",
-}
+EXCEPTIONS: dict[str, str] = {}
 """`path:function` -> why it may be longer (the goal is none)."""
 
 
