@@ -68,8 +68,21 @@ def test_loading_and_quantizing_show_a_bar_on_a_terminal_and_nothing_on_a_pipe(s
 def test_a_hidden_trace_shows_a_thinking_status(tiny_checkpoint: Path, tmp_path: Path) -> None:
     thinking = tmp_path / "Kimi-VL-A3B-Thinking-tiny"
     os.symlink(tiny_checkpoint, thinking)
-    # Random weights never start reasoning by themselves; with --schema a Thinking model is made to.
-    args = ["ask", "-m", str(thinking), "Hello", "--hide-thinking", "--schema", "n int", "--max-tokens", "40"]
+    # Random weights never start reasoning by themselves; with --schema a Thinking model is made to,
+    # though a sampled trace may be empty: seed 2 gives one of three pieces.
+    args = [
+        "ask",
+        "-m",
+        str(thinking),
+        "Hello",
+        "--hide-thinking",
+        "--schema",
+        "n int",
+        "--max-tokens",
+        "40",
+        "--seed",
+        "2",
+    ]
     drawn, status = _pty(args)
     assert status == 0, drawn
     assert "Thinking for" in drawn  # live, while the model reasons
