@@ -135,7 +135,7 @@ def _byte_table(device: torch.device) -> torch.Tensor:
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Full-precision weight `[..., N, K]`: level[code] * absmax, computed in fp32 like bitsandbytes.
 
-    One table lookup per byte (a 256-row embedding) rather than per nibble: ~3x faster on CPU.
+    One table lookup per byte (a 256-row embedding) rather than per nibble (docs/performance.md).
     """
     values = torch.nn.functional.embedding(t.packed.int(), _byte_table(t.packed.device))  # [..., N, K/2, 2]
     values = values.view(*t.absmax.shape, BLOCKSIZE) * t.absmax.unsqueeze(-1)

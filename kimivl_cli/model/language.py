@@ -213,7 +213,7 @@ class MLAttention(nn.Module, DevicePaths):
         quantized kv_b_proj, whose `.weight` dequantises, or bf16 weights computed in fp32 on CPU)
         the split is made once, on the first absorbed step after loading, and kept: decode would
         otherwise dequantise H*(Dn+Dv)*R weights per layer per token (56.6M per token for the real
-        model, ~25 ms on CPU). Cost: those weights once in `dtype`, 113 MB in bf16 for the real model
+        model; docs/performance.md). Cost: those weights once in `dtype`, 113 MB in bf16 for the real model
         (1% of its 9.95 GB NF4 footprint), twice that in fp32 on CPU. Keeping kv_b_proj unquantised
         instead would put the computed footprint at 10.03 GB, over the 10 GB budget, and slow
         prefill's expanded path on nothing. The cache assumes weights are not reloaded after the first step.
