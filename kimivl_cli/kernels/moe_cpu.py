@@ -131,7 +131,7 @@ def moe_cpu(
         xe = x[token]  # [n, H]
         h = F.silu(nf4_linear_cpu(xe, gate[0][e], gate[1][e])).mul_(nf4_linear_cpu(xe, up[0][e], up[1][e]))
         y = nf4_linear_cpu(h.to(x.dtype), down[0][e], down[1][e])  # [n, H]
-        out.index_put_((token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True)  # not index_add_: docs/performance.md
+        out.index_put_((token,), y.mul_(route_w[pairs].unsqueeze(1)), accumulate=True)  # not index_add_ (see docs)
     return out
 
 
