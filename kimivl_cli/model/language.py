@@ -29,8 +29,6 @@ from kimivl_cli.model.cache import LatentCache, attend, attend_shared
 from kimivl_cli.model.config import MLP_PROJECTIONS, RopeScaling, TextConfig
 from kimivl_cli.model.hooks import DevicePaths, KeepsDtype, OwnsCheckpointKeys, twin
 
-_HALF = (torch.bfloat16, torch.float16)
-
 
 def _native_bf16(x: Tensor, *weights: Tensor) -> bool:
     """One token (of CPU tensors) with bf16 weights and the native kernels: the fused expert/MLP call applies."""
