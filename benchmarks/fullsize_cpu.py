@@ -7,7 +7,8 @@ Both models have random weights, built without any bf16 checkpoint: kimivl's in 
 (`kimivl_cli.testing.random_nf4`: random NF4 codes, ~3 s; with `--quantize`, Gaussian bf16 weights
 quantized through the loader hook, ~6 min), llama.cpp's as a Q4_K_M GGUF written directly with random
 blocks of the types llama.cpp's own Q4_K_M recipe picks (`testing/gguf_twin.write_random_q4_k_m`, ~10 GB,
-cached in $KIMIVL_CACHE/gguf). Each engine runs in its own process, one at a time (each needs ~10 GB),
+cached in $KIMIVL_CACHE/gguf). kimivl decodes as its engine does (the native whole-token step where the
+kernels run). Each engine runs in its own process, one at a time (each needs ~10 GB),
 rounds interleaved: prefill tok/s to the first logits, greedy decode tok/s, peak RSS. llama.cpp reads the
 file into memory (no mmap, like kimivl's weights) and runs with its extra weight layouts off (`--no-repack`).
 """
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kimivl_cli.engine.cpu_decode import NativeDecoder
 from kimivl_cli.kernels import cpu
 from kimivl_cli.model.cache import LatentCache
 from kimivl_cli.model.config import TextConfig
@@ -55,13 +57,21 @@ def kimivl_worker(prefill: int, decode: int, quantize: bool) -> dict:
         "computed_nf4_gb": round(nf4_footprint_bytes(cfg) / 1e9, 3),
     }
 
+    decoder = NativeDecoder.build(lm)  # the engine's batch-1 decode step where the kernels run it
+    result["decode_path"] = "native step" if decoder else "torch modules"
+
+    def step(tok: torch.Tensor, pos: int, cache: LatentCache) -> torch.Tensor:
+        if decoder is not None:
+            return decoder.step(int(tok), pos, cache).argmax(-1, keepdim=True)
+        return lm.logits(lm(lm.embed(tok), pos, cache)[:, -1]).argmax(-1, keepdim=True)
+
     def generate(ids: torch.Tensor, new: int) -> tuple[float, float]:
         cache = LatentCache(cfg, 1, ids.shape[0] + new + 1, torch.bfloat16, "cpu")
         t0 = time.perf_counter()
         tok = lm.logits(lm(lm.embed(ids[None]), 0, cache)[:, -1]).argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         for pos in range(ids.shape[0], ids.shape[0] + new - 1):
-            tok = lm.logits(lm(lm.embed(tok), pos, cache)[:, -1]).argmax(-1, keepdim=True)
+            tok = step(tok, pos, cache)
         return t1 - t0, time.perf_counter() - t1
 
     ids = prompt_ids(cfg, prefill)
@@ -158,7 +168,11 @@ def main() -> int:
         report[name] = {
             key: round(statistics.median(v[key] for v in values), 3)
             for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_gb")
-        } | {k: v for k, v in values[-1].items() if k.endswith(("_s", "_gb")) and "tok" not in k and k != "peak_rss_gb"}
+        } | {
+            k: v
+            for k, v in values[-1].items()
+            if k.endswith(("_s", "_gb", "_path")) and "tok" not in k and k != "peak_rss_gb"
+        }
     if not args.kimivl_only:
         for phase in ("prefill", "decode"):
             ratio = report["kimivl_nf4"][f"{phase}_tok_s"] / report["llama_Q4_K_M"][f"{phase}_tok_s"]

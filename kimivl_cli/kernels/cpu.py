@@ -10,8 +10,10 @@ features, times the candidates that matter and keeps the fastest:
 - `half_gemm`: how a half-precision GEMM of several rows runs: "bf16" (torch's own, oneDNN/AMX where the
   CPU has it) or "fp32" (weight and input upcast; then `upcast_min_rows` is the smallest row count from
   which the upcast wins). One-row products use the native bf16 GEMV.
-- `nf4_fused_max_rows`: up to how many rows an NF4 product runs on the fused int8 kernel (reading the
-  codes) rather than dequantising the matrix once and running `half_gemm`'s GEMM.
+- `nf4_fused_max_rows`, `nf4_tiles_max_rows`: up to how many rows an NF4 product runs on the fused int8
+  kernel (reading the codes), then up to how many as bf16 tiles (`native.nf4_bf16_matmul`: 16 weight rows
+  at a time dequantised in cache, AMX where the CPU has it), rather than dequantising the matrix once and
+  running `half_gemm`'s GEMM.
 - `bf16_moe_max_rows`: up to how many rows per expert (on average) the routed experts of bf16 stacks run
   as one native call (`native.bf16_moe`: AMX tiles, or bf16 dot products, reading each active expert's
   weights once) rather than torch's GEMM per expert (oneDNN repacks each weight matrix per call).
@@ -48,7 +50,7 @@ import torch
 from kimivl_cli.kernels import native
 
 SWITCHES = (*[v for v in native.VARIANTS if v != "scalar"], "bf16_gemm", "nf4_fused", "bf16_moe", "fused_decode")
-_PLAN_VERSION = 2
+_PLAN_VERSION = 3
 
 
 def switched_off() -> frozenset[str]:
@@ -87,6 +89,7 @@ class CpuPlan:
     half_gemm: str  # "bf16" | "fp32"
     upcast_min_rows: int | None  # with half_gemm "fp32": rows from which the upcast wins
     nf4_fused_max_rows: int  # NF4 products of up to this many rows read the codes (fused int8 kernel)
+    nf4_tiles_max_rows: int  # then up to this many: bf16 tiles dequantised in cache (else dequantise + GEMM)
     bf16_moe_max_rows: int  # bf16 routed experts of up to this many rows per expert: one native call
     nf4_moe_bf16_min_rows: int  # NF4 routed experts of at least this many rows per expert: bf16 tiles
     why: dict[str, str] = field(default_factory=dict)
@@ -176,36 +179,74 @@ def _choose_half_gemm(timings: dict[str, float], why: dict[str, str]) -> tuple[s
     return "fp32", upcast_from
 
 
-def _choose_nf4_rows(variant: str | None, half_gemm: str, timings: dict[str, float], why: dict[str, str]) -> int:
+_NF4_ROW_SAMPLES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _choose_nf4_rows(
+    variant: str | None, half_gemm: str, timings: dict[str, float], why: dict[str, str]
+) -> tuple[int, int]:
+    """(nf4_fused_max_rows, nf4_tiles_max_rows): the NF4 product's path by row count, from the winner at each
+    sampled count. Each candidate's time grows linearly in rows, int8 steepest, then tiles, then dequantise +
+    GEMM (a fixed cost, then a small slope)."""
     if variant is None:
         why["nf4_fused_max_rows"] = "0: no native kernels (every NF4 product dequantises)"
-        return 0
-    if "nf4_fused" in switched_off():
-        why["nf4_fused_max_rows"] = "1: nf4_fused switched off (KIMIVL_CPU_OFF): only decode reads the codes"
-        return 1
+        return 0, 0
     lib = native.build(variant)
     dtype = torch.bfloat16 if half_gemm == "bf16" else torch.float32
     packed, absmax = _random_nf4(1408, 2048)
-    fused, dequant = {}, {}
-    for rows in (16, 128):
-        x = torch.randn(rows, 2048).to(dtype)
-        fused[rows] = _best_ms(lambda x=x: native.q8_matmul(x, packed, absmax, lib=lib), 3)
-        dequant[rows] = _best_ms(
-            lambda x=x: torch.nn.functional.linear(x, native.nf4_dequantize(packed, absmax, dtype, lib=lib)), 3
-        )
-        timings[f"nf4_fused_{rows}rows"], timings[f"nf4_dequant_gemm_{rows}rows"] = (
-            round(fused[rows], 3),
-            round(dequant[rows], 3),
-        )
-    # both grow linearly in rows: fused ~ a·r, dequantise + GEMM ~ d + g·r; they cross at d / (a - g)
-    a, g = (fused[128] - fused[16]) / 112, (dequant[128] - dequant[16]) / 112
-    d = dequant[16] - 16 * g
-    rows = 1 << 20 if a <= g else max(1, round(d / (a - g)))
+    candidates = {
+        "int8": lambda x: native.q8_matmul(x, packed, absmax, lib=lib),
+        "tiles": lambda x: native.nf4_bf16_matmul(x, packed, absmax, lib=lib),
+        "dequantise": lambda x: torch.nn.functional.linear(x, native.nf4_dequantize(packed, absmax, dtype, lib=lib)),
+    }
+    if "nf4_fused" in switched_off():
+        candidates.pop("int8")
+    winners = _nf4_row_winners(candidates, dtype, timings)
+    fused = _last_win(winners, 0, "int8")
+    tiles = _last_win(winners, fused, "tiles")
+    fused_rows, tiles_rows = (_row_bound(fused, 1), _row_bound(tiles, 0))  # one row (decode) always reads codes
+    tiles_rows = tiles_rows if tiles > fused else fused_rows
     why["nf4_fused_max_rows"] = (
-        f"{rows}: fused int8 {fused[16]:.2f} / {fused[128]:.2f} ms vs dequantise + {half_gemm} GEMM "
-        f"{dequant[16]:.2f} / {dequant[128]:.2f} ms at 16 / 128 rows (1408 x 2048)"
+        f"{fused_rows}: "
+        + ("nf4_fused switched off (KIMIVL_CPU_OFF); " if "nf4_fused" in switched_off() else "")
+        + ", ".join(f"{r} rows {w}" for r, w in zip(_NF4_ROW_SAMPLES, winners, strict=True))
+        + f" fastest (int8 codes / bf16 tiles / dequantise + {half_gemm} GEMM, 1408 x 2048)"
     )
-    return rows
+    why["nf4_tiles_max_rows"] = f"{tiles_rows}: bf16 tiles ({variant}) " + (
+        "never won" if tiles_rows == fused_rows else f"from {fused_rows + 1} rows"
+    )
+    return fused_rows, tiles_rows
+
+
+def _nf4_row_winners(
+    candidates: dict[str, Callable[[torch.Tensor], object]], dtype: torch.dtype, timings: dict[str, float]
+) -> list[str]:
+    """The fastest candidate at each of `_NF4_ROW_SAMPLES` rows. `candidates` come steepest in rows first: one
+    that lost twice running to a later (flatter) one never wins again, and is not timed again."""
+    order = list(candidates)
+    losses = dict.fromkeys(candidates, 0)
+    winners = []
+    for rows in _NF4_ROW_SAMPLES:
+        x = torch.randn(rows, 2048).to(dtype)
+        ms = {name: _best_ms(lambda f=f, x=x: f(x), 3) for name, f in candidates.items() if losses[name] < 2}
+        winners.append(min(ms, key=ms.__getitem__))
+        for name, t in ms.items():
+            timings[f"nf4_{name}_{rows}rows"] = round(t, 3)
+            losses[name] = losses[name] + 1 if order.index(winners[-1]) > order.index(name) else 0
+    return winners
+
+
+def _row_bound(end: int, default: int) -> int:
+    """The row count up to which the first `end` samples' winner runs (all samples: any count)."""
+    return 1 << 20 if end == len(_NF4_ROW_SAMPLES) else _NF4_ROW_SAMPLES[end - 1] if end else default
+
+
+def _last_win(winners: list[str], start: int, name: str) -> int:
+    """The end of the run of `name` wins in `winners` from index `start`."""
+    end = start
+    while end < len(winners) and winners[end] == name:
+        end += 1
+    return end
 
 
 def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -334,12 +375,12 @@ def _measure() -> CpuPlan:
     try:
         variant = _choose_native(timings, why)
         half_gemm, upcast_from = _choose_half_gemm(timings, why)
-        rows = _choose_nf4_rows(variant, half_gemm, timings, why)
+        rows, tile_rows = _choose_nf4_rows(variant, half_gemm, timings, why)
         moe_rows = _choose_bf16_moe_rows(variant, half_gemm, timings, why)
         nf4_moe_rows = _choose_nf4_moe_rows(variant, half_gemm, timings, why)
     finally:
         torch.set_num_threads(threads)
-    return CpuPlan(variant, half_gemm, upcast_from, rows, moe_rows, nf4_moe_rows, why, timings)
+    return CpuPlan(variant, half_gemm, upcast_from, rows, tile_rows, moe_rows, nf4_moe_rows, why, timings)
 
 
 @functools.cache

@@ -1077,4 +1077,50 @@ int nf4_bf16_moe(const float* x, const int64_t* idx, const float* route_w, int64
   return grouped_moe(x, idx, route_w, m, top_k, n_experts, stacks, hidden, inter, out);
 }
 
+/* y [m, n] = x [m, k] W^T for NF4 W (packed [n, k/2], absmax [n, k/64]), each block of WBLOCK weight rows
+ * dequantised to bf16 in cache and multiplied by all m rows (AMX tiles where the build has them and n, k allow,
+ * else dot tiles): the many-row NF4 product without a dequantised matrix in memory. The threads split the
+ * weight rows; each output element is one thread's, so thread counts agree bit for bit. x is rounded to bf16
+ * where the build multiplies bf16. Returns -1 if out of memory, else 0. */
+int nf4_bf16_matmul(const float* x, const uint8_t* packed, const float* absmax, float* y, int64_t m, int64_t n,
+                    int64_t k) {
+#if KV_AMX
+  const int amx = n % WBLOCK == 0 && k % 32 == 0 && amx_permitted();
+#else
+  const int amx = 0;
+#endif
+  const wsrc w = {NULL, packed, absmax};
+  bact* xa = malloc(m * k * sizeof(bact));
+  const bact** xp = malloc(m * sizeof(*xp));
+  uint32_t* vnni = amx ? malloc((m + 15) / 16 * 16 * k * 2) : NULL;
+  int ok = xa && xp && (vnni || !amx);
+  if (ok) {
+#pragma omp parallel if (m * n * k >= PARALLEL_MIN_WORK)
+    {
+      int64_t lo, hi;
+      uint16_t* wbuf = malloc(WBLOCK * k * sizeof(uint16_t));
+#pragma omp atomic
+      ok &= wbuf != NULL;
+      share(m, 1, &lo, &hi);
+      for (int64_t j = lo; j < hi; j++) to_act(x + j * k, xa + j * k, k), xp[j] = xa + j * k;
+#pragma omp barrier
+#if KV_AMX
+      if (amx) {
+#pragma omp single
+        amx_pack(xp, m, k, vnni);
+        amx_configure();
+      }
+#endif
+      share(n, WBLOCK, &lo, &hi);
+      if (ok && lo < hi) expert_rows(amx, xp, vnni, m, &w, lo, hi, k, y + lo, n, wbuf);
+#if KV_AMX
+      if (amx) _tile_release();
+#endif
+      free(wbuf);
+    }
+  }
+  free(xa), free(xp), free(vnni);
+  return ok ? 0 : -1;
+}
+
 #include "cpu_decode.c" /* the whole-model decode step, built on the kernels above */

@@ -5,6 +5,8 @@ Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per toke
   codes directly (`native.q8_matmul`; the whole routed-expert step, or a whole SwiGLU, is one call:
   `native.nf4_moe`). Int8 activations: ~1% of the output norm off the exact product, against ~10%
   for NF4 itself.
+- Then, up to `plan.nf4_tiles_max_rows` rows, a product dequantises 16 weight rows at a time into cache and
+  multiplies them in bf16 (`native.nf4_bf16_matmul`: AMX tiles where the CPU has them).
 - Many rows per expert, where the plan measured it faster: the routed-expert step is one native call that
   dequantises 16 weight rows at a time into cache and multiplies them in bf16 (`native.nf4_bf16_moe`:
   AMX tiles where the CPU has them).
@@ -85,9 +87,12 @@ def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the fused int8 kernel for few rows, else dequantise + one GEMM."""
+    """x [T, Kd] @ NF4 Wᵀ -> [T, N] fp32: the fused int8 kernel for few rows, bf16 tiles dequantised in cache
+    for more, else dequantise + one GEMM (as the CPU plan measured fastest)."""
     if _fused(x.shape[0]):
         return native.q8_matmul(x, packed, absmax)
+    if native.available() and x.shape[0] <= cpu.plan().nf4_tiles_max_rows:
+        return native.nf4_bf16_matmul(x, packed, absmax)
     dtype = _gemm_dtype(x)
     return F.linear(x.to(dtype), dequantize_cpu(packed, absmax, dtype)).float()
 

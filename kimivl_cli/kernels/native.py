@@ -66,6 +66,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "bf16_moe_decode": (ctypes.c_int, [_P] * 3 + [_I64] + [_P] * 3 + [_I64] * 2 + [_P]),
     "bf16_moe": (ctypes.c_int, [_P] * 3 + [_I64] * 3 + [_P] * 3 + [_I64] * 2 + [_P]),
     "nf4_bf16_moe": (ctypes.c_int, [_P] * 3 + [_I64] * 3 + [_P] * 6 + [_I64] * 2 + [_P]),
+    "nf4_bf16_matmul": (ctypes.c_int, [_P] * 4 + [_I64] * 3),
     "kimivl_decode": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P]),
 }
 
@@ -169,6 +170,21 @@ def q8_matmul(
     xf, packed, absmax = x.float().contiguous(), packed.contiguous(), absmax.contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     _check(lib.nf4_q8_matmul(*_ptrs(xf, packed, absmax, out), x.shape[0], n, k))
+    return out
+
+
+def nf4_bf16_matmul(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """x [T, K] @ NF4 Wᵀ -> [T, N] fp32, W dequantised to bf16 16 rows at a time in cache and multiplied by every
+    row of x (AMX tiles where the build has them; x rounded to bf16 where the build multiplies bf16): many rows."""
+    lib = _lib(lib)
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return out
+    xf, packed, absmax = x.float().contiguous(), packed.contiguous(), absmax.contiguous()
+    _check(lib.nf4_bf16_matmul(*_ptrs(xf, packed, absmax, out), x.shape[0], n, k))
     return out
 
 

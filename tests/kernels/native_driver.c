@@ -23,6 +23,7 @@ int bf16_moe(const float*, const int64_t*, const float*, int64_t, int64_t, int64
              const uint16_t*, int64_t, int64_t, float*);
 int nf4_bf16_moe(const float*, const int64_t*, const float*, int64_t, int64_t, int64_t, const uint8_t*, const float*,
                  const uint8_t*, const float*, const uint8_t*, const float*, int64_t, int64_t, float*);
+int nf4_bf16_matmul(const float*, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
 
 static FILE* in;
 
@@ -83,5 +84,7 @@ int main(int argc, char** argv) {
   put(out, y, m * h * 4);
   if (nf4_bf16_moe(xm, idx, rw, m, a, e, gp, ga, up, ua, dp, da, h, i, y)) return 5;
   put(out, y, m * h * 4);
+  if (nf4_bf16_matmul(x, packed, absmax, y, m, n, k)) return 5;
+  put(out, y, m * n * 4);
   return fclose(out) == 0 ? 0 : 4;
 }

@@ -62,7 +62,7 @@ def test_fused_moe_matches_reference(make_experts, random_routing, device, t, k,
 @pytest.mark.parametrize(("t", "k", "e", "h", "i", "skip"), CASES[1:])
 def test_cpu_moe_dequantising_path_is_exact(make_experts, random_routing, cpu_plan, t, k, e, h, i, skip) -> None:
     """Where the plan dequantises (many rows per expert), each expert's products are exact fp32."""
-    cpu_plan(nf4_fused_max_rows=0)
+    cpu_plan(nf4_fused_max_rows=0, nf4_tiles_max_rows=0)
     experts = make_experts(e, h, i, seed=t)
     idx, w = random_routing(t, k, e, seed=t, skip=skip)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(1))

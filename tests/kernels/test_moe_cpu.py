@@ -57,12 +57,14 @@ def test_grouped_experts_takes_the_reference_for_fp32_stacks(cpu_plan, random_ro
 
 
 @pytest.mark.parametrize(
-    ("tiles_from", "fused_max"), [(1, 0), (1 << 20, 1 << 20), (1 << 20, 0)], ids=["bf16_tiles", "int8", "dequantise"]
+    ("tiles_from", "fused_max", "tiles_max"),
+    [(1, 0, 0), (1 << 20, 1 << 20, 0), (1 << 20, 0, 0), (1 << 20, 0, 1 << 20)],
+    ids=["bf16_tiles", "int8", "dequantise", "per_expert_bf16_tile_products"],
 )
-def test_nf4_moe_every_path_matches_reference(cpu_plan, make_experts, random_routing, tiles_from, fused_max) -> None:
-    if not native.available() and (tiles_from == 1 or fused_max):
+def test_nf4_moe_every_path_matches_reference(cpu_plan, make_experts, random_routing, tiles_from, fused_max, tiles_max) -> None:  # fmt: skip
+    if not native.available() and (tiles_from == 1 or fused_max or tiles_max):
         pytest.skip("no native kernels here")
-    cpu_plan(nf4_moe_bf16_min_rows=tiles_from, nf4_fused_max_rows=fused_max)
+    cpu_plan(nf4_moe_bf16_min_rows=tiles_from, nf4_fused_max_rows=fused_max, nf4_tiles_max_rows=tiles_max)
     experts = make_experts(8, 128, 64, seed=2)
     idx, w = random_routing(40, 3, 8, seed=2)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1)).bfloat16()

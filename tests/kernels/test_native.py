@@ -218,6 +218,20 @@ def test_nf4_grouped_experts_are_bf16_tiles_of_the_dequantised_weights(lib) -> N
     assert torch.equal(got, native.bf16_moe(x, idx, rw, *stacks, lib=lib))
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 128), (5, 40, 192), (70, 96, 2048), (130, 32, 64), (17, 13, 128)])
+def test_nf4_bf16_product_is_the_dequantised_weights_times_bf16_rows(lib, m: int, n: int, k: int) -> None:
+    """nf4_bf16_matmul: 16 weight rows at a time dequantised to bf16 (as nf4_dequantize) times every row of x,
+    fp32 sums; builds that multiply bf16 (AMX, AVX512_BF16) round x to bf16 first. Shapes: one row, rows past
+    one and several 64-row AMX passes, weight rows not a multiple of 16 (no AMX tiles), k of one block."""
+    q = _nf4(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n))
+    got = native.nf4_bf16_matmul(x, q.packed, q.absmax, lib=lib)
+    w = native.nf4_dequantize(q.packed, q.absmax, torch.bfloat16, lib=lib).float()
+    rows = x.bfloat16().float() if lib.kimivl_variant().decode() in ("amx", "avx512_bf16") else x
+    torch.testing.assert_close(got, rows @ w.T, rtol=1e-5, atol=1e-5 * float((rows @ w.T).abs().max()))
+    assert native.nf4_bf16_matmul(x[:0], q.packed, q.absmax, lib=lib).shape == (0, n)
+
+
 # ---------------------------------------------------------------- builds, threads, switches
 
 
@@ -234,7 +248,8 @@ def test_thread_counts_agree_and_share_one_openmp_runtime() -> None:
             torch.set_num_threads(n)
             moe = native.nf4_moe(x[:, :256], idx, w, *[(t.packed, t.absmax) for t in (gate, up, down)])
             bf16 = native.bf16_moe(x[:, :256], idx, w, *(_dense(t).bfloat16() for t in (gate, up, down)))
-            runs.append((native.q8_matmul(x, q.packed, q.absmax), moe, bf16))
+            tiles = native.nf4_bf16_matmul(x[:, :1024], q.packed, q.absmax)
+            runs.append((native.q8_matmul(x, q.packed, q.absmax), moe, bf16, tiles))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -284,6 +299,7 @@ def _host_results(inputs: dict[str, torch.Tensor], lib) -> list[torch.Tensor]:
         native.bf16_moe_decode(inputs["xm"][0], inputs["idx"][0], inputs["rw"][0], *bf16_experts, lib=lib),
         native.bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *bf16_experts, lib=lib),
         native.nf4_bf16_moe(inputs["xm"], inputs["idx"], inputs["rw"], *experts, lib=lib),
+        native.nf4_bf16_matmul(inputs["x"], inputs["packed"], inputs["absmax"], lib=lib),
     ]
 
 

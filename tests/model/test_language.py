@@ -176,7 +176,7 @@ def test_every_cpu_expert_path_matches_the_reference(cpu_plan, variant: str, tok
         x = x.bfloat16()
         got = experts(x, idx, w)
     elif variant.startswith("nf4"):
-        cpu_plan(nf4_fused_max_rows=tokens * 3 if variant == "nf4_fused" else 0)
+        cpu_plan(nf4_fused_max_rows=tokens * 3 if variant == "nf4_fused" else 0, nf4_tiles_max_rows=0)
         nf4 = stacked_nf4_experts(*dense)
         dense = [dequantize_nf4(NF4Tensor(*nf4._weights(p), torch.float32)) for p in nf4.projections]
         got = nf4(x, idx, w)

@@ -82,7 +82,7 @@ def test_nf4_logits_against_the_unquantized_model(small: Path, prompt: torch.Ten
     (with every product dequantised: the int8-activation kernels are checked against their own
     integer model in tests/kernels/test_native.py).
     """
-    cpu_plan(nf4_fused_max_rows=0)
+    cpu_plan(nf4_fused_max_rows=0, nf4_tiles_max_rows=0)
     ref, _ = load_model(small, dtype=torch.float32)
     nf4, _ = load_model(small, dtype=torch.float32, quant="nf4")
     a, b = ref(prompt)[0], nf4(prompt)[0]  # [T, V]

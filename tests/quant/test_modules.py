@@ -69,7 +69,7 @@ def test_int8_linear_close_to_bf16() -> None:
 def test_nf4_experts_forward_on_cpu(cpu_plan, fused: bool) -> None:
     """Few rows per expert: the fused int8-activation kernel (~1% per product); forced to dequantise:
     exactly the NF4 weights' products."""
-    cpu_plan(nf4_fused_max_rows=64 if fused else 0)
+    cpu_plan(nf4_fused_max_rows=64 if fused else 0, nf4_tiles_max_rows=0)
     torch.manual_seed(0)
     gate, up, down = torch.randn(4, 64, 128) * 0.05, torch.randn(4, 64, 128) * 0.05, torch.randn(4, 128, 64) * 0.05
     experts = stacked_nf4_experts(gate, up, down)
