@@ -42,7 +42,7 @@ from kimivl_cli.serve.protocol import (
     parse_request,
     usage_json,
 )
-from kimivl_cli.serve.worker import Job, QueueFull, Worker
+from kimivl_cli.serve.worker import Job, QueueFull, Slot, Worker
 
 log = logging.getLogger("kimivl.serve")
 MAX_BODY_BYTES = 64 << 20  # a few page images as base64
@@ -109,21 +109,28 @@ class ChatServer(ThreadingHTTPServer):
         super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread per connection, up to the limit; beyond it a 503 from this thread, no new one."""
+        """A thread per connection, up to the limit; beyond it a 503 from this thread, no new one.
+
+        The connection's slot is released once, by its thread or here: a SIGTERM can land while the thread
+        starts (after it runs), and the stop it raises must reach `serve_forever`, not a double release."""
         if not self._connections.acquire(blocking=False):
             self._refuse(request)
             return
+        slot = Slot(self._connections)
+        thread = threading.Thread(
+            target=self._connection, args=(request, client_address, slot), daemon=self.daemon_threads
+        )
         try:
-            super().process_request(request, client_address)
+            thread.start()
         except BaseException:
-            self._connections.release()
+            slot.release()
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _connection(self, request: Any, client_address: Any, slot: Slot) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.process_request_thread(request, client_address)
         finally:
-            self._connections.release()
+            slot.release()
 
     def _refuse(self, request: Any) -> None:
         payload = json.dumps(error_json("too many connections; retry later", "server_error", "busy")).encode()

@@ -30,14 +30,16 @@ class QueueFull(Exception):
 
 
 class Slot:
-    """A place in the worker's queue, held from before the request is read until its job ends."""
+    """A place taken from `slots` (the worker's queue, the server's connections), given back once however
+    many threads release it: held from before a request is read until its job (or connection) ends."""
 
     def __init__(self, slots: threading.Semaphore) -> None:
-        self._slots, self._held = slots, True
+        self._slots, self._held, self._lock = slots, True, threading.Lock()
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
             self._slots.release()
 
 

@@ -15,7 +15,9 @@ from PIL import Image
 
 from kimivl_cli.backends import ChatOptions, collect
 from kimivl_cli.backends.openai import OpenAIBackend, image_data_uri
+from kimivl_cli.cli.flags import flag
 from kimivl_cli.errors import InputError
+from kimivl_cli.serve import ChatServer
 from tests.serve.conftest import ScriptedBackend, http, sse_events
 
 KEY = "sk-test"
@@ -351,3 +353,30 @@ def test_waiting_requests_are_answered_when_the_worker_stops() -> None:
     worker.close()
     assert [type(item).__name__ for item in waiting.items()] == ["RuntimeFailure"]
     assert all(not isinstance(item, Exception) for item in running.items())  # ends, no hang
+
+
+def test_a_stop_signal_while_a_connection_thread_starts_stops_the_server(monkeypatch) -> None:
+    """SIGTERM (raised as KeyboardInterrupt) can land while a connection's thread starts, even after the thread
+    ran: the stop must reach `serve_forever`'s caller, and the connection's slot be given back once (it was
+    given back twice, the ValueError replaced the stop and the server served on: `kimivl serve` ignored the
+    SIGTERM)."""
+    server = ChatServer(ScriptedBackend(), "127.0.0.1", 0, name_field=flag)
+    free = server._connections._value
+    socket.create_connection(server.server_address[:2]).close()  # a connection whose thread ends at once
+    watchdog = threading.Timer(5.0, server.shutdown)  # the old code served on: end the test, failed, not hung
+    watchdog.start()
+    start = threading.Thread.start
+
+    def start_then_interrupted(thread: threading.Thread) -> None:
+        start(thread)
+        thread.join(5.0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.serve_forever(poll_interval=0.05)
+    finally:
+        watchdog.cancel()
+        server.server_close()
+    assert server._connections._value == free
