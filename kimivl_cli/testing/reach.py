@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-FRAMEWORK_HOOKS = frozenset({"forward", "extra_repr", "emit", "log_message", "do_GET", "do_POST"})
-"""Methods that torch, logging and http.server call by name."""
+FRAMEWORK_HOOKS = frozenset({"forward", "extra_repr", "emit", "log_message", "do_GET", "do_POST", "process_request"})
+"""Methods that torch, logging and http.server (socketserver) call by name."""
 
 KERNEL_REFERENCES = re.compile(r"_reference$")
 """`kernels/`: each kernel keeps its plain PyTorch reference beside it (the developers' guide)."""
