@@ -158,6 +158,17 @@ def _ptrs(*tensors: torch.Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
+def _matmul(
+    kernel: Callable[..., int], x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, n: int, k: int
+) -> torch.Tensor:
+    """Call one of the matrix-product kernels (same argument order): x [T, K] -> [T, N] fp32."""
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if x.shape[0]:
+        xf, weight, scales = x.float().contiguous(), weight.contiguous(), scales.contiguous()
+        _check(kernel(*_ptrs(xf, weight, scales, out), x.shape[0], n, k))
+    return out
+
+
 def q8_matmul(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lib: ctypes.CDLL | None = None
 ) -> torch.Tensor:
@@ -165,12 +176,7 @@ def q8_matmul(
 
     packed [N, K/2] uint8, absmax [N, K/64] fp32. Reads the codes once per 64 rows of x.
     """
-    lib = _lib(lib)
-    n, k = packed.shape[0], packed.shape[1] * 2
-    xf, packed, absmax = x.float().contiguous(), packed.contiguous(), absmax.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _check(lib.nf4_q8_matmul(*_ptrs(xf, packed, absmax, out), x.shape[0], n, k))
-    return out
+    return _matmul(_lib(lib).nf4_q8_matmul, x, packed, absmax, packed.shape[0], packed.shape[1] * 2)
 
 
 def nf4_bf16_matmul(
@@ -178,14 +184,7 @@ def nf4_bf16_matmul(
 ) -> torch.Tensor:
     """x [T, K] @ NF4 Wᵀ -> [T, N] fp32, W dequantised to bf16 16 rows at a time in cache and multiplied by every
     row of x (AMX tiles where the build has them; x rounded to bf16 where the build multiplies bf16): many rows."""
-    lib = _lib(lib)
-    n, k = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if x.shape[0] == 0:
-        return out
-    xf, packed, absmax = x.float().contiguous(), packed.contiguous(), absmax.contiguous()
-    _check(lib.nf4_bf16_matmul(*_ptrs(xf, packed, absmax, out), x.shape[0], n, k))
-    return out
+    return _matmul(_lib(lib).nf4_bf16_matmul, x, packed, absmax, packed.shape[0], packed.shape[1] * 2)
 
 
 def int8_blocks_matmul(
@@ -193,12 +192,7 @@ def int8_blocks_matmul(
 ) -> torch.Tensor:
     """x [T, K] @ Wᵀ -> [T, N] fp32 for W in int8 blocks (`weight_formats.quantize_int8_blocks`: q [N, K] int8,
     scale [N, K/64] fp32), int8 activations per 64-block: integer block sums, one scale per block pair."""
-    lib = _lib(lib)
-    n, k = q.shape
-    xf, q, scale = x.float().contiguous(), q.contiguous(), scale.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _check(lib.q8_q8_matmul(*_ptrs(xf, q, scale, out), x.shape[0], n, k))
-    return out
+    return _matmul(_lib(lib).q8_q8_matmul, x, q, scale, *q.shape)
 
 
 def nf4_dequantize(
